@@ -1,0 +1,105 @@
+"""The patch threat model: which patch rectangles an attacker may place, anywhere inside the input.
+
+Specs (comma lists combine them):
+  ``5x5``        one rectangle, h x w model-input pixels
+  ``2.4%``       a square covering that share of the input area, side rounded up (needs the input size)
+  ``area:24``    every rectangle with h * w == 24 that fits the input (BagCert Fig. 4)
+  ``rot45:5x5``  the axis-aligned bounding box of the h x w patch rotated by 45 degrees
+
+A certificate against a threat holds against every rectangle in it at every location.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+Rect = tuple[int, int]
+
+_RECT = re.compile(r"^(\d+)x(\d+)$")
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+_AREA = re.compile(r"^area:(\d+)$")
+_ROT45 = re.compile(r"^rot45:(\d+)x(\d+)$")
+
+
+class ThreatError(ValueError):
+    """A threat spec that cannot be parsed or does not fit the input."""
+
+
+def rect_key(rect: Rect) -> str:
+    """The key a rectangle has in certificates: ``"5x5"``."""
+    return f"{rect[0]}x{rect[1]}"
+
+
+def _rot45_box(h: int, w: int) -> Rect:
+    side = math.ceil((h + w) / math.sqrt(2) - 1e-9)
+    return side, side
+
+
+def _item_rects(item: str, input_hw: Rect | None) -> tuple[Rect, ...]:
+    if m := _RECT.match(item):
+        h, w = int(m[1]), int(m[2])
+        if h < 1 or w < 1:
+            raise ThreatError(f"threat {item!r}: patch sides must be at least 1 pixel")
+        return ((h, w),)
+    if m := _ROT45.match(item):
+        h, w = int(m[1]), int(m[2])
+        if h < 1 or w < 1:
+            raise ThreatError(f"threat {item!r}: patch sides must be at least 1 pixel")
+        return (_rot45_box(h, w),)
+    if m := _PERCENT.match(item):
+        share = float(m[1]) / 100.0
+        if not 0.0 < share <= 1.0:
+            raise ThreatError(f"threat {item!r}: a share of the input must be in (0%, 100%]")
+        if input_hw is None:
+            raise ThreatError(f"threat {item!r}: a percentage needs the input size (parse(spec, input_hw=...))")
+        side = math.ceil(math.sqrt(share * input_hw[0] * input_hw[1]) - 1e-9)
+        return ((side, side),)
+    if m := _AREA.match(item):
+        area = int(m[1])
+        if area < 1:
+            raise ThreatError(f"threat {item!r}: the area must be at least 1 pixel")
+        rects = [(h, area // h) for h in range(1, area + 1) if area % h == 0]
+        if input_hw is not None:
+            rects = [(h, w) for h, w in rects if h <= input_hw[0] and w <= input_hw[1]]
+            if not rects:
+                raise ThreatError(f"threat {item!r}: no rectangle of that area fits the {input_hw[0]}x{input_hw[1]} input")
+        return tuple(rects)
+    raise ThreatError(f"threat {item!r} is not a spec: use HxW, P%, area:N or rot45:HxW (comma lists combine them)")
+
+
+@dataclass(frozen=True)
+class Threat:
+    """A parsed threat: its spec items and, once the input size is known, its rectangles."""
+
+    items: tuple[str, ...]
+    rects: tuple[Rect, ...]
+    input_hw: Rect | None = None
+
+    def __str__(self) -> str:
+        return ",".join(self.items)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(rect_key(r) for r in self.rects)
+
+    def bind(self, input_hw: Rect) -> Threat:
+        """The same spec resolved against an input size (percentages, fit checks)."""
+        return parse(str(self), input_hw=input_hw)
+
+
+def parse(spec: str, input_hw: Rect | None = None) -> Threat:
+    """Parse a threat spec such as ``"5x5,area:24"``; with ``input_hw`` every rectangle must fit the input."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ThreatError("empty threat spec: use HxW, P%, area:N or rot45:HxW")
+    items = tuple(s.strip().lower() for s in spec.split(","))
+    rects: list[Rect] = []
+    for item in items:
+        for rect in _item_rects(item, input_hw):
+            if input_hw is not None and (rect[0] > input_hw[0] or rect[1] > input_hw[1]):
+                raise ThreatError(
+                    f"threat {item!r}: patch {rect_key(rect)} is larger than the {input_hw[0]}x{input_hw[1]} input")
+            if rect not in rects:
+                rects.append(rect)
+    return Threat(items=items, rects=tuple(rects), input_hw=input_hw)
