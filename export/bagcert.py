@@ -1,0 +1,112 @@
+"""Export a trained BagCert region scorer to a verified bundle.
+
+The graph maps normalized NCHW float32 to a uint8 (N, H', W', C) code map: bit 0 is the Heaviside
+score H(z), bit 1 marks |z| < tolerance (cells a backend that is not bit-exact may get wrong; see
+``runtime.defenses.bagcert``). Export checks parity with torch on real images, runs the receptive-field
+probe on onnxruntime (failing the export if locality is violated) and measures accuracy through the
+runtime before the bundle is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from certinfer.threat import parse
+from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.onnx_export import export_onnx, expose_input_of
+from certinfer.export.probe import probe
+from certinfer.runtime.geometry import Geometry
+from certinfer.train import data as datasets
+from certinfer.train.bagcert import build_scorer
+from certinfer.train.loop import load_checkpoint, normalize, to_nchw
+from certinfer.train.models.bagcert import RegionScorer
+
+PARITY_EPS = 1e-4  # cells whose fp32 pre-activation is this close to 0 may legitimately differ between backends
+
+
+class CodeMap(torch.nn.Module):
+    def __init__(self, scorer: RegionScorer, tolerance: float):
+        super().__init__()
+        self.scorer, self.tolerance = scorer, tolerance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scorer(x)
+        code = (z >= 0).to(torch.uint8) + 2 * (z.abs() < self.tolerance).to(torch.uint8)
+        return code.permute(0, 2, 3, 1)
+
+
+def load_scorer(checkpoint: Path) -> tuple[RegionScorer, dict]:
+    state, meta = load_checkpoint(checkpoint)
+    scorer = build_scorer(meta["num_classes"], meta["config"]["model"])
+    scorer.load_state_dict(state)
+    return scorer.eval(), meta
+
+
+def _session(model: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+def parity(scorer: RegionScorer, session: ort.InferenceSession, x: np.ndarray) -> dict:
+    """torch fp32 vs the ONNX engine on real inputs: binary maps must agree except within PARITY_EPS of 0."""
+    with torch.no_grad():
+        z = scorer(torch.from_numpy(x)).permute(0, 2, 3, 1).numpy()
+    code, pre = session.run(["scores", "preactivation"], {"input": x})
+    differ = (code & 1) != (z >= 0)
+    near = np.abs(z) < PARITY_EPS
+    report = {"images": len(x), "cells": int(z.size), "max_abs_error": float(np.abs(pre.transpose(0, 2, 3, 1) - z).max()
+                                                                          if pre.shape != z.shape else np.abs(pre - z).max()),
+              "binary_disagreements": int(differ.sum()), "cells_within_eps": int(near.sum()), "eps": PARITY_EPS}
+    if (differ & ~near).any():
+        raise AssertionError(f"ONNX engine disagrees with torch on {int((differ & ~near).sum())} cells away from the "
+                             f"threshold: {json.dumps(report)}")
+    return report
+
+
+def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
+    """Accuracy measured through the runtime itself (bundle loaded and verified, onnxruntime CPU engine)."""
+    from certinfer.runtime.evaluate import evaluate_certifier
+    import certinfer
+
+    return evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y)
+
+
+def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: float = 0.05,
+                   probe_trials: int = 96, max_batch: int = 1024, data_dir: str | None = None,
+                   eval_data: str | None = None) -> dict:
+    """Write a BagCert bundle to ``out``; returns its manifest."""
+    torch.set_grad_enabled(False)
+    scorer, meta = load_scorer(Path(checkpoint))
+    hw = tuple(meta["input_hw"])
+    geometry = Geometry.from_dict(meta["geometry"])
+    parse(threat, input_hw=hw)  # fail early on a threat that does not fit
+    test = datasets.load(eval_data or meta["dataset"]["test"], data_dir)
+    x = normalize(to_nchw(test.x[:256]), meta["mean"], meta["std"]).numpy()
+    model = export_onnx(CodeMap(scorer, tolerance), (torch.from_numpy(x[:2]),), ["input"], ["scores"])
+    session = _session(expose_input_of(model, "GreaterOrEqual"))
+    parity_report = parity(scorer, session, x)
+    rects = list(parse(threat, input_hw=hw).rects) + [(1, 1)]
+    probe_report = probe(lambda b: session.run(["preactivation"], {"input": b})[0].transpose(0, 2, 3, 1),
+                         x, geometry, rects, trials=probe_trials)
+    manifest = {
+        "schema": 1,
+        "defense": {"kind": "bagcert", "params": {"condition": "3.2", "tolerance": tolerance}},
+        "input": {"hw": list(hw), "channels": 3, "mean": meta["mean"], "std": meta["std"],
+                  "classes": meta["classes"], "resize": "bilinear"},
+        "geometry": geometry.to_dict(),
+        "threat": threat,
+        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
+                     "batch": [1, max_batch]}],
+        "probe": {"backend": "onnxruntime-cpu", **probe_report, "exact_backends": ["onnxruntime-cpu"]},
+        "parity": {"torch_vs_onnxruntime-cpu": parity_report},
+        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
+                      | {"train_metrics": meta.get("metrics", {})},
+    }
+    write_bundle(out, manifest, {"model.onnx": model})
+    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    write_bundle(out, manifest, {"model.onnx": model})
+    return manifest

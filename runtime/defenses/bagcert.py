@@ -1,0 +1,130 @@
+"""BagCert certification (Metzen & Yatsura 2021): binary region scores, spatial-sum aggregation g_Sigma.
+
+For predicted class t, a patch at location l can change only the cells R(l) = ``geometry.affected``.
+Worst case inside R(l): every other class scores 1 there and t scores 0 (Condition 3.1). With
+``out_c(l)`` = votes of class c outside R(l), Condition 3.2 is
+
+    out_t(l) - max_{c != t} out_c(l) > |R(l)|    for every location l of every rectangle,
+
+evaluated for all locations at once with summed-area tables over the exact (clipped) affected ranges.
+Condition 3.3 is the location-free bound  min_{c != t} (S_t - S_c) > 2 R^max.
+Margins are the slack of the deciding inequality in cells (> 0 exactly when certified); ties are never
+certified because every inequality is strict.
+
+Backends that are not bit-exact (fp16 engines whose kernels mix neighbouring pixels) mark cells whose
+pre-activation lies within the export tolerance of the threshold; such cells are assumed adversarial
+everywhere (``uncertain``): t loses them and every other class gains them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from certinfer.threat import Threat, rect_key
+from certinfer.runtime import sat
+from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.geometry import Geometry
+from certinfer.runtime.verdict import Certificate, RectCert
+
+CONDITIONS = ("3.2", "3.3")
+
+
+def _batched(scores: np.ndarray, label) -> tuple[np.ndarray, np.ndarray, bool]:
+    s = np.asarray(scores)
+    single = s.ndim == 3
+    s = s[None] if single else s
+    if s.ndim != 4:
+        raise ValueError(f"scores must be (H', W', C) or (N, H', W', C), got shape {np.shape(scores)}")
+    labels = np.broadcast_to(np.asarray(label, dtype=np.intp), (s.shape[0],))
+    return (s != 0).astype(np.int32), labels, single
+
+
+def _others_max(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """max over classes c != label along the last axis; x is (N, ..., C)."""
+    mask = np.zeros((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],), dtype=bool)
+    mask[np.arange(x.shape[0]), ..., labels] = True
+    return np.where(mask, np.iinfo(np.int32).min, x).max(axis=-1)
+
+
+def _take(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(x, labels.reshape((-1,) + (1,) * (x.ndim - 1)), axis=-1)[..., 0]
+
+
+def rect_margins(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rect: tuple[int, int]) -> np.ndarray:
+    """Condition 3.2 slack for one rectangle: min over locations, per sample. ``s`` is (N, H', W', C) int."""
+    rows, cols = geometry.affected_ranges(rect)
+    total = s.sum(axis=(1, 2))  # (N, C)
+    inside = sat.window_sums(sat.table(s), rows, cols)  # (N, Lr, Lc, C)
+    outside = total[:, None, None, :] - inside
+    slack = _take(outside, labels) - _others_max(outside, labels) - sat.window_sizes(rows, cols)[None]
+    return slack.min(axis=(1, 2))
+
+
+def rect_margins_33(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rect: tuple[int, int]) -> np.ndarray:
+    """Condition 3.3 slack: min_{c != t} (S_t - S_c) - 2 R^max."""
+    total = s.sum(axis=(1, 2))
+    return _take(total, labels) - _others_max(total, labels) - 2 * geometry.max_affected(rect)
+
+
+def _worst_case(s: np.ndarray, uncertain: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+    if uncertain is None:
+        return s
+    u = np.asarray(uncertain).reshape(s.shape) != 0
+    worst = np.where(u, 1, s)
+    is_label = np.arange(s.shape[-1])[None, None, None, :] == labels[:, None, None, None]
+    return np.where(u & is_label, 0, worst)
+
+
+def certify(scores: np.ndarray, label, geometry: Geometry, threat: Threat, condition: str = "3.2",
+            uncertain: np.ndarray | None = None) -> Certificate | list[Certificate]:
+    """Certify class ``label`` on binary score maps (H', W', C) or (N, H', W', C) against every rect of ``threat``."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    s, labels, single = _batched(scores, label)
+    s = _worst_case(s, uncertain, labels)
+    threat = threat.bind(geometry.input_hw)
+    margin_fn = rect_margins if condition == "3.2" else rect_margins_33
+    margins = {rect_key(r): margin_fn(s, labels, geometry, r) for r in threat.rects}
+    certs = [Certificate.from_rects(str(threat), {k: RectCert(bool(m[i] > 0), float(m[i])) for k, m in margins.items()})
+             for i in range(s.shape[0])]
+    return certs[0] if single else certs
+
+
+def predict(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """g_Sigma: per-class vote counts (N, C) and the argmax label (N,)."""
+    s = np.asarray(scores)
+    s = s[None] if s.ndim == 3 else s
+    counts = (s != 0).sum(axis=(1, 2))
+    return counts, counts.argmax(axis=-1)
+
+
+def split_code(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exported graph's uint8 code: bit 0 is H(z), bit 1 marks |z| below the export tolerance."""
+    code = np.asarray(code)
+    return code & 1, (code >> 1) & 1
+
+
+class BagCertCertifier(Certifier):
+    """Engine output: uint8 (N, H', W', C) code map; certification of the predicted class."""
+
+    kind = "recovery"
+
+    def __init__(self, bundle, engine, threat: Threat):
+        super().__init__(bundle, engine, threat)
+        self.geometry = Geometry.from_dict(self.manifest["geometry"])
+        self.condition = str(self.manifest["defense"].get("params", {}).get("condition", "3.2"))
+        exact = self.manifest.get("probe", {}).get("exact_backends", [])
+        # Only backends whose probe showed bit-exact locality may trust cells near the threshold.
+        self.trust_near = engine.name in exact
+
+    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
+        code = outputs[0] if isinstance(outputs, tuple) else outputs
+        if code.ndim != 4 or code.shape[1:3] != self.geometry.output_hw or code.shape[-1] != len(self.classes):
+            raise ValueError(f"engine returned shape {code.shape}, expected (N, {self.geometry.output_hw[0]}, "
+                             f"{self.geometry.output_hw[1]}, {len(self.classes)})")
+        scores, near = split_code(code)
+        counts, labels = predict(scores)
+        certs = certify(scores, labels, self.geometry, self.threat, self.condition,
+                        uncertain=None if self.trust_near else near)
+        return [Decision(label=int(labels[i]), certificate=certs[i], scores=counts[i].tolist())
+                for i in range(len(certs))]

@@ -1,0 +1,104 @@
+"""Certified accuracy of a Certifier on a labelled dataset, as mergeable counts.
+
+Results hold integer counts (so shards of one dataset merge by addition) plus the rates derived from
+them. Several decision variants (BagCert's Conditions 3.2 and 3.3, say) share one engine pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from certinfer.runtime.certifier import Certifier, Decision
+
+DecideFn = Callable[[np.ndarray, object], list[Decision]]
+
+
+def shard_indices(n: int, shard: str | None) -> np.ndarray:
+    """Indices of shard ``"i/k"`` (0-based i) of ``n`` samples: contiguous, near-equal slices."""
+    if not shard:
+        return np.arange(n)
+    try:
+        i, k = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {shard!r}: use i/k with 0 <= i < k, e.g. 0/4") from None
+    if not 0 <= i < k:
+        raise ValueError(f"shard {shard!r}: use i/k with 0 <= i < k, e.g. 0/4")
+    return np.array_split(np.arange(n), k)[i]
+
+
+def _empty_counts() -> dict:
+    return {"certified": 0, "alert": 0, "per_rect": {}}
+
+
+def _add(counts: dict, decisions: list[Decision], y: np.ndarray) -> None:
+    for d, label in zip(decisions, y):
+        correct = d.label == int(label)
+        counts["certified"] += int(correct and d.certificate.certified)
+        counts["alert"] += int(d.status == "alert")
+        for key, rc in d.certificate.per_rect.items():
+            counts["per_rect"][key] = counts["per_rect"].get(key, 0) + int(correct and rc.certified)
+
+
+def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch: int = 256,
+                       variants: dict[str, DecideFn] | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict:
+    """Clean and certified accuracy on uint8 (N, H, W, 3) images ``x`` with labels ``y``."""
+    variants = variants or {"default": certifier.decide}
+    counts = {name: _empty_counts() for name in variants}
+    clean, seconds = 0, {"prepare": 0.0, "engine": 0.0, "certify": 0.0}
+    for i in range(0, len(y), batch):
+        t0 = time.perf_counter()
+        xp = certifier.prepare(x[i:i + batch])
+        t1 = time.perf_counter()
+        outputs = certifier.run_engine(xp)
+        t2 = time.perf_counter()
+        for name, decide in variants.items():
+            decisions = decide(xp, outputs)
+            _add(counts[name], decisions, y[i:i + batch])
+        clean += sum(int(d.label == int(t)) for d, t in zip(decisions, y[i:i + batch]))
+        seconds["prepare"] += t1 - t0
+        seconds["engine"] += t2 - t1
+        seconds["certify"] += time.perf_counter() - t2
+        if progress:
+            progress(len(xp))
+    return summarize({"n": int(len(y)), "clean": clean, "variants": counts, "seconds": seconds,
+                      "threat": str(certifier.threat), "backend": certifier.engine.name})
+
+
+def summarize(result: dict) -> dict:
+    """Add the rates derived from a result's counts (idempotent)."""
+    n = max(result["n"], 1)
+    out = dict(result)
+    out["clean_accuracy"] = result["clean"] / n
+    out["certified_accuracy"] = {name: c["certified"] / n for name, c in result["variants"].items()}
+    out["certified_accuracy_per_rect"] = {name: {k: v / n for k, v in c["per_rect"].items()}
+                                          for name, c in result["variants"].items()}
+    total = sum(result["seconds"].values())
+    out["images_per_second"] = result["n"] / total if total > 0 else None
+    return out
+
+
+def merge(results: list[dict]) -> dict:
+    """Combine shard results of one dataset, bundle and threat by adding their counts."""
+    if not results:
+        raise ValueError("nothing to merge")
+    keys = {(r["threat"], tuple(sorted(r["variants"]))) for r in results}
+    if len(keys) != 1:
+        raise ValueError(f"shard results disagree on threat or variants: {sorted(keys)}")
+    merged = {"n": 0, "clean": 0, "seconds": {}, "threat": results[0]["threat"], "backend": results[0]["backend"],
+              "variants": {name: _empty_counts() for name in results[0]["variants"]}}
+    for r in results:
+        merged["n"] += r["n"]
+        merged["clean"] += r["clean"]
+        for k, v in r["seconds"].items():
+            merged["seconds"][k] = merged["seconds"].get(k, 0.0) + v
+        for name, c in r["variants"].items():
+            m = merged["variants"][name]
+            m["certified"] += c["certified"]
+            m["alert"] += c["alert"]
+            for key, v in c["per_rect"].items():
+                m["per_rect"][key] = m["per_rect"].get(key, 0) + v
+    return summarize(merged)
