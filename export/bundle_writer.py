@@ -1,0 +1,70 @@
+"""Write a bundle folder (manifest + engine files, hashes filled in) and pack it as a .tar.
+
+numpy/stdlib only: the export side of every defense calls this, and so may tools where torch is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from certinfer.runtime.bundle import MANIFEST, SCHEMA, BundleError, check_name, sha256_file, validate_manifest
+
+
+def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path | bytes]) -> Path:
+    """Copy ``files`` (name -> source path or bytes) into ``out_dir`` and write ``manifest.json``.
+
+    Every engine entry gets the sha256 of its copied file; ``schema`` defaults to the current version. The
+    manifest is validated before anything is written, so a bad one leaves no half-written bundle behind.
+    """
+    out = Path(out_dir)
+    m = copy.deepcopy(manifest)
+    m.setdefault("schema", SCHEMA)
+    for e in m.get("engines") or []:
+        if isinstance(e, dict):
+            e["sha256"] = "0" * 64  # placeholder until the file is written: validation checks everything else first
+    validate_manifest(m)
+    for name in files:
+        if check_name(name) == MANIFEST:
+            raise BundleError(f"{MANIFEST} is written from the manifest argument, not from files")
+    missing = sorted({e["file"] for e in m["engines"]} - set(files))
+    if missing:
+        raise BundleError(f"engine files not given to write_bundle: {missing}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            (out / name).write_bytes(src)
+        else:
+            shutil.copyfile(src, out / name)
+    for e in m["engines"]:
+        e["sha256"] = sha256_file(out / e["file"])  # the hash of what the bundle holds, not of the source
+    (out / MANIFEST).write_text(json.dumps(m, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # no owner names, ids or times from the machine that packed it
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info
+
+
+def pack_tar(bundle_dir: str | Path, tar_path: str | Path) -> Path:
+    """Pack a bundle folder as ``<folder name>/...`` in a tar (gzip when the name ends in .tar.gz or .tgz)."""
+    src, dst = Path(bundle_dir).resolve(), Path(tar_path)
+    if not (src / MANIFEST).is_file():
+        raise BundleError(f"{src} is not a bundle folder (no {MANIFEST})")
+    mode = "w:gz" if dst.name.endswith((".tar.gz", ".tgz")) else "w"
+    with tarfile.open(dst, mode) as tar:
+        tar.add(src, arcname=src.name, recursive=False, filter=_normalize)
+        for path in sorted(src.iterdir()):
+            if path.is_symlink() or not path.is_file():
+                raise BundleError(f"cannot pack {path}: bundles hold plain files only")
+            tar.add(path, arcname=f"{src.name}/{path.name}", filter=_normalize)
+    return dst

@@ -1,0 +1,93 @@
+"""torch backend, for parity checks and GPU benchmarks where TensorRT is absent.
+
+A ``format: "torch"`` engine entry is a safetensors file of weights (never a pickle). The module is rebuilt by
+a builder called with the model config (the entry's ``config``, else ``provenance.config``); by default
+``certinfer.train.models.build``. torch and safetensors are imported only when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+
+from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
+
+
+def _default_builder() -> Callable:
+    try:
+        return importlib.import_module("certinfer.train.models").build
+    except (ImportError, AttributeError):
+        raise EngineError("the torch backend needs a model builder: certinfer.train.models.build is missing "
+                          "(install certinfer[train], or pass builder=...)") from None
+
+
+def _to_numpy(out) -> Outputs:
+    if isinstance(out, (tuple, list)):
+        return tuple(_to_numpy(o) for o in out)
+    out = out.detach()
+    return (out.float() if out.is_floating_point() else out).cpu().numpy()
+
+
+class TorchEngine(ChunkedEngine):
+    """The bundle's model as a torch module: CPU or CUDA, optionally fp16, optionally one CUDA graph per batch size."""
+
+    def __init__(self, bundle, entry: dict, device: str = "cpu", cuda_graphs: bool = False, fp16: bool = False,
+                 builder: Callable | None = None):
+        try:
+            import torch
+            from safetensors.torch import load as load_safetensors
+        except ImportError as err:
+            raise EngineError(f"the torch backend needs torch and safetensors (certinfer[train]): {err}") from None
+        self._torch = torch
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("no CUDA GPU: torch.cuda.is_available() is False")
+        if cuda_graphs and self._device.type != "cuda":
+            raise EngineError("CUDA graphs need device='cuda'")
+        config = entry.get("config", bundle.manifest["provenance"].get("config"))
+        if config is None:
+            raise EngineError(f"{entry['file']}: no model config (engine entry 'config' or provenance.config)")
+        module = (builder or _default_builder())(config)
+        try:
+            module.load_state_dict(load_safetensors(bundle.read(entry)), strict=True)  # bytes hashed as read
+        except RuntimeError as err:
+            raise EngineError(f"{entry['file']} does not fit the model built from its config: {err}") from None
+        self._dtype = torch.float16 if fp16 else torch.float32
+        self._module = module.eval().to(device=self._device, dtype=self._dtype)
+        self._graphs: dict[int, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.name = "torch-cuda-graphs" if cuda_graphs else f"torch-{self._device.type}"
+        self.min_batch, self.max_batch = 1, entry["batch"][1]
+        inp = bundle.manifest["input"]
+        self.input_dtype = np.dtype(np.float32)
+        self.input_shape = (inp["channels"], *inp["hw"]) if entry["role"] == "model" else None
+
+    def _capture(self, x):
+        """One CUDA graph for this batch size, over a static input buffer (warmed up on a side stream first)."""
+        torch = self._torch
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._module(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._module(static)
+        return static, out, graph
+
+    def _run(self, batch: np.ndarray) -> Outputs:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device, self._dtype)
+            if self._pool is None:
+                return _to_numpy(self._module(x))
+            if len(x) not in self._graphs:
+                self._graphs[len(x)] = self._capture(x)
+            static, out, graph = self._graphs[len(x)]
+            static.copy_(x)
+            graph.replay()
+            return _to_numpy(out)  # copies to the host, so the next replay cannot overwrite it
