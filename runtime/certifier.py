@@ -21,6 +21,10 @@ class FrameError(ValueError):
     """A frame the certifier cannot use (wrong rank, dtype, channels, size, or non-finite values)."""
 
 
+class EngineRunError(RuntimeError):
+    """The engine raised, or returned outputs that do not fit the batch (wrong shape, non-finite values)."""
+
+
 @dataclass
 class Decision:
     """What a defense decides for one frame from the engine outputs."""
@@ -43,6 +47,8 @@ def validate_frames(frames: np.ndarray) -> np.ndarray:
         frames = frames[None]
     if frames.ndim != 4:
         raise FrameError(f"frames must be (N, H, W, 3) or (H, W, 3), got shape {frames.shape}")
+    if np.issubdtype(frames.dtype, np.floating) and not np.isfinite(frames).all():
+        raise FrameError("frames contain NaN or inf values")
     if frames.dtype != np.uint8:
         raise FrameError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
     n, h, w, c = frames.shape
@@ -86,9 +92,33 @@ class Certifier:
         x = resize(validate_frames(frames), self.input_hw).astype(np.float32) / 255.0
         return np.ascontiguousarray((x.transpose(0, 3, 1, 2) - self._mean) / self._std, dtype=np.float32)
 
+    def output_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """Per-sample shape of each engine output, where the defense knows it (checked on every call)."""
+        return None
+
     def run_engine(self, x: np.ndarray):
-        with self._lock:
-            return self.engine.run(x)
+        """One engine call; any failure or misshapen output raises :class:`EngineRunError`."""
+        try:
+            with self._lock:
+                outputs = self.engine.run(x)
+        except Exception as e:
+            raise EngineRunError(f"engine failed: {type(e).__name__}: {e}") from e
+        self._check_outputs(len(x), outputs)
+        return outputs
+
+    def _check_outputs(self, n: int, outputs) -> None:
+        arrays = outputs if isinstance(outputs, tuple) else (outputs,)
+        expected = self.output_shapes()
+        if expected is not None and len(expected) != len(arrays):
+            raise EngineRunError(f"engine returned {len(arrays)} outputs, expected {len(expected)}")
+        for i, a in enumerate(arrays):
+            if not isinstance(a, np.ndarray) or a.ndim < 1 or a.shape[0] != n:
+                shape = getattr(a, "shape", type(a).__name__)
+                raise EngineRunError(f"engine output {i} has shape {shape}, expected a batch of {n}")
+            if expected is not None and a.shape[1:] != tuple(expected[i]):
+                raise EngineRunError(f"engine output {i} has shape {a.shape}, expected (N, *{tuple(expected[i])})")
+            if not np.isfinite(a).all():
+                raise EngineRunError(f"engine output {i} has NaN or inf values")
 
     def decide(self, x: np.ndarray, outputs) -> list[Decision]:
         """The defense's certification on one batch's engine outputs (and its prepared input)."""

@@ -1,0 +1,66 @@
+"""certinfer: certified patch defenses, from training to a per-frame certificate at run time.
+
+    import certinfer
+    certifier = certinfer.load()              # the default bundle, its own threat
+    verdicts = certifier(frames)              # (N, H, W, 3) uint8 RGB -> list[Verdict]
+
+Everything heavy (onnxruntime, defenses, torch) is imported on first use, so ``import certinfer`` is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata, resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from certinfer.runtime.verdict import Verdict
+
+if TYPE_CHECKING:
+    from certinfer.runtime.certifier import Certifier
+    from certinfer.threat import Threat
+
+__all__ = ["Verdict", "__version__", "default_bundle", "load", "sample_frames"]
+
+try:
+    __version__ = metadata.version("certinfer")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def _data_dir(name: str) -> Path | None:
+    path = Path(str(resources.files("certinfer") / "data" / name))
+    return path if path.is_dir() else None
+
+
+def default_bundle() -> Path:
+    """The bundle shipped inside the package (the BagCert model)."""
+    path = _data_dir("default_bundle")
+    if path is None:
+        raise FileNotFoundError("this install has no default bundle: it ships with the BagCert model; "
+                                "pass a bundle path instead")
+    return path
+
+
+def sample_frames() -> Path:
+    """The folder of sample frames shipped inside the package."""
+    path = _data_dir("samples")
+    if path is None:
+        raise FileNotFoundError("this install has no sample frames: they ship with the BagCert model; "
+                                "pass a frame source instead")
+    return path
+
+
+def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
+         threat: str | Threat | None = None) -> Certifier:
+    """A Certifier for ``bundle`` (None: the default bundle) against ``threat`` (None: the bundle's own)."""
+    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.defenses import certifier_class
+    from certinfer.runtime.engines import load_engine
+    from certinfer.threat import parse
+
+    loaded = load_bundle(Path(bundle) if bundle is not None else default_bundle())
+    cls = certifier_class(loaded.manifest["defense"]["kind"])
+    spec = loaded.manifest["threat"] if threat is None else threat
+    parsed = parse(spec) if isinstance(spec, str) else spec
+    return cls(loaded, load_engine(loaded, backend=backend), parsed)

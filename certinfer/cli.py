@@ -1,0 +1,253 @@
+"""The ``certinfer`` command line.
+
+``run`` and ``inspect`` work against any bundle. ``train``, ``export`` and ``bench`` are groups whose
+subcommands come from the defenses: each registers ``name -> "module:attr"`` in :data:`TRAIN`,
+:data:`EXPORT` or :data:`BENCH` (attr: a typer.Typer with one command, or a click command), e.g.
+``certinfer train bagcert --preset gtsrb-cpu``. ``certify`` is one command for every bundle; its
+defense's function is registered in :data:`CERTIFY`. Modules are imported only when their command
+runs, so ``certinfer run`` never imports torch. Errors are one line on stderr unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from importlib import import_module
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from typer.core import TyperGroup
+
+# Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
+TRAIN: dict[str, str] = {}
+EXPORT: dict[str, str] = {}
+BENCH: dict[str, str] = {}
+# defense kind -> "module:function"; called with the certify command's options as keyword arguments.
+CERTIFY: dict[str, str] = {}
+
+_state = {"debug": False}
+
+
+class CLIError(Exception):
+    """An error whose message is meant for the user as it is."""
+
+
+def _import(target: str):
+    module, attr = target.split(":")
+    return getattr(import_module(module), attr)
+
+
+def _unavailable(group: str, what: str, name: str, known: list[str]):
+    """A stand-in command for a name nothing has registered yet: it takes any arguments and explains."""
+    stub = typer.Typer()
+
+    @stub.command(name, add_help_option=False,
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def fail(args: Optional[list[str]] = typer.Argument(None)) -> None:
+        raise CLIError(f"{group}: not available yet for {what} {name!r} (available: {', '.join(known) or 'none yet'})")
+
+    return typer.main.get_command(stub)
+
+
+def _plugin_group(registry: dict[str, str], what: str = "defense") -> type[TyperGroup]:
+    """A typer group whose subcommands are those registered in ``registry``, imported lazily."""
+
+    class PluginGroup(TyperGroup):
+        def list_commands(self, ctx: typer.Context) -> list[str]:
+            return [*super().list_commands(ctx), *sorted(registry)]
+
+        def get_command(self, ctx: typer.Context, name: str):
+            if name in registry:
+                target = _import(registry[name])
+                return typer.main.get_command(target) if isinstance(target, typer.Typer) else target
+            return super().get_command(ctx, name) or _unavailable(self.name or "", what, name, sorted(registry))
+
+    return PluginGroup
+
+
+app = typer.Typer(name="certinfer", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Certified patch defenses: certify every frame, train, export, benchmark.")
+train_app = typer.Typer(cls=_plugin_group(TRAIN), no_args_is_help=True, help="Train a defense: certinfer train DEFENSE ...")
+export_app = typer.Typer(cls=_plugin_group(EXPORT), no_args_is_help=True,
+                         help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...")
+bench_app = typer.Typer(cls=_plugin_group(BENCH, "benchmark"), no_args_is_help=True, help="Latency and accuracy benchmarks.")
+app.add_typer(train_app, name="train")
+app.add_typer(export_app, name="export")
+app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from certinfer import __version__
+        typer.echo(f"certinfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+@contextmanager
+def _lines_out(path: Path | None) -> Iterator:
+    if path is None:
+        yield sys.stdout
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            yield f
+
+
+@app.command()
+def run(
+    source: Optional[str] = typer.Argument(
+        None, help="Image file, folder, video file, camera index or stream URL [default: the packaged sample frames]"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle folder or .tar [default: the packaged one]"),
+    backend: str = typer.Option("auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"),
+    threat: Optional[str] = typer.Option(None, help="Threat spec, e.g. 5x5 or 2.4% [default: the bundle's]"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="Per-frame deadline; late frames are fail-safe"),
+    batch: int = typer.Option(1, min=1, help="Frames per engine call"),
+    out: Optional[Path] = typer.Option(None, help="Write the JSON lines here instead of stdout"),
+    annotate: Optional[Path] = typer.Option(None, help="Write each frame with its label and status to this folder"),
+) -> None:
+    """Certify every frame of SOURCE: one JSON verdict per line, a summary line on stderr."""
+    import certinfer
+    from certinfer.runtime.stream import StreamSummary, open_source, run_stream
+
+    certifier = certinfer.load(bundle, backend=backend, threat=threat)
+    frames = open_source(source if source is not None else certinfer.sample_frames())
+    annotator = None
+    if annotate is not None:
+        from certinfer.annotate import Annotator
+        annotator = Annotator(annotate)
+        frames = annotator.watch(frames)
+    summary = StreamSummary()
+    try:
+        with _lines_out(out) as f:
+            for verdict in run_stream(certifier, frames, deadline_ms=deadline_ms, batch=batch, summary=summary):
+                f.write(verdict.to_json() + "\n")
+                f.flush()  # a live source's consumer gets each verdict as it comes
+                if annotator is not None:
+                    annotator.write(verdict)
+    finally:
+        typer.echo(f"certinfer: {summary}", err=True)
+
+
+def _fmt_pair(v: list) -> str:
+    return f"{v[0]}x{v[1]}"
+
+
+def _manifest_lines(path: Path, m: dict) -> list[str]:
+    inp = m["input"]
+    lines = [f"bundle      {path}", f"schema      {m['schema']}",
+             f"defense     {m['defense']['kind']} {m['defense']['params']}",
+             f"input       {_fmt_pair(inp['hw'])}x{inp['channels']}, {len(inp['classes'])} classes, "
+             f"mean {inp['mean']}, std {inp['std']}, resize {inp.get('resize', 'bilinear')}",
+             f"threat      {m['threat']}"]
+    if g := m.get("geometry"):
+        lines.append(f"geometry    rf {_fmt_pair(g['rf'])}, stride {_fmt_pair(g['stride'])}, padding "
+                     f"{_fmt_pair(g['padding'])}, {_fmt_pair(g['input_hw'])} -> {_fmt_pair(g['output_hw'])}")
+    for e in m["engines"]:
+        batch = f", batch {e['batch'][0]}-{e['batch'][1]}" if "batch" in e else ""
+        lines.append(f"engine      {e['file']}: {e['format']} {e['precision']}, role {e.get('role', 'model')}"
+                     f"{batch}, sha256 {e['sha256'][:16]}...")
+    prov = {k: v for k, v in m.get("provenance", {}).items() if isinstance(v, (str, int, float, bool))}
+    if prov:
+        lines.append("provenance  " + ", ".join(f"{k}={v}" for k, v in prov.items()))
+    return lines
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar")) -> None:
+    """Print a bundle's manifest and verify every file's sha256."""
+    from certinfer.runtime.bundle import load_bundle
+
+    loaded = load_bundle(bundle)  # raises on any bad manifest or hash
+    for line in _manifest_lines(bundle, loaded.manifest):
+        typer.echo(line)
+    typer.echo("verified    all engine files match their sha256")
+
+
+def _param(values: list[str]) -> dict[str, str]:
+    params = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{v!r} is not KEY=VALUE", param_hint="--param")
+        params[key] = value
+    return params
+
+
+@app.command()
+def certify(
+    bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
+    data: str = typer.Option(..., help="Dataset split, e.g. gtsrb:test"),
+    threat: Optional[str] = typer.Option(None, help="Threat spec(s), e.g. 5x5,2.4% [default: the bundle's]"),
+    backend: str = typer.Option("auto", help="Engine backend"),
+    batch: int = typer.Option(64, min=1, help="Frames per engine call"),
+    limit: Optional[int] = typer.Option(None, min=1, help="Certify only the first N samples"),
+    shard: str = typer.Option("0/1", help="Certify shard i of n (i/n), for fanning out"),
+    out: Optional[Path] = typer.Option(None, help="Write the results as JSON here"),
+    plot: Optional[Path] = typer.Option(None, help="Write a plot of the results here"),
+    param: list[str] = typer.Option([], "--param", "-p", help="Defense option KEY=VALUE (repeatable)"),
+) -> None:
+    """Certified accuracy of a bundle on a dataset against threats."""
+    from certinfer.runtime.bundle import load_bundle
+
+    kind = load_bundle(bundle).manifest["defense"]["kind"]
+    if kind not in CERTIFY:
+        raise CLIError(f"certify: not available yet for defense {kind!r} "
+                                   f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")
+    _import(CERTIFY[kind])(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit,
+                           shard=shard, out=out, plot=plot, params=_param(param))
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, (CLIError, ValueError, OSError)) and msg:  # our own errors (BundleError, ThreatError...), I/O
+        return msg
+    return f"{type(e).__name__}: {msg} (run with --debug for the traceback)" if msg else type(e).__name__
+
+
+def _error(msg: str) -> None:
+    sys.stderr.write(f"certinfer: error: {msg}\n")
+
+
+def _report(e: Exception) -> int:
+    """Print an exception as one line (a traceback first with --debug); the exit code."""
+    if _state["debug"]:
+        traceback.print_exc()
+    # typer's usage errors (click's, vendored or not) carry their own message and exit code (2)
+    if type(e).__name__ == "NoArgsIsHelpError":
+        if msg := e.format_message().strip():  # rich help is printed already, plain help is the message
+            typer.echo(msg)
+        return e.exit_code
+    if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+        _error(" ".join(e.format_message().split()))
+        return e.exit_code
+    _error(_one_line(e))
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app; every error becomes one line on stderr and exit code 1 (usage: 2)."""
+    _state["debug"] = False
+    try:
+        code = app(args=argv, prog_name="certinfer", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except typer.Exit as e:
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        _error("aborted")
+        code = 130
+    except BrokenPipeError:  # e.g. `certinfer run | head`: stop quietly, like other unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    except Exception as e:
+        code = _report(e)
+    sys.exit(code)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny real ONNX classifier in a real bundle, certified by a registered test defense."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from certinfer.export.bundle_writer import write_bundle
+from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.defenses import register
+from certinfer.runtime.verdict import Certificate, RectCert
+
+TEST_KIND = "test-argmax"
+CLASSES = ["stop", "yield", "speed-30", "speed-50"]
+INPUT_HW = (16, 16)
+
+
+class ArgmaxCertifier(Certifier):
+    """A stand-in defense: the argmax of the logits, never certified."""
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((len(self.classes),),)
+
+    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
+        per_rect = {key: RectCert(certified=False, margin=-1.0) for key in self.threat.keys}
+        cert = Certificate.from_rects(str(self.threat), per_rect)
+        return [Decision(label=int(np.argmax(o)), certificate=cert, scores=o.tolist()) for o in outputs]
+
+
+register(TEST_KIND, ArgmaxCertifier)
+
+
+def _export_tiny_classifier(path: Path) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, len(CLASSES), 1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but 10x faster for a test model
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, 3, *INPUT_HW),), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+    return path
+
+
+def tiny_manifest() -> dict:
+    return {
+        "defense": {"kind": TEST_KIND, "params": {}},
+        "input": {"hw": list(INPUT_HW), "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                  "classes": CLASSES, "resize": "bilinear"},
+        "threat": "3x3",
+        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "batch": [1, 16]}],
+        "provenance": {"dataset": "none", "commit": "test"},
+    }
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export_tiny_classifier(tmp_path_factory.mktemp("model") / "model.onnx")
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path, onnx_model: Path) -> Path:
+    """A fresh bundle per test (tests may tamper with it)."""
+    return write_bundle(tmp_path / "bundle", tiny_manifest(), {"model.onnx": onnx_model})
+
+
+@pytest.fixture
+def certifier(tiny_bundle: Path) -> Certifier:
+    import certinfer
+
+    return certinfer.load(tiny_bundle, backend="onnxruntime-cpu")

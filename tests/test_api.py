@@ -1,0 +1,48 @@
+"""The public Python API: certinfer.load, the defense registry, the packaged data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import certinfer
+from certinfer.runtime.certifier import Certifier, FrameError
+from certinfer.runtime.defenses import DefenseError, certifier_class, register
+from certinfer.threat import ThreatError, parse
+
+
+def test_load_uses_the_bundles_threat_or_the_given_one(tiny_bundle: Path):
+    assert str(certinfer.load(tiny_bundle).threat) == "3x3"
+    assert certinfer.load(str(tiny_bundle), threat="2x2,area:4").threat.keys == ("2x2", "1x4", "4x1")
+    assert str(certinfer.load(tiny_bundle, threat=parse("5x5")).threat) == "5x5"
+    with pytest.raises(ThreatError, match="larger than the 16x16 input"):
+        certinfer.load(tiny_bundle, threat="17x1")
+
+
+def test_certifier_api_verdicts(certifier: Certifier):
+    frames = np.random.default_rng(2).integers(0, 256, (3, 40, 30, 3), dtype=np.uint8)
+    verdicts = certifier(frames)
+    assert len(verdicts) == 3 and all(isinstance(v, certinfer.Verdict) for v in verdicts)
+    assert {v.status for v in verdicts} == {"uncertified"} and verdicts[0].backend == "onnxruntime-cpu"
+    with pytest.raises(FrameError, match="NaN"):
+        certifier(np.full((4, 4, 3), np.nan, np.float32))
+
+
+def test_registry_lazy_known_and_unknown_kinds():
+    with pytest.raises(DefenseError, match=r"unknown defense kind 'nope'; known kinds: .*bagcert.*test-argmax"):
+        certifier_class("nope")
+    with pytest.raises(TypeError):
+        register("bad", dict)
+    assert certifier_class("test-argmax").__name__ == "ArgmaxCertifier"
+
+
+def test_packaged_data_or_a_clear_error():
+    for get in (certinfer.default_bundle, certinfer.sample_frames):
+        try:
+            path = get()
+        except FileNotFoundError as e:
+            assert "with the BagCert model" in str(e)
+        else:
+            assert path.is_dir() and any(path.iterdir())

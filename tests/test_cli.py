@@ -1,0 +1,120 @@
+"""The ``certinfer`` command line: JSON lines, summary, inspect, one-line errors, --debug."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from certinfer.cli import main
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (so the test defense is registered): exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def installed(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed ``certinfer`` entry point in a fresh process."""
+    exe = Path(sys.executable).with_name("certinfer")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
+
+
+def frames_folder(root: Path, n: int = 3) -> Path:
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    (root / "f9_broken.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+def test_version():
+    result = installed("--version")
+    assert result.returncode == 0 and result.stdout.startswith("certinfer ") and not result.stderr
+
+
+def test_import_stays_light(tmp_path: Path):
+    code = ("import sys, certinfer, certinfer.cli, certinfer.runtime.stream, certinfer.annotate; "
+            "assert not {'torch', 'onnxruntime', 'cv2'} & set(sys.modules), sorted(sys.modules)")
+    # run elsewhere: in the repo root, the source folder certinfer/ would shadow the installed package
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=tmp_path)
+
+
+def test_inspect_a_real_bundle(tiny_bundle: Path):
+    result = installed("inspect", str(tiny_bundle))
+    assert result.returncode == 0, result.stderr
+    assert "defense     test-argmax" in result.stdout and "model.onnx: onnx fp32" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("verified")
+
+
+def test_tampered_bundle_is_one_line_error(tiny_bundle: Path):
+    model = tiny_bundle / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    result = installed("inspect", str(tiny_bundle))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("certinfer: error: model.onnx: sha256 mismatch")
+
+
+def test_missing_bundle_is_one_line_error(tmp_path: Path):
+    result = installed("run", str(tmp_path), "--bundle", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert result.stderr == f"certinfer: error: bundle {tmp_path / 'nope'} does not exist\n"
+
+
+def test_run_prints_json_lines_and_a_summary(capsys, tiny_bundle: Path, tmp_path: Path):
+    src = frames_folder(tmp_path / "frames")
+    code, out, err = cli(capsys, "run", str(src), "--bundle", str(tiny_bundle), "--threat", "2x2", "--batch", "2")
+    assert code == 0
+    verdicts = [json.loads(line) for line in out.splitlines()]
+    assert [v["frame"] for v in verdicts] == ["f0.png", "f1.png", "f2.png", "f9_broken.png"]
+    assert [v["status"] for v in verdicts] == ["uncertified"] * 3 + ["fail-safe"]
+    assert verdicts[0]["certificate"]["threat"] == "2x2" and "2x2" in verdicts[0]["certificate"]["per_rect"]
+    assert err == "certinfer: 4 frames in, 4 verdicts out: 3 uncertified, 1 fail-safe (unreadable frame: 1)\n"
+
+
+def test_run_writes_out_file_and_annotated_frames(capsys, tiny_bundle: Path, tmp_path: Path):
+    src = frames_folder(tmp_path / "frames", n=2)
+    code, out, _ = cli(capsys, "run", str(src), "-b", str(tiny_bundle), "--out", str(tmp_path / "v.jsonl"),
+                       "--annotate", str(tmp_path / "ann"), "--deadline-ms", "60000")
+    assert code == 0 and out == ""
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 3
+    written = sorted(p.name for p in (tmp_path / "ann").iterdir())
+    assert written == ["f0.png", "f1.png"]  # the unreadable frame has nothing to draw
+    with Image.open(tmp_path / "ann" / "f0.png") as img:
+        assert img.size == (260, 260)  # 20x20 enlarged to stay readable
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, tiny_bundle: Path, tmp_path: Path):
+    code, out, err = cli(capsys, "run", str(tmp_path / "missing.png"), "-b", str(tiny_bundle))
+    assert code == 1 and err == f"certinfer: error: no such file or folder: {tmp_path / 'missing.png'}\n"
+    code, _, err = cli(capsys, "--debug", "run", str(tmp_path / "missing.png"), "-b", str(tiny_bundle))
+    assert code == 1 and "Traceback (most recent call last)" in err and "SourceError" in err
+    assert err.endswith(f"certinfer: error: no such file or folder: {tmp_path / 'missing.png'}\n")
+
+
+def test_bad_threat_and_usage_errors(capsys, tiny_bundle: Path, tmp_path: Path):
+    code, _, err = cli(capsys, "run", str(tmp_path), "-b", str(tiny_bundle), "--threat", "40x40")
+    assert code == 1 and err.startswith("certinfer: error: threat '40x40'") and err.count("\n") == 1
+    code, _, err = cli(capsys, "run", "--batch", "0")
+    assert code == 2 and err.startswith("certinfer: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["train", "nodefense", "--preset", "gtsrb-cpu"], ["export", "nodefense", "ck", "out"],
+                                  ["bench", "nobench"]])
+def test_unregistered_plugin_commands_say_they_are_not_available(capsys, args: list[str]):
+    code, _, err = cli(capsys, *args)
+    assert code == 1 and f"{args[0]}: not available yet for" in err and err.count("\n") == 1
+
+
+def test_certify_names_the_bundles_defense(capsys, tiny_bundle: Path):
+    code, _, err = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "--threat", "5x5")
+    assert code == 1 and err.startswith("certinfer: error: certify: not available yet for defense 'test-argmax'")
