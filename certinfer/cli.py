@@ -40,14 +40,14 @@ def _import(target: str):
     return getattr(import_module(module), attr)
 
 
-def _unavailable(group: str, what: str, name: str, known: list[str]):
-    """A stand-in command for a name nothing has registered yet: it takes any arguments and explains."""
+def _stub(name: str, message: str):
+    """A stand-in command that takes any arguments and fails with ``message``."""
     stub = typer.Typer()
 
     @stub.command(name, add_help_option=False,
                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def fail(args: Optional[list[str]] = typer.Argument(None)) -> None:
-        raise CLIError(f"{group}: not available yet for {what} {name!r} (available: {', '.join(known) or 'none yet'})")
+        raise CLIError(message)
 
     return typer.main.get_command(stub)
 
@@ -60,10 +60,16 @@ def _plugin_group(registry: dict[str, str], what: str = "defense") -> type[Typer
             return [*super().list_commands(ctx), *sorted(registry)]
 
         def get_command(self, ctx: typer.Context, name: str):
+            group = self.name or ""
             if name in registry:
-                target = _import(registry[name])
+                try:
+                    target = _import(registry[name])
+                except ImportError as e:  # e.g. torch on a runtime-only install
+                    return _stub(name, f"{group} {name} needs {e.name or e}: pip install 'certinfer[train]'")
                 return typer.main.get_command(target) if isinstance(target, typer.Typer) else target
-            return super().get_command(ctx, name) or _unavailable(self.name or "", what, name, sorted(registry))
+            known = ", ".join(sorted(registry)) or "none yet"
+            return super().get_command(ctx, name) or _stub(
+                name, f"{group}: not available yet for {what} {name!r} (available: {known})")
 
     return PluginGroup
 

@@ -118,3 +118,35 @@ def test_unregistered_plugin_commands_say_they_are_not_available(capsys, args: l
 def test_certify_names_the_bundles_defense(capsys, tiny_bundle: Path):
     code, _, err = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "--threat", "5x5")
     assert code == 1 and err.startswith("certinfer: error: certify: not available yet for defense 'test-argmax'")
+
+
+def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path):
+    import types
+
+    import typer
+
+    from certinfer import cli as cli_module
+
+    plugin = types.ModuleType("certinfer_test_plugin")
+    plugin.app = typer.Typer()
+
+    @plugin.app.command()
+    def train(preset: str = typer.Option(...), epochs: int = 1) -> None:
+        typer.echo(f"training {preset} for {epochs}")
+
+    plugin.certify = lambda **options: typer.echo(f"certify {options['data']} {options['params']}")
+    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
+    monkeypatch.setitem(cli_module.TRAIN, "toy", "certinfer_test_plugin:app")
+    monkeypatch.setitem(cli_module.CERTIFY, "test-argmax", "certinfer_test_plugin:certify")
+    assert cli(capsys, "train", "toy", "--preset", "gtsrb-cpu", "--epochs", "3")[:2] == (0, "training gtsrb-cpu for 3\n")
+    code, out, _ = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "-p", "condition=3.3")
+    assert (code, out) == (0, "certify gtsrb:test {'condition': '3.3'}\n")
+
+
+def test_a_plugin_whose_dependencies_are_missing_says_what_to_install(capsys, monkeypatch: pytest.MonkeyPatch):
+    from certinfer import cli as cli_module
+
+    monkeypatch.setitem(cli_module.EXPORT, "toy", "certinfer_no_such_module:app")
+    code, _, err = cli(capsys, "export", "toy", "ck", "out")
+    assert code == 1 and err == ("certinfer: error: export toy needs certinfer_no_such_module: "
+                                 "pip install 'certinfer[train]'\n")
