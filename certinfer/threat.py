@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 Rect = tuple[int, int]
 
@@ -21,6 +22,10 @@ _RECT = re.compile(r"^(\d+)x(\d+)$")
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 _AREA = re.compile(r"^area:(\d+)$")
 _ROT45 = re.compile(r"^rot45:(\d+)x(\d+)$")
+
+
+# Without the input size, area:N lists every factor pair by trial division up to sqrt(N); past this it would hang.
+_MAX_AREA_WITHOUT_INPUT = 10 ** 12
 
 
 class ThreatError(ValueError):
@@ -32,39 +37,61 @@ def rect_key(rect: Rect) -> str:
     return f"{rect[0]}x{rect[1]}"
 
 
+def _ceil_sqrt(q: Fraction | int) -> int:
+    """The smallest integer ``s >= 0`` with ``s * s >= q``, in exact arithmetic (never rounds a side down)."""
+    n = math.ceil(q)  # s * s is an integer, so s * s >= q exactly when s * s >= ceil(q)
+    s = math.isqrt(max(n, 0))
+    return s if s * s >= n else s + 1
+
+
 def _rot45_box(h: int, w: int) -> Rect:
-    side = math.ceil((h + w) / math.sqrt(2) - 1e-9)
+    # the rotated patch spans (h + w) / sqrt(2) per axis; side = ceil of that, i.e. the least s with 2 s^2 >= (h + w)^2
+    side = _ceil_sqrt(Fraction((h + w) ** 2, 2))
     return side, side
+
+
+def _number(text: str, item: str, kind=int):
+    try:
+        return kind(text)
+    except (ValueError, OverflowError) as e:  # e.g. more digits than int() converts
+        raise ThreatError(f"threat {item!r}: {text[:20]!r}... is not a usable number") from e
 
 
 def _item_rects(item: str, input_hw: Rect | None) -> tuple[Rect, ...]:
     if m := _RECT.match(item):
-        h, w = int(m[1]), int(m[2])
+        h, w = _number(m[1], item), _number(m[2], item)
         if h < 1 or w < 1:
             raise ThreatError(f"threat {item!r}: patch sides must be at least 1 pixel")
         return ((h, w),)
     if m := _ROT45.match(item):
-        h, w = int(m[1]), int(m[2])
+        h, w = _number(m[1], item), _number(m[2], item)
         if h < 1 or w < 1:
             raise ThreatError(f"threat {item!r}: patch sides must be at least 1 pixel")
         return (_rot45_box(h, w),)
     if m := _PERCENT.match(item):
-        share = float(m[1]) / 100.0
-        if not 0.0 < share <= 1.0:
+        share = _number(m[1], item, Fraction) / 100  # exact: the side must never be rounded down
+        if not 0 < share <= 1:
             raise ThreatError(f"threat {item!r}: a share of the input must be in (0%, 100%]")
         if input_hw is None:
             raise ThreatError(f"threat {item!r}: a percentage needs the input size (parse(spec, input_hw=...))")
-        side = math.ceil(math.sqrt(share * input_hw[0] * input_hw[1]) - 1e-9)
+        side = _ceil_sqrt(share * input_hw[0] * input_hw[1])
         return ((side, side),)
     if m := _AREA.match(item):
-        area = int(m[1])
+        area = _number(m[1], item)
         if area < 1:
             raise ThreatError(f"threat {item!r}: the area must be at least 1 pixel")
-        rects = [(h, area // h) for h in range(1, area + 1) if area % h == 0]
-        if input_hw is not None:
-            rects = [(h, w) for h, w in rects if h <= input_hw[0] and w <= input_hw[1]]
+        if input_hw is not None:  # only heights up to the input's can fit: O(H), not O(area)
+            rects = [(h, area // h) for h in range(1, min(area, input_hw[0]) + 1)
+                     if area % h == 0 and area // h <= input_hw[1]]
             if not rects:
                 raise ThreatError(f"threat {item!r}: no rectangle of that area fits the {input_hw[0]}x{input_hw[1]} input")
+        else:  # every factor pair, by divisors up to sqrt(area): O(sqrt(area)), not O(area)
+            if area > _MAX_AREA_WITHOUT_INPUT:
+                raise ThreatError(f"threat 'area:{str(area)[:20]}...': without the input size (parse(spec, input_hw=...)) "
+                                  f"the area can be at most {_MAX_AREA_WITHOUT_INPUT} pixels")
+            small = [h for h in range(1, math.isqrt(area) + 1) if area % h == 0]
+            heights = small + [area // h for h in reversed(small) if h * h != area]
+            rects = [(h, area // h) for h in heights]
         return tuple(rects)
     raise ThreatError(f"threat {item!r} is not a spec: use HxW, P%, area:N or rot45:HxW (comma lists combine them)")
 
