@@ -22,11 +22,11 @@ import typer
 from typer.core import TyperGroup
 
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
-TRAIN: dict[str, str] = {}
-EXPORT: dict[str, str] = {}
+TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli"}
+EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli"}
 BENCH: dict[str, str] = {}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
-CERTIFY: dict[str, str] = {}
+CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert"}
 
 _state = {"debug": False}
 
@@ -191,24 +191,30 @@ def _param(values: list[str]) -> dict[str, str]:
 
 @app.command()
 def certify(
-    bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
-    data: str = typer.Option(..., help="Dataset split, e.g. gtsrb:test"),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder or .tar"),
+    data: Optional[str] = typer.Option(None, help="Dataset split, e.g. gtsrb:test, cifar10:test, folder:PATH"),
     threat: Optional[str] = typer.Option(None, help="Threat spec(s), e.g. 5x5,2.4% [default: the bundle's]"),
     backend: str = typer.Option("auto", help="Engine backend"),
     batch: int = typer.Option(64, min=1, help="Frames per engine call"),
     limit: Optional[int] = typer.Option(None, min=1, help="Certify only the first N samples"),
     shard: str = typer.Option("0/1", help="Certify shard i of n (i/n), for fanning out"),
+    merge: list[Path] = typer.Option([], "--merge", help="Combine these shard results instead (repeatable)"),
     out: Optional[Path] = typer.Option(None, help="Write the results as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="Write a plot of the results here"),
     param: list[str] = typer.Option([], "--param", "-p", help="Defense option KEY=VALUE (repeatable)"),
 ) -> None:
-    """Certified accuracy of a bundle on a dataset against threats."""
+    """Certified accuracy of a bundle on a dataset against threats (or --merge shard results)."""
+    if merge:
+        _import("certinfer.bench.certify:merge_files")(merge, out, plot)
+        return
+    if bundle is None or data is None:
+        raise CLIError("certify needs a BUNDLE and --data (or --merge shard results)")
     from certinfer.runtime.bundle import load_bundle
 
     kind = load_bundle(bundle).manifest["defense"]["kind"]
     if kind not in CERTIFY:
         raise CLIError(f"certify: not available yet for defense {kind!r} "
-                                   f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")
+                       f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")
     _import(CERTIFY[kind])(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit,
                            shard=shard, out=out, plot=plot, params=_param(param))
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
 import torch
+import typer
 
 from certinfer.threat import parse
 from certinfer.export.bundle_writer import write_bundle
@@ -79,7 +81,6 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
                    probe_trials: int = 96, max_batch: int = 1024, data_dir: str | None = None,
                    eval_data: str | None = None) -> dict:
     """Write a BagCert bundle to ``out``; returns its manifest."""
-    torch.set_grad_enabled(False)
     scorer, meta = load_scorer(Path(checkpoint))
     hw = tuple(meta["input_hw"])
     geometry = Geometry.from_dict(meta["geometry"])
@@ -110,3 +111,21 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
     manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
     write_bundle(out, manifest, {"model.onnx": model})
     return manifest
+
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command("bagcert")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train bagcert"),
+    out: Path = typer.Argument(..., help="Bundle folder to write"),
+    threat: str = typer.Option("5x5", help="The bundle's default threat"),
+    tolerance: float = typer.Option(0.05, help="|pre-activation| below which a cell is 'near the threshold'"),
+    probe_trials: int = typer.Option(96, help="Random patches for the receptive-field probe"),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder for parity images and the accuracy check"),
+) -> None:
+    """Export to ONNX, check parity and the receptive field, measure accuracy, write the bundle."""
+    manifest = export_bagcert(checkpoint, out, threat, tolerance, probe_trials, data_dir=data_dir)
+    typer.echo(json.dumps({"bundle": str(out), "metrics": manifest["provenance"]["metrics"]["certified_accuracy"],
+                           "clean": manifest["provenance"]["metrics"]["clean_accuracy"]}))

@@ -33,10 +33,12 @@ def _empty_counts() -> dict:
     return {"certified": 0, "alert": 0, "per_rect": {}}
 
 
-def _add(counts: dict, decisions: list[Decision], y: np.ndarray) -> None:
+def _add(counts: dict, decisions: list[Decision], y: np.ndarray, threat_keys: tuple[str, ...] | None) -> None:
     for d, label in zip(decisions, y):
         correct = d.label == int(label)
-        counts["certified"] += int(correct and d.certificate.certified)
+        per_rect = d.certificate.per_rect
+        whole = all(per_rect[k].certified for k in threat_keys) if threat_keys else d.certificate.certified
+        counts["certified"] += int(correct and whole)
         counts["alert"] += int(d.status == "alert")
         for key, rc in d.certificate.per_rect.items():
             counts["per_rect"][key] = counts["per_rect"].get(key, 0) + int(correct and rc.certified)
@@ -44,8 +46,13 @@ def _add(counts: dict, decisions: list[Decision], y: np.ndarray) -> None:
 
 def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch: int = 256,
                        variants: dict[str, DecideFn] | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
-    """Clean and certified accuracy on uint8 (N, H, W, 3) images ``x`` with labels ``y``."""
+                       progress: Callable[[int], None] | None = None,
+                       threat_keys: tuple[str, ...] | None = None) -> dict:
+    """Clean and certified accuracy on uint8 (N, H, W, 3) images ``x`` with labels ``y``.
+
+    ``threat_keys``: the rectangles that make up "certified" for the threat as a whole (default: all of the
+    certifier's); the others are still counted per rectangle.
+    """
     variants = variants or {"default": certifier.decide}
     counts = {name: _empty_counts() for name in variants}
     clean, seconds = 0, {"prepare": 0.0, "engine": 0.0, "certify": 0.0}
@@ -57,7 +64,7 @@ def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch
         t2 = time.perf_counter()
         for name, decide in variants.items():
             decisions = decide(xp, outputs)
-            _add(counts[name], decisions, y[i:i + batch])
+            _add(counts[name], decisions, y[i:i + batch], threat_keys)
         clean += sum(int(d.label == int(t)) for d, t in zip(decisions, y[i:i + batch]))
         seconds["prepare"] += t1 - t0
         seconds["engine"] += t2 - t1

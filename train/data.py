@@ -71,11 +71,16 @@ def load_image_folder(root: Path, hw: tuple[int, int] = (32, 32)) -> Split:
     return Split(np.stack(xs), np.asarray(ys, np.int64), classes, f"folder:{root}")
 
 
-def load(spec: str, data_dir: str | os.PathLike | None = None) -> Split:
-    """``gtsrb:train``, ``gtsrb:test``, ``cifar10:train``, ``cifar10:test`` or ``folder:PATH``."""
+def part_spec(dataset: str, part: str) -> str:
+    """The spec of a dataset's ``train`` or ``test`` part: ``gtsrb:test``, or ``folder:ROOT/test``."""
+    return f"{dataset}/{part}" if dataset.startswith("folder:") else f"{dataset}:{part}"
+
+
+def load(spec: str, data_dir: str | os.PathLike | None = None, hw: tuple[int, int] = (32, 32)) -> Split:
+    """``gtsrb:train``, ``gtsrb:test``, ``cifar10:train``, ``cifar10:test`` or ``folder:PATH`` (PATH/<class>/<image>)."""
     name, _, part = spec.partition(":")
     if name == "folder":
-        return load_image_folder(Path(part))
+        return load_image_folder(Path(part), hw)
     if part not in ("train", "test"):
         raise ValueError(f"dataset spec {spec!r}: use gtsrb:train|test, cifar10:train|test or folder:PATH")
     loaders = {"gtsrb": load_gtsrb, "cifar10": load_cifar10}

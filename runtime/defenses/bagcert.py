@@ -117,14 +117,13 @@ class BagCertCertifier(Certifier):
         # Only backends whose probe showed bit-exact locality may trust cells near the threshold.
         self.trust_near = engine.name in exact
 
-    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
-        code = outputs[0] if isinstance(outputs, tuple) else outputs
-        if code.ndim != 4 or code.shape[1:3] != self.geometry.output_hw or code.shape[-1] != len(self.classes):
-            raise ValueError(f"engine returned shape {code.shape}, expected (N, {self.geometry.output_hw[0]}, "
-                             f"{self.geometry.output_hw[1]}, {len(self.classes)})")
-        scores, near = split_code(code)
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (tuple(self.geometry.output_hw) + (len(self.classes),),)
+
+    def decide(self, x: np.ndarray, outputs, condition: str | None = None) -> list[Decision]:
+        scores, near = split_code(outputs[0] if isinstance(outputs, tuple) else outputs)
         counts, labels = predict(scores)
-        certs = certify(scores, labels, self.geometry, self.threat, self.condition,
+        certs = certify(scores, labels, self.geometry, self.threat, condition or self.condition,
                         uncertain=None if self.trust_near else near)
         return [Decision(label=int(labels[i]), certificate=certs[i], scores=counts[i].tolist())
                 for i in range(len(certs))]

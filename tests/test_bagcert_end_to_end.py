@@ -1,0 +1,175 @@
+"""BagCert end to end on a small model trained here: trainer, export (parity, probe), runtime, attacks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attacks import (copied_contents, count_flips, locations, pgd_contents, random_contents,  # noqa: E402
+                     solid_contents)
+
+import certinfer  # noqa: E402
+from certinfer.export.bagcert import CodeMap, export_bagcert, load_scorer  # noqa: E402
+from certinfer.export.onnx_export import export_onnx, expose_input_of  # noqa: E402
+from certinfer.export.probe import ProbeError, probe  # noqa: E402
+from certinfer.runtime.geometry import Geometry  # noqa: E402
+from certinfer.train import data as datasets  # noqa: E402
+from certinfer.train.bagcert import TrainConfig, train  # noqa: E402
+
+CLASSES = (1, 12, 13, 38)  # speed limit 30, priority road, yield, keep right: four distinct shapes/colours
+TINY = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
+
+
+def _gtsrb_or_skip() -> Path:
+    try:
+        root = datasets.data_root(None)
+    except FileNotFoundError:
+        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
+    if not (root / "gtsrb" / "gtsrb32.npz").is_file():
+        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
+    return root
+
+
+def _write_folder(root: Path, split: datasets.Split, per_class: int) -> None:
+    for c in CLASSES:
+        folder = root / f"{c:02d}"
+        folder.mkdir(parents=True)
+        for i, k in enumerate(np.flatnonzero(split.y == c)[:per_class]):
+            Image.fromarray(split.x[k]).save(folder / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = _gtsrb_or_skip()
+    data = tmp_path_factory.mktemp("gtsrb4")
+    _write_folder(data / "train", datasets.load("gtsrb:train", root), 300)
+    _write_folder(data / "test", datasets.load("gtsrb:test", root), 40)
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(dataset=f"folder:{data}", model=dict(TINY), epochs=20, batch_size=64, margin=0.4, sigma=0.0,
+                      bf16=False, warmup_epochs=0.5)
+    metrics = train(cfg, out, device="cpu")
+    bundle = tmp_path_factory.mktemp("bundle") / "b"
+    manifest = export_bagcert(out / "model.safetensors", bundle, threat="5x5", probe_trials=32)
+    return {"metrics": metrics, "checkpoint": out / "model.safetensors", "bundle": bundle, "manifest": manifest,
+            "test": datasets.load(f"folder:{data}/test")}
+
+
+@pytest.mark.slow
+def test_training_learns_and_certifies(trained):
+    m = trained["metrics"]["test"]
+    assert m["clean"] > 0.6, m
+    assert m["certified"] > 0.2, m
+    assert trained["metrics"]["test_condition_3.3"]["certified"] <= m["certified"]
+
+
+@pytest.mark.slow
+def test_export_manifest_parity_and_runtime_agree_with_torch(trained):
+    man = trained["manifest"]
+    assert man["parity"]["torch_vs_onnxruntime-cpu"]["binary_disagreements"] <= \
+        man["parity"]["torch_vs_onnxruntime-cpu"]["cells_within_eps"]
+    assert man["probe"]["bit_exact"] and man["probe"]["trials"] == 32
+    assert man["provenance"]["metrics"]["n"] == len(trained["test"].y)
+    cert = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
+    verdicts = cert(trained["test"].x[:16])
+    scorer, meta = load_scorer(trained["checkpoint"])
+    x = cert.prepare(trained["test"].x[:16])
+    with torch.no_grad():
+        votes = (scorer(torch.from_numpy(x)) >= 0).sum(dim=(2, 3)).numpy()
+    assert [v.label for v in verdicts] == votes.argmax(1).tolist()
+    assert all(v.backend == "onnxruntime-cpu" and v.certificate.threat == "5x5" for v in verdicts)
+
+
+@pytest.mark.slow
+def test_certified_images_survive_patch_attacks_at_every_location(trained):
+    cert = certinfer.load(trained["bundle"], backend="onnxruntime-cpu", threat="5x5,2x12")
+    test = trained["test"]
+    verdicts = cert(test.x)
+    certified = [i for i, v in enumerate(verdicts) if v.status == "certified"][:4]
+    assert certified, "the small model certifies nothing: the attack would test nothing"
+    scorer, _ = load_scorer(trained["checkpoint"])
+    x_all = cert.prepare(test.x)
+    lo, hi = x_all.min(axis=(0, 2, 3)), x_all.max(axis=(0, 2, 3))
+    rng = np.random.default_rng(0)
+
+    def decide(batch: np.ndarray) -> np.ndarray:
+        return np.array([d.label for d in cert.decide(batch, cert.run_engine(batch))])
+
+    flips = 0
+    for i in certified:
+        label, x = verdicts[i].label, x_all[i]
+        other = x_all[int(np.flatnonzero(test.y != test.y[i])[0])]
+
+        def objective(adv: torch.Tensor, label=label) -> torch.Tensor:
+            votes = torch.sigmoid(4 * scorer(adv)).mean(dim=(2, 3))
+            rival = votes.clone()
+            rival[:, label] = -1
+            return rival.max(dim=1).values - votes[:, label]
+
+        for rect in cert.threat.rects:
+            locs = locations(cert.input_hw, rect)
+            for contents in (random_contents(rng, len(locs), 3, rect, lo, hi),
+                             solid_contents(rng, len(locs), 3, rect, lo, hi),
+                             copied_contents(other, rect, locs),
+                             pgd_contents(objective, x, rect, locs, lo, hi, steps=10)):
+                flips += count_flips(decide, x, label, rect, locs, contents)
+    assert flips == 0
+
+
+def test_probe_catches_a_receptive_field_larger_than_claimed():
+    torch.manual_seed(0)
+    from certinfer.train.bagcert import build_scorer
+
+    scorer = build_scorer(3, TINY).eval()  # real RF 5, stride 2, padding 2
+    true = Geometry(**scorer.cfg.geometry((16, 16)))
+    model = expose_input_of(export_onnx(CodeMap(scorer, 0.05), (torch.zeros(2, 3, 16, 16),), ["input"], ["scores"]),
+                            "GreaterOrEqual")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+    def run(b):
+        return sess.run(["preactivation"], {"input": b})[0].transpose(0, 2, 3, 1)
+
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    report = probe(run, x, true, [(1, 1), (3, 3)], trials=24)
+    assert report["patches_that_changed_outputs"] == 24
+    lied = Geometry((3, 3), true.stride, (1, 1), true.input_hw, true.output_hw)
+    with pytest.raises(ProbeError, match="receptive field"):
+        probe(run, x, lied, [(1, 1), (3, 3)], trials=24)
+
+
+@pytest.mark.slow
+def test_certify_cli_shards_merge_to_the_whole(trained, tmp_path, capsys):
+    from certinfer.cli import main
+
+    data = f"folder:{trained['test'].name.split(':', 1)[1]}"
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["certify", *args])
+        assert e.value.code == 0, capsys.readouterr().err
+
+    whole, parts = tmp_path / "whole.json", [tmp_path / f"s{i}.json" for i in range(2)]
+    run(str(trained["bundle"]), "--data", data, "--threat", "5x5,area:24", "--out", str(whole),
+        "--plot", str(tmp_path / "whole.png"))
+    for i, p in enumerate(parts):
+        run(str(trained["bundle"]), "--data", data, "--threat", "5x5,area:24", "--shard", f"{i}/2", "--out", str(p))
+    run("--merge", str(parts[0]), "--merge", str(parts[1]), "--out", str(tmp_path / "merged.json"))
+    import json
+
+    w, m = json.loads(whole.read_text()), json.loads((tmp_path / "merged.json").read_text())
+    assert w["n"] == m["n"] == len(trained["test"].y)
+    assert w["variants"] == m["variants"] and w["clean"] == m["clean"]
+    per = w["certified_accuracy_per_rect"]["3.2"]
+    assert {"5x5", "1x24", "24x1", "4x6", "10x10"} <= set(per)
+    # the threat as a whole is certified only where every one of its rectangles is
+    assert w["certified_accuracy"]["3.2"] <= min(per[k] for k in ("5x5", "4x6", "3x8"))
+    assert w["certified_accuracy"]["3.3"] <= w["certified_accuracy"]["3.2"]
+    assert (tmp_path / "whole.png").stat().st_size > 1000
