@@ -6,31 +6,7 @@ import pytest
 from certinfer.threat import parse, rect_key
 from certinfer.runtime.defenses import bagcert
 from certinfer.runtime.geometry import Geometry
-
-
-def brute_force_31(s: np.ndarray, label: int, geometry: Geometry, rect) -> float:
-    """Condition 3.1 literally: build the worst-case map for every location, sum it, compare classes.
-
-    Returns the smallest margin g(s_wc)_t - max_{c != t} g(s_wc)_c - 0 ... expressed like Condition 3.2's slack
-    (so the two can be compared number for number): min over l of [votes_t - max_{c != t} votes_c] in s_wc(l).
-    """
-    h, w = rect
-    worst = np.inf
-    for top in range(geometry.input_hw[0] - h + 1):
-        for left in range(geometry.input_hw[1] - w + 1):
-            wc = s.copy()
-            for i in range(geometry.output_hw[0]):
-                for j in range(geometry.output_hw[1]):
-                    rows = range(i * geometry.stride[0] - geometry.padding[0],
-                                 i * geometry.stride[0] - geometry.padding[0] + geometry.rf[0])
-                    cols = range(j * geometry.stride[1] - geometry.padding[1],
-                                 j * geometry.stride[1] - geometry.padding[1] + geometry.rf[1])
-                    if set(rows) & set(range(top, top + h)) and set(cols) & set(range(left, left + w)):
-                        wc[i, j, :] = 1
-                        wc[i, j, label] = 0
-            votes = wc.sum(axis=(0, 1))
-            worst = min(worst, votes[label] - np.delete(votes, label).max())
-    return worst
+from certinfer.bench.reference import condition_31_margin as brute_force_31
 
 
 def random_geometry(rng):

@@ -1,0 +1,653 @@
+"""``certinfer bench latency``: how fast a bundle certifies, per backend, and how fast its certification math is.
+
+For a bundle and each backend that loads here (onnxruntime CPU/CUDA/TensorRT, native TensorRT, torch CPU/CUDA
+where the bundle has a torch entry; the others are recorded as skipped with the reason):
+
+* streaming latency at batch 1: p50/p90/p99 over N frames of each stage (prepare / engine / certify / total,
+  from ``Verdict.timings_ms``) and of the wall time of the whole call;
+* throughput at several batch sizes and the best of them, with the per-frame stage split;
+* certification overhead as a share of engine time (batch 1 and best batch), and the process's peak RSS;
+* dataset certification throughput (images/s through :func:`certinfer.runtime.evaluate.evaluate_certifier`)
+  on a dataset split, when one is given.
+
+Once per bundle, on the same engine outputs: the vectorized certification math against the plain reference
+written from the paper (:mod:`certinfer.bench.reference`), its speed-up factor, and a check that both give
+identical certificates (certified flag and margin for every rectangle); a mismatch fails the benchmark.
+
+Results go to ``<out_dir>/<name>-<machine>.json`` (machine, versions, git commit, date) and a ``.png`` plot.
+Nothing here imports torch unless a torch backend is asked for and the bundle has a torch engine.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+STAGES = ("prepare", "engine", "certify", "total")
+DEFAULT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "torch-cpu",
+                    "torch-cuda", "torch-cuda-graphs")
+DEFAULT_BATCHES = (1, 8, 32, 128, 512)
+# issue 7's targets
+TARGET_OVERHEAD = 0.05  # certification at most 5% of the engine's time (BagCert, PatchGuard)
+TARGET_SPEEDUP = 100.0  # vectorized certifiers at least 100x faster than the plain references
+TARGET_FPS = 200.0  # default bundle on the CPU: at least 200 certified frames/s at the best batch ...
+TARGET_P99_MS = 20.0  # ... and p99 below 20 ms at batch 1
+
+CPU_NOTE = ("Measured on a CPU-only machine: the ratios (certification overhead as a share of engine time, "
+            "vectorized vs reference speed-up) are meaningful here; absolute times depend on this CPU and its load "
+            "and say nothing about GPU latency, which only a GPU machine can measure.")
+GPU_NOTE = ("Measured on a GPU machine: absolute engine times are this GPU's; certification and preparation run "
+            "on the host CPU.")
+
+
+# --- machine, versions, provenance -----------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def _gpus() -> list[dict]:
+    """GPUs as nvidia-smi lists them (no CUDA library is loaded for this); empty without one."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if parts and parts[0]:
+            gpus.append({"name": parts[0], "memory": parts[1] if len(parts) > 1 else "",
+                         "driver": parts[2] if len(parts) > 2 else ""})
+    return gpus
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    """The machine: CPU model, cores (all and usable by this process), memory, GPUs, OS."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "memory_gib": _memory_gib(),
+            "gpus": _gpus(), "platform": platform.platform()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_slug(info: dict) -> str:
+    """A short file-name tag for the machine: the GPU's name, else the CPU model and its cores."""
+    if info["gpus"]:
+        return _slug(info["gpus"][0]["name"])
+    return f"{_slug(info['cpu'])}-{info['cores']}c"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    """Versions of what the numbers depend on (read from package metadata: nothing optional is imported)."""
+    import onnxruntime
+
+    v = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+         "onnxruntime_providers": onnxruntime.get_available_providers()}
+    for dist in ("certinfer", "onnxruntime-gpu", "torch", "tensorrt"):
+        if (found := _version(dist)) is not None:
+            v[dist] = found
+    return v
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """HEAD of the checkout the benchmark runs from (``-dirty`` with uncommitted changes), or None."""
+    for cwd in (where or Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
+            if out.returncode != 0:
+                continue
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5, cwd=cwd).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far (a high-water mark: it never goes down)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+# --- measurements --------------------------------------------------------------------------------------
+
+def percentiles(values) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def take(frames: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """``n`` frames cycling through ``frames`` from ``start`` (a contiguous copy)."""
+    return frames[(start + np.arange(n)) % len(frames)]
+
+
+def load_certifier(bundle: Path, backend: str, threat: str | None = None, threads: int | None = None):
+    """A Certifier on one backend; ``threads`` caps the engine's CPU threads (onnxruntime, torch)."""
+    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.defenses import certifier_class
+    from certinfer.runtime.engines import load_engine
+    from certinfer.threat import parse
+
+    loaded = load_bundle(bundle)
+    options = {"threads": threads} if threads and backend.startswith(("onnxruntime", "ort", "auto")) else {}
+    engine = load_engine(loaded, backend=backend, **options)
+    if threads and backend.startswith("torch") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    spec = loaded.manifest["threat"] if threat is None else threat
+    return certifier_class(loaded.manifest["defense"]["kind"])(loaded, engine, parse(spec))
+
+
+def stream_latency(certifier, frames: np.ndarray, n: int, warmup: int = 5,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Batch-1 streaming: one frame per call, ``n`` calls after ``warmup``; percentiles per stage and of the call."""
+    for k in range(warmup):
+        certifier(take(frames, 1, k))
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    wall = []
+    for k in range(n):
+        frame = take(frames, 1, warmup + k)
+        t0 = time.perf_counter()
+        verdict = certifier(frame)[0]
+        wall.append((time.perf_counter() - t0) * 1e3)
+        for s in STAGES:
+            stages[s].append(verdict.timings_ms[s])
+        if progress:
+            progress(1)
+    out = {"frames": n, "warmup": warmup, "stages_ms": {s: percentiles(v) for s, v in stages.items()},
+           "call_ms": percentiles(wall), "frames_per_second": n / (sum(wall) / 1e3)}
+    out["certify_over_engine"] = _ratio(out["stages_ms"]["certify"]["p50"], out["stages_ms"]["engine"]["p50"])
+    out["prepare_over_engine"] = _ratio(out["stages_ms"]["prepare"]["p50"], out["stages_ms"]["engine"]["p50"])
+    return out
+
+
+def batch_throughput(certifier, frames: np.ndarray, batch: int, seconds: float, min_calls: int = 2,
+                     max_calls: int = 10000) -> dict:
+    """Frames/s at one batch size: one warm-up call, then calls until ``seconds`` pass (at least ``min_calls``)."""
+    x = take(frames, batch)
+    certifier(x)
+    sums = dict.fromkeys(STAGES, 0.0)
+    calls = 0
+    start = time.perf_counter()
+    while calls < min_calls or (time.perf_counter() - start < seconds and calls < max_calls):
+        timings = certifier(x)[0].timings_ms  # per-frame means of this call
+        for s in STAGES:
+            sums[s] += timings[s] * batch
+        calls += 1
+    wall = time.perf_counter() - start
+    n = calls * batch
+    per_frame = {s: v / n for s, v in sums.items()}
+    return {"batch": batch, "calls": calls, "frames": n, "seconds": wall, "frames_per_second": n / wall,
+            "per_frame_ms": per_frame, "certify_over_engine": _ratio(per_frame["certify"], per_frame["engine"]),
+            "prepare_over_engine": _ratio(per_frame["prepare"], per_frame["engine"])}
+
+
+def load_split(data: str, hw: tuple[int, int]):
+    """A dataset split as uint8 images at the model input size (numpy + PIL only, no torch)."""
+    from certinfer.train import data as datasets
+
+    return datasets.load(data, hw=hw)
+
+
+def dataset_throughput(certifier, split, limit: int | None, batch: int,
+                       progress_factory: Callable | None = None) -> dict:
+    """Certified accuracy and images/s of the whole pipeline (prepare, engine, certify) on a dataset split."""
+    from certinfer.runtime.evaluate import evaluate_certifier
+
+    x, y = (split.x[:limit], split.y[:limit]) if limit else (split.x, split.y)
+    advance = progress_factory(len(y)) if progress_factory else None
+    t0 = time.perf_counter()
+    r = evaluate_certifier(certifier, x, y, batch=batch, progress=advance)
+    wall = time.perf_counter() - t0
+    return {"data": split.name, "note": split.note, "n": r["n"], "batch": batch,
+            "images_per_second": r["images_per_second"], "wall_images_per_second": r["n"] / wall,
+            "seconds": r["seconds"], "clean_accuracy": r["clean_accuracy"],
+            "certified_accuracy": r["certified_accuracy"]["default"], "threat": r["threat"]}
+
+
+# --- certification math vs the plain reference ---------------------------------------------------------
+
+def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def compare_certificates(fast, slow) -> list[str]:
+    """Differences between two certificates (flag or margin of any rectangle), empty when identical."""
+    diffs = []
+    if set(fast.per_rect) != set(slow.per_rect):
+        return [f"rectangles differ: {sorted(fast.per_rect)} vs {sorted(slow.per_rect)}"]
+    for key, a in fast.per_rect.items():
+        b = slow.per_rect[key]
+        if a.certified != b.certified or a.margin != b.margin:
+            diffs.append(f"{key}: vectorized ({a.certified}, {a.margin}) vs reference ({b.certified}, {b.margin})")
+    if fast.certified != slow.certified:
+        diffs.append(f"threat: vectorized {fast.certified} vs reference {slow.certified}")
+    return diffs
+
+
+def bagcert_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference: int,
+                 progress: Callable[[int], None] | None = None, repeats: int = 3) -> dict:
+    """BagCert: vectorized ``bagcert.certify`` vs :func:`reference.certify_reference` on the same binary maps.
+
+    The maps come from one engine pass over ``n_vectorized`` frames. The vectorized math is timed on all of them,
+    batched (one call) and one frame per call (as a batch-1 stream pays it); the reference on the first
+    ``n_reference``, extrapolated per frame. Raises AssertionError unless every certificate is identical.
+    """
+    from certinfer.bench.reference import certify_reference
+    from certinfer.runtime.defenses import bagcert
+
+    n_reference = min(n_reference, n_vectorized)
+    x = certifier.prepare(take(frames, n_vectorized))
+    outputs = certifier.run_engine(x)
+    scores, near = bagcert.split_code(outputs[0] if isinstance(outputs, tuple) else outputs)
+    _, labels = bagcert.predict(scores)
+    uncertain = None if certifier.trust_near else near
+    g, threat = certifier.geometry, certifier.threat
+
+    def vectorized():
+        return bagcert.certify(scores, labels, g, threat, condition="3.2", uncertain=uncertain)
+
+    def one_by_one():
+        return [bagcert.certify(scores[i], int(labels[i]), g, threat, condition="3.2",
+                                uncertain=None if uncertain is None else uncertain[i]) for i in range(len(labels))]
+
+    t_batched, fast = _best_of(vectorized, repeats)
+    t_single, single = _best_of(one_by_one, repeats)
+    slow, t_ref = [], 0.0
+    for i in range(n_reference):
+        t0 = time.perf_counter()
+        slow.append(certify_reference(scores[i], int(labels[i]), g, threat,
+                                      uncertain=None if uncertain is None else uncertain[i]))
+        t_ref += time.perf_counter() - t0
+        if progress:
+            progress(1)
+    mismatches = []
+    for i in range(n_reference):
+        mismatches += [f"frame {i}: {d}" for d in compare_certificates(fast[i], slow[i])]
+        mismatches += [f"frame {i} (one by one): {d}" for d in compare_certificates(single[i], fast[i])]
+    if mismatches:
+        raise AssertionError("vectorized and reference BagCert certificates differ: " + "; ".join(mismatches[:5]))
+    ms = {"vectorized_batched": t_batched * 1e3 / n_vectorized, "vectorized_one_frame_per_call": t_single * 1e3 / n_vectorized,
+          "reference": t_ref * 1e3 / max(n_reference, 1)}
+    certified = [c.certified for c in fast[:n_reference]]
+    return {
+        "defense": "bagcert", "condition": "3.2", "threat": str(threat), "rects": list(threat.keys),
+        "maps_from_backend": certifier.engine.name, "map_shape": list(scores.shape[1:]),
+        "uncertain_cells_used": uncertain is not None,
+        "reference": "certinfer.bench.reference.certify_reference: loops over locations, outputs and classes",
+        "frames_vectorized": n_vectorized, "frames_reference": n_reference, "repeats_vectorized": repeats,
+        "ms_per_frame": ms,
+        "speedup": _ratio(ms["reference"], ms["vectorized_one_frame_per_call"]),
+        "speedup_batched": _ratio(ms["reference"], ms["vectorized_batched"]),
+        "identical_certificates": True, "frames_compared": n_reference,
+        "certified_among_compared": int(sum(certified)),
+    }
+
+
+# defense kind -> its math-vs-reference function
+MATH: dict[str, Callable] = {"bagcert": bagcert_math}
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not enabled, console=Console(stderr=True))
+
+
+def _frames(hw: tuple[int, int], split, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Frames at the model input size: the dataset's first images where one is given, else random pixels."""
+    if split is not None:
+        return np.ascontiguousarray(split.x[:max(n, 1)]), f"{split.name} (first {min(n, len(split.y))} images)"
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, size=(max(n, 1), hw[0], hw[1], 3), dtype=np.uint8),
+            "random uint8 frames at the model input size")
+
+
+def _is_default(path: Path) -> bool:
+    import certinfer
+
+    try:
+        return path.resolve() == Path(certinfer.default_bundle()).resolve()
+    except FileNotFoundError:
+        return False
+
+
+def _targets(backends: dict, math: dict | None, default_bundle: bool) -> list[dict]:
+    out = []
+    for name, b in backends.items():
+        if "skipped" in b:
+            continue
+        over = b["best_batch"]["certify_over_engine"]
+        out.append({"target": "certification overhead <= 5% of engine time (best batch)", "backend": name,
+                    "value": over, "met": over is not None and over <= TARGET_OVERHEAD})
+        over1 = b["batch1"]["certify_over_engine"]
+        out.append({"target": "certification overhead <= 5% of engine time (batch 1, p50)", "backend": name,
+                    "value": over1, "met": over1 is not None and over1 <= TARGET_OVERHEAD})
+        if default_bundle and not b["engine"].startswith(("torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt",
+                                                          "tensorrt")):
+            fps = b["best_batch"]["frames_per_second"]
+            out.append({"target": ">= 200 certified frames/s at the best batch (default bundle, CPU)", "backend": name,
+                        "value": fps, "met": fps >= TARGET_FPS})
+            p99 = b["batch1"]["stages_ms"]["total"]["p99"]
+            out.append({"target": "p99 < 20 ms at batch 1 (default bundle, CPU)", "backend": name, "value": p99,
+                        "met": p99 < TARGET_P99_MS})
+    if math and math.get("speedup") is not None:
+        out.append({"target": "vectorized certification >= 100x faster than the plain reference (one frame per call)",
+                    "backend": math["maps_from_backend"], "value": math["speedup"],
+                    "met": math["speedup"] >= TARGET_SPEEDUP})
+    return out
+
+
+def run_latency(bundle: Path | None = None, backends: tuple[str, ...] | list[str] = DEFAULT_BACKENDS,
+                frames: int = 200, batches: tuple[int, ...] | list[int] = DEFAULT_BATCHES, seconds: float = 2.0,
+                threat: str | None = None, threads: int | None = None, vectorized_frames: int = 300,
+                reference_frames: int = 5, data: str | None = None, limit: int | None = None,
+                data_batch: int | None = None, warmup: int = 5, progress: bool = True) -> dict:
+    """Every measurement of this module for one bundle; returns the JSON-ready result."""
+    import certinfer
+    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.engines import BACKENDS, EngineError
+
+    path = Path(certinfer.default_bundle() if bundle is None else bundle)
+    default = _is_default(path)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS[1:])}")
+    if not batches or min(batches) < 1:
+        raise ValueError("batch sizes must be positive integers, e.g. 1,8,32")
+    manifest = load_bundle(path).manifest
+    kind = manifest["defense"]["kind"]
+    info = machine_info()
+    result = {
+        "benchmark": "latency", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": info, "versions": versions(), "commit": git_commit(),
+        "bundle": {"path": str(path), "default": default, "defense": manifest["defense"],
+                   "threat": threat or manifest["threat"], "input_hw": manifest["input"]["hw"],
+                   "classes": len(manifest["input"]["classes"]), "geometry": manifest.get("geometry"),
+                   "engines": [{k: e.get(k) for k in ("file", "format", "precision", "batch", "sha256")}
+                               for e in manifest["engines"]],
+                   "commit": manifest.get("provenance", {}).get("commit")},
+        "settings": {"frames": frames, "batches": list(batches), "seconds_per_batch": seconds, "warmup": warmup,
+                     "threads": threads, "vectorized_frames": vectorized_frames, "reference_frames": reference_frames,
+                     "data": data, "limit": limit, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "note": GPU_NOTE if info["gpus"] else CPU_NOTE,
+        "backends": {}, "math_vs_reference": None, "dataset": {},
+    }
+    hw = (int(manifest["input"]["hw"][0]), int(manifest["input"]["hw"][1]))
+    split = load_split(data, hw) if data else None
+    src_frames, frames_note = _frames(hw, split, max(frames, max(batches), vectorized_frames))
+    bar = _progress(progress)
+    with bar:
+        for name in backends:
+            try:
+                certifier = load_certifier(path, name, threat, threads)
+            except (EngineError, ImportError) as e:
+                result["backends"][name] = {"skipped": " ".join(str(e).split()) or type(e).__name__}
+                continue
+            task = bar.add_task(f"{name}: batch 1", total=frames)
+            b1 = stream_latency(certifier, src_frames, frames, warmup, lambda k: bar.advance(task, k))
+            bar.remove_task(task)
+            task = bar.add_task(f"{name}: batches", total=len(batches))
+            points = []
+            for b in batches:
+                points.append(batch_throughput(certifier, src_frames, b, seconds))
+                bar.advance(task, 1)
+            bar.remove_task(task)
+            best = max(points, key=lambda p: p["frames_per_second"])
+            entry = {"engine": certifier.engine.name, "engine_max_batch": certifier.engine.max_batch,
+                     "frames": frames_note, "batch1": b1, "batches": points, "best_batch": best,
+                     "peak_rss_mib": peak_rss_mib()}
+            if split is not None:
+                def bar_for(total, name=name):
+                    t = bar.add_task(f"{name}: {data}", total=total)
+                    return lambda k: bar.advance(t, k)
+
+                entry["dataset"] = dataset_throughput(certifier, split, limit, data_batch or best["batch"], bar_for)
+                entry["peak_rss_mib"] = peak_rss_mib()
+            result["backends"][name] = entry
+            if result["math_vs_reference"] is None and kind in MATH:
+                task = bar.add_task(f"{kind} math vs reference", total=min(reference_frames, vectorized_frames))
+                result["math_vs_reference"] = MATH[kind](certifier, src_frames, vectorized_frames, reference_frames,
+                                                         lambda k: bar.advance(task, k))
+                bar.remove_task(task)
+            del certifier
+    measured = {k: v for k, v in result["backends"].items() if "skipped" not in v}
+    if not measured:
+        reasons = "; ".join(f"{k}: {v['skipped']}" for k, v in result["backends"].items())
+        raise ValueError(f"no backend could be loaded for {path}: {reasons}")
+    if kind not in MATH:
+        result["math_vs_reference"] = {"skipped": f"no plain reference for defense {kind!r} yet"}
+    result["dataset"] = {k: v["dataset"] for k, v in measured.items() if "dataset" in v}
+    result["targets"] = _targets(result["backends"], result["math_vs_reference"]
+                                 if "skipped" not in (result["math_vs_reference"] or {}) else None, default)
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"{result['bundle']['defense']['kind']} bundle {result['bundle']['path']} on {result['machine']['cpu']}"
+             f" ({result['machine']['cores']} cores" + (f", {result['machine']['gpus'][0]['name']}"
+                                                         if result["machine"]["gpus"] else "") + ")"]
+    for name, b in result["backends"].items():
+        if "skipped" in b:
+            lines.append(f"  {name:22s} skipped: {b['skipped']}")
+            continue
+        st, best = b["batch1"]["stages_ms"], b["best_batch"]
+        over1 = b["batch1"]["certify_over_engine"]
+        lines.append(f"  {b['engine']:22s} batch 1: p50 {st['total']['p50']:.3f} ms  p90 {st['total']['p90']:.3f}  "
+                     f"p99 {st['total']['p99']:.3f}  (prepare {st['prepare']['p50']:.3f} / engine "
+                     f"{st['engine']['p50']:.3f} / certify {st['certify']['p50']:.3f})"
+                     + (f"  certify/engine {over1:.1%}" if over1 is not None else ""))
+        over = best["certify_over_engine"]
+        lines.append(f"  {'':22s} best batch {best['batch']}: {best['frames_per_second']:.0f} frames/s"
+                     + (f"  certify/engine {over:.1%}" if over is not None else "")
+                     + f"  peak RSS {b['peak_rss_mib']:.0f} MiB")
+        if "dataset" in b:
+            d = b["dataset"]
+            lines.append(f"  {'':22s} {d['data']} ({d['n']} images, batch {d['batch']}): {d['images_per_second']:.0f} "
+                         f"images/s, clean {d['clean_accuracy']:.3f}, certified {d['certified_accuracy']:.3f}")
+    m = result.get("math_vs_reference")
+    if m and "skipped" not in m:
+        ms = m["ms_per_frame"]
+        lines.append(f"  math ({m['threat']}): reference {ms['reference']:.2f} ms/frame, vectorized "
+                     f"{ms['vectorized_one_frame_per_call']:.4f} ms/frame one by one ({m['speedup']:.0f}x), "
+                     f"{ms['vectorized_batched']:.4f} batched ({m['speedup_batched']:.0f}x); certificates identical "
+                     f"on {m['frames_compared']} frames")
+    for t in result.get("targets", []):
+        value = t["value"]
+        shown = "n/a" if value is None else (f"{value:.1%}" if "overhead" in t["target"] else f"{value:.1f}")
+        lines.append(f"  target {'met' if t['met'] else 'MISSED':6s} {t['target']} [{t['backend']}]: {shown}")
+    return lines
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per measured backend of each result: the table the README shows (with the machine of each row)."""
+    rows = ["| bundle | machine | backend | p50 / p99 ms (batch 1) | certify / engine (batch 1) | best batch: frames/s "
+            "| certify / engine (best) | math speed-up (1 frame / batched) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.get("math_vs_reference") or {}
+        speed = (f"{m['speedup']:.0f}x / {m['speedup_batched']:.0f}x" if m.get("speedup") else "n/a")
+        machine = r["machine"]["gpus"][0]["name"] if r["machine"]["gpus"] else f"{r['machine']['cpu']} ({r['machine']['cores']} cores)"
+        for b in r["backends"].values():
+            if "skipped" in b:
+                continue
+            st, best = b["batch1"]["stages_ms"]["total"], b["best_batch"]
+            o1, ob = b["batch1"]["certify_over_engine"], best["certify_over_engine"]
+            rows.append(f"| {Path(r['bundle']['path']).name} | {machine} | {b['engine']} | {st['p50']:.2f} / {st['p99']:.2f} "
+                        f"| {'n/a' if o1 is None else f'{o1:.0%}'} | {best['frames_per_second']:.0f} (batch {best['batch']}) "
+                        f"| {'n/a' if ob is None else f'{ob:.0%}'} | {speed} |")
+    return "\n".join(rows)
+
+
+def plot_result(result: dict, path: Path) -> Path:
+    """Latency split by stage per backend (batch 1 p50 and best batch), and vectorized vs reference (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = {k: v for k, v in result["backends"].items() if "skipped" not in v}
+    math = result.get("math_vs_reference")
+    has_math = bool(math) and "skipped" not in math
+    fig, axes = plt.subplots(1, 2 if has_math else 1, figsize=(12 if has_math else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    labels, rows = [], []
+    for name, b in measured.items():
+        st = b["batch1"]["stages_ms"]
+        labels.append(f"{b['engine']}\nbatch 1 (p50)")
+        rows.append([st[s]["p50"] for s in ("prepare", "engine", "certify")])
+        best = b["best_batch"]
+        labels.append(f"{b['engine']}\nbatch {best['batch']} (per frame)")
+        rows.append([best["per_frame_ms"][s] for s in ("prepare", "engine", "certify")])
+    rows_a = np.asarray(rows, dtype=float).reshape(-1, 3)
+    bottom = np.zeros(len(rows_a))
+    for k, (stage, color) in enumerate(zip(("prepare", "engine", "certify"), ("#8da0cb", "#66c2a5", "#fc8d62"))):
+        ax.bar(range(len(rows_a)), rows_a[:, k], bottom=bottom, label=stage, color=color)
+        bottom += rows_a[:, k]
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("ms per frame")
+    ax.set_title(f"{result['bundle']['defense']['kind']}: latency by stage")
+    ax.legend()
+    if has_math:
+        ax = axes[0, 1]
+        ms = math["ms_per_frame"]
+        names = ["reference\n(paper loops)", "vectorized\none frame per call", "vectorized\nbatched"]
+        values = [ms["reference"], ms["vectorized_one_frame_per_call"], ms["vectorized_batched"]]
+        ax.bar(range(3), values, color=["#999999", "#fc8d62", "#e78ac3"])
+        ax.set_yscale("log")
+        ax.set_xticks(range(3), names, fontsize=8)
+        ax.set_ylabel("ms per frame (log scale)")
+        ax.set_title(f"certification math, threat {math['threat']}: {math['speedup']:.0f}x / {math['speedup_batched']:.0f}x")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
+    machine = result["machine"]
+    fig.suptitle(f"{machine['cpu']}, {machine['cores']} cores" + (f", {machine['gpus'][0]['name']}"
+                                                                  if machine["gpus"] else " (no GPU)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_result(result: dict, out_dir: Path, name: str, machine: str | None = None, plot: bool = True) -> dict:
+    """Write ``<out_dir>/<name>-<machine>.json`` (and ``.png``); returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{machine or machine_slug(result['machine'])}"
+    paths = {"json": out_dir / f"{stem}.json"}
+    if plot:
+        paths["png"] = plot_result(result, out_dir / f"{stem}.png")
+    result["files"] = {k: str(v) for k, v in paths.items()}
+    paths["json"].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return paths
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use comma-separated batch sizes, e.g. 1,8,32", param_hint="--batches")
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{text!r}: batch sizes must be positive", param_hint="--batches")
+    return values
+
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command("latency")
+def latency_command(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder or .tar [default: the packaged bundle]"),
+    backend: list[str] = typer.Option(
+        [], "--backend", "-b", help="Backend to measure (repeatable) [default: every backend; unavailable ones are "
+                                    "recorded as skipped]"),
+    frames: int = typer.Option(200, min=1, help="Frames for the batch-1 streaming latency"),
+    batches: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), help="Batch sizes for throughput"),
+    seconds: float = typer.Option(2.0, min=0.0, help="Time spent per throughput batch size (at least 2 calls)"),
+    threat: Optional[str] = typer.Option(None, help="Threat spec [default: the bundle's]"),
+    threads: Optional[int] = typer.Option(None, min=1, help="Engine CPU threads (onnxruntime, torch)"),
+    vectorized_frames: int = typer.Option(300, min=1, help="Frames for timing the vectorized certification math"),
+    reference_frames: int = typer.Option(5, min=1, help="Frames for timing the plain reference (slow)"),
+    data: Optional[str] = typer.Option(None, help="Dataset split for certification throughput (and as frames), "
+                                                  "e.g. gtsrb:test, cifar10:test, folder:PATH"),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of --data"),
+    data_batch: Optional[int] = typer.Option(None, min=1, help="Batch for --data [default: the best batch]"),
+    out_dir: Path = typer.Option(Path("bench/results"), help="Folder for the JSON and the plot"),
+    name: Optional[str] = typer.Option(None, help="File name stem [default: latency-DEFENSE-BUNDLE]"),
+    machine: Optional[str] = typer.Option(None, help="Machine tag in the file name [default: GPU or CPU model]"),
+    plot: bool = typer.Option(True, help="Write the plot"),
+) -> None:
+    """Latency and throughput per backend, certification math vs the plain reference, dataset throughput."""
+    result = run_latency(bundle, tuple(backend) or DEFAULT_BACKENDS, frames, _batches(batches), seconds, threat,
+                         threads, vectorized_frames, reference_frames, data, limit, data_batch)
+    label = "default" if bundle is None else bundle.name.removesuffix(".tar")
+    paths = write_result(result, out_dir, name or f"latency-{result['bundle']['defense']['kind']}-{label}", machine,
+                         plot)
+    sys.stderr.write("\n".join(summary_lines(result)) + "\n")
+    typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))

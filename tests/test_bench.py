@@ -1,0 +1,133 @@
+"""Benchmarks: the plain BagCert reference agrees with the vectorized math; `certinfer bench latency` runs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from certinfer.bench.reference import certify_reference, condition_31_margin
+from certinfer.runtime.defenses import bagcert
+from certinfer.runtime.geometry import Geometry
+from certinfer.threat import parse, rect_key
+
+TINY = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
+CLASSES = ["a", "b", "c", "d"]
+
+
+def _random_case(rng):
+    rf, stride = int(rng.integers(1, 8)), int(rng.integers(1, 3))
+    pad = int(rng.integers(0, rf))
+    n = int(rng.integers(6, 14))
+    out = (n + 2 * pad - rf) // stride + 1
+    g = Geometry((rf, rf), (stride, stride), (pad, pad), (n, n), (out, out))
+    c = int(rng.integers(2, 6))
+    p = rng.uniform(0.05, 0.4, size=c)
+    p[0] = rng.uniform(0.5, 1.0)  # biased so some maps certify and some do not
+    return g, (rng.random((3,) + g.output_hw + (c,)) < p).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reference_equals_vectorized_certify(seed):
+    rng = np.random.default_rng(seed)
+    g, s = _random_case(rng)
+    threat = parse("1x1,2x3,area:6", input_hw=g.input_hw)
+    labels = np.zeros(len(s), np.intp)
+    uncertain = (rng.random(s.shape) < 0.05).astype(np.uint8) if seed % 2 else None
+    fast = bagcert.certify(s, labels, g, threat, uncertain=uncertain)
+    for i in range(len(s)):
+        ref = certify_reference(s[i], 0, g, threat, uncertain=None if uncertain is None else uncertain[i])
+        assert ref == fast[i]  # same flag and margin for every rectangle, and for the threat as a whole
+
+
+def test_reference_condition_31_equals_32():
+    rng = np.random.default_rng(3)
+    g, s = _random_case(rng)
+    for rect in ((1, 1), (2, 3)):
+        ref = certify_reference(s[0], 0, g, parse(f"{rect[0]}x{rect[1]}"))
+        assert ref.per_rect[rect_key(rect)].margin == condition_31_margin(s[0], 0, g, rect)
+
+
+@pytest.fixture(scope="module")
+def bagcert_bundle(tmp_path_factory) -> Path:
+    """A real (untrained, random-weight) BagCert bundle: enough for timing."""
+    torch = pytest.importorskip("torch")
+    from certinfer.export.bagcert import CodeMap
+    from certinfer.export.bundle_writer import write_bundle
+    from certinfer.export.onnx_export import export_onnx
+    from certinfer.train.bagcert import build_scorer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    scorer = build_scorer(len(CLASSES), TINY).eval()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but fast for a test model
+        warnings.simplefilter("ignore")
+        model = export_onnx(CodeMap(scorer, 0.05), (torch.zeros(2, 3, 16, 16),), ["input"], ["scores"])
+    manifest = {
+        "defense": {"kind": "bagcert", "params": {"condition": "3.2", "tolerance": 0.05}},
+        "input": {"hw": [16, 16], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": CLASSES,
+                  "resize": "bilinear"},
+        "geometry": scorer.cfg.geometry((16, 16)),
+        "threat": "3x3",
+        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model", "batch": [1, 8]}],
+        "probe": {"exact_backends": ["onnxruntime-cpu"]},
+        "provenance": {"dataset": "none", "commit": "test"},
+    }
+    return write_bundle(tmp_path_factory.mktemp("bench") / "tinybag", manifest, {"model.onnx": model})
+
+
+def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys):
+    from certinfer.cli import main
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in CLASSES[:2]:
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "latency", str(bagcert_bundle), "--backend", "onnxruntime-cpu", "--backend", "torch-cpu",
+              "--frames", "3", "--batches", "1,4,12", "--seconds", "0", "--threads", "1", "--vectorized-frames", "4",
+              "--reference-frames", "2", "--data", f"folder:{data}", "--limit", "5", "--out-dir", str(out),
+              "--machine", "testbox", "--threat", "3x3,2x2"])
+    captured = capsys.readouterr()
+    assert e.value.code == 0, captured.err
+    paths = json.loads(captured.out.strip().splitlines()[-1])
+    assert Path(paths["json"]) == out / "latency-bagcert-tinybag-testbox.json"
+    r = json.loads(Path(paths["json"]).read_text())
+    assert {"machine", "versions", "commit", "date", "bundle", "settings", "note", "backends", "math_vs_reference",
+            "dataset", "targets", "peak_rss_mib"} <= set(r)
+    assert {"cpu", "cores"} <= set(r["machine"]) and {"python", "numpy", "onnxruntime"} <= set(r["versions"])
+    assert "torch engine" in r["backends"]["torch-cpu"]["skipped"]  # the bundle has no torch entry
+    cpu = r["backends"]["onnxruntime-cpu"]
+    assert cpu["engine"] == "onnxruntime-cpu" and cpu["batch1"]["frames"] == 3
+    assert {"prepare", "engine", "certify", "total"} == set(cpu["batch1"]["stages_ms"])
+    assert {"p50", "p90", "p99"} <= set(cpu["batch1"]["stages_ms"]["certify"])
+    assert [p["batch"] for p in cpu["batches"]] == [1, 4, 12]  # 12 > the engine's max batch 8: chunked
+    assert cpu["best_batch"]["batch"] in (1, 4, 12) and cpu["peak_rss_mib"] > 0
+    assert cpu["dataset"]["n"] == 5 and r["dataset"]["onnxruntime-cpu"]["images_per_second"] > 0
+    m = r["math_vs_reference"]
+    assert m["identical_certificates"] and m["frames_compared"] == 2 and m["rects"] == ["3x3", "2x2"]
+    assert m["speedup"] > 0 and set(m["ms_per_frame"]) == {"vectorized_batched", "vectorized_one_frame_per_call",
+                                                            "reference"}
+    assert any("5%" in t["target"] for t in r["targets"])
+    assert Path(paths["png"]).stat().st_size > 1000
+    assert "math (3x3,2x2)" in captured.err
+    from certinfer.bench.latency import markdown_table
+
+    assert "| tinybag |" in markdown_table([r]).splitlines()[2]
+
+
+def test_latency_cli_rejects_unknown_backends_and_bad_batches(bagcert_bundle: Path, tmp_path: Path, capsys):
+    from certinfer.cli import main
+
+    for args, code, msg in ((["--backend", "nope"], 1, "unknown backend"), (["--batches", "0,2"], 2, "positive")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "latency", str(bagcert_bundle), "--out-dir", str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == code and msg in err and err.count("\n") == 1
