@@ -22,6 +22,8 @@ MANIFEST = "manifest.json"
 FORMATS = ("onnx", "tensorrt", "torch")  # torch: safetensors weights rebuilt by a model builder (parity only)
 RESIZE_MODES = ("bilinear",)
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_SIDE = 16384  # input and output sizes a manifest may declare (as large as a frame may be)
+MAX_THREAT_CHARS = 1024  # a manifest's threat spec; keeps parsing it bounded work
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -72,12 +74,15 @@ def check_name(name: object) -> str:
 
 def _inside(root: Path, name: str) -> Path:
     path = root / check_name(name)
-    if not path.exists():
-        raise BundleError(f"bundle {root} is missing the file {name!r}")
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise BundleError(f"{name!r} links outside the bundle {root}")
-    if not path.is_file():
-        raise BundleError(f"{name!r} in bundle {root} is not a regular file")
+    try:
+        if not path.exists():
+            raise BundleError(f"bundle {root} is missing the file {name!r}")
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise BundleError(f"{name!r} links outside the bundle {root}")
+        if not path.is_file():
+            raise BundleError(f"{name!r} in bundle {root} is not a regular file")
+    except (OSError, RuntimeError) as err:  # e.g. a name too long for the file system, a symlink loop
+        raise BundleError(f"bundle {root}: cannot use the file {name[:80]!r}: {err}") from None
     return path
 
 
@@ -101,9 +106,20 @@ def _need(d: dict, key: str, kind: type, where: str = ""):
     return v
 
 
-def _pair(v: object, where: str, low: int) -> list[int]:
+def _short(v: object, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut short (a manifest may hold anything, deeply nested)."""
+    try:
+        text = repr(v)
+    except RecursionError:
+        text = f"<deeply nested {type(v).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _pair(v: object, where: str, low: int, high: int | None = None) -> list[int]:
     if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= low for x in v)):
-        raise BundleError(f"manifest: {where} must be a pair of integers >= {low}, got {v!r}")
+        raise BundleError(f"manifest: {where} must be a pair of integers >= {low}, got {_short(v)}")
+    if high is not None and max(v) > high:
+        raise BundleError(f"manifest: {where} must be at most {high} per side, got {_short(v)}")
     return v
 
 
@@ -113,30 +129,37 @@ def _check_schema(m: object) -> None:
     if "schema" not in m:
         raise BundleError("manifest has no 'schema' version")
     if not _is_int(m["schema"]) or m["schema"] != SCHEMA:
-        raise BundleError(f"unsupported bundle schema {m['schema']!r}: this certinfer reads schema {SCHEMA}")
+        raise BundleError(f"unsupported bundle schema {_short(m['schema'])}: this certinfer reads schema {SCHEMA}")
 
 
 def _check_input(inp: dict) -> None:
-    _pair(_need(inp, "hw", list, "input"), "input.hw", 1)
+    _pair(_need(inp, "hw", list, "input"), "input.hw", 1, MAX_SIDE)
     c = _need(inp, "channels", int, "input")
     if c < 1:
         raise BundleError(f"manifest: input.channels must be >= 1, got {c}")
     for key in ("mean", "std"):
         v = _need(inp, key, list, "input")
         if len(v) != c or not all(_is_num(x) for x in v):
-            raise BundleError(f"manifest: input.{key} must be {c} numbers (one per channel), got {v!r}")
+            raise BundleError(f"manifest: input.{key} must be {c} numbers (one per channel), got {_short(v)}")
     if min(inp["std"]) <= 0:
-        raise BundleError(f"manifest: input.std must be positive, got {inp['std']!r}")
+        raise BundleError(f"manifest: input.std must be positive, got {_short(inp['std'])}")
     classes = _need(inp, "classes", list, "input")
     if not classes or not all(isinstance(x, str) for x in classes):
         raise BundleError("manifest: input.classes must be a non-empty list of class names")
     if inp.setdefault("resize", "bilinear") not in RESIZE_MODES:
-        raise BundleError(f"manifest: input.resize {inp['resize']!r} is not one of {RESIZE_MODES}")
+        raise BundleError(f"manifest: input.resize {_short(inp['resize'])} is not one of {RESIZE_MODES}")
 
 
 def _check_geometry(g: dict) -> None:
     for key, low in (("rf", 1), ("stride", 1), ("padding", 0), ("input_hw", 1), ("output_hw", 1)):
-        _pair(_need(g, key, list, "geometry"), f"geometry.{key}", low)
+        _pair(_need(g, key, list, "geometry"), f"geometry.{key}", low, MAX_SIDE)
+
+
+def _check_probe(p: dict) -> None:
+    # the runtime trusts cells near the threshold only on the backends listed here: a list of names, exactly
+    exact = p.get("exact_backends", [])
+    if not (isinstance(exact, list) and all(isinstance(b, str) for b in exact)):
+        raise BundleError(f"manifest: probe.exact_backends must be a list of backend names, got {_short(exact)}")
 
 
 def _check_engine(e: object, i: int) -> None:
@@ -148,7 +171,7 @@ def _check_engine(e: object, i: int) -> None:
     except BundleError as err:
         raise BundleError(f"manifest: {where}: {err}") from None
     if _need(e, "format", str, where) not in FORMATS:
-        raise BundleError(f"manifest: {where}.format {e['format']!r} is not one of {FORMATS}")
+        raise BundleError(f"manifest: {where}.format {_short(e['format'])} is not one of {FORMATS}")
     _need(e, "precision", str, where)
     if not _SHA256.match(_need(e, "sha256", str, where)):
         raise BundleError(f"manifest: {where}.sha256 must be 64 lowercase hex digits")
@@ -156,7 +179,7 @@ def _check_engine(e: object, i: int) -> None:
     _need(e, "role", str, where)
     lo, hi = _pair(_need(e, "batch", list, where), f"{where}.batch", 1)
     if lo > hi:
-        raise BundleError(f"manifest: {where}.batch [min, max] has min > max: {e['batch']!r}")
+        raise BundleError(f"manifest: {where}.batch [min, max] has min > max: {_short(e['batch'])}")
     if e["format"] == "tensorrt":
         _need(e, "gpu", str, where)
         _need(e, "trt_version", str, where)
@@ -171,8 +194,13 @@ def validate_manifest(m: object) -> dict:
     _check_input(_need(m, "input", dict))
     if "geometry" in m:
         _check_geometry(_need(m, "geometry", dict))
+    if "probe" in m:
+        _check_probe(_need(m, "probe", dict))
+    threat = _need(m, "threat", str)
+    if len(threat) > MAX_THREAT_CHARS:
+        raise BundleError(f"manifest: threat is longer than {MAX_THREAT_CHARS} characters")
     try:
-        parse(_need(m, "threat", str), tuple(m["input"]["hw"]))
+        parse(threat, tuple(m["input"]["hw"]))
     except ThreatError as err:
         raise BundleError(f"manifest: threat: {err}") from None
     engines = _need(m, "engines", list)
@@ -192,8 +220,9 @@ def _read_manifest(root: Path) -> dict:
         raise BundleError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from None
+    # ValueError: also bad UTF-8 and integers past Python's digit limit; RecursionError: nesting too deep
+    except (ValueError, RecursionError) as err:
+        raise BundleError(f"{path} is not valid JSON: {str(err)[:200]}") from None
 
 
 def _verify_files(root: Path, engines: list[dict]) -> None:
@@ -243,21 +272,28 @@ def _load_tar(path: Path) -> Bundle:
             else:
                 tar.extractall(tmp.name, members=members)
         return _load_folder(_bundle_root(Path(tmp.name)), tmp)
-    except (tarfile.TarError, OSError) as err:
-        tmp.cleanup()
-        raise BundleError(f"cannot unpack bundle archive {path}: {err}") from None
     except BundleError:
         tmp.cleanup()
         raise
+    except Exception as err:  # TarError, OSError, and what the decompressors raise (EOFError, zlib.error, ...)
+        tmp.cleanup()
+        raise BundleError(f"cannot unpack bundle archive {path}: {type(err).__name__}: {err}") from None
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Load and verify a bundle folder or ``.tar`` (optionally compressed) of one."""
+    """Load and verify a bundle folder or ``.tar`` (optionally compressed) of one; any failure is a BundleError."""
     path = Path(path)
-    if path.is_dir():
-        return _load_folder(path)
-    if path.is_file():
-        if not tarfile.is_tarfile(path):
-            raise BundleError(f"{path} is neither a bundle folder nor a tar archive of one")
-        return _load_tar(path)
+    try:
+        if path.is_dir():
+            return _load_folder(path)
+        if path.is_file():
+            try:
+                is_tar = tarfile.is_tarfile(path)
+            except Exception as err:  # a truncated or corrupt compressed archive (EOFError, zlib.error, ...)
+                raise BundleError(f"cannot unpack bundle archive {path}: {type(err).__name__}: {err}") from None
+            if not is_tar:
+                raise BundleError(f"{path} is neither a bundle folder nor a tar archive of one")
+            return _load_tar(path)
+    except OSError as err:  # unreadable files (permissions, I/O errors) while reading or hashing
+        raise BundleError(f"cannot read bundle {path}: {err}") from None
     raise BundleError(f"bundle {path} does not exist")

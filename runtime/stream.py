@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from certinfer.runtime.certifier import MAX_SIDE, Certifier, EngineRunError, FrameError, resize, validate_frames
+from certinfer.runtime.certifier import (MAX_PIXELS, MAX_SIDE, Certifier, EngineRunError, FrameError, resize,
+                                         validate_frames)
 from certinfer.runtime.verdict import Verdict
 
 FrameItem = tuple[str, "np.ndarray | Exception"]
@@ -74,12 +75,17 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode one image file to RGB uint8; refuses oversized images before decoding their pixels."""
+    """Decode one image file to RGB uint8; refuses oversized images before decoding their pixels.
+
+    Raises only :class:`UnreadableFrame` (whatever Pillow raises on a corrupt, truncated or unsupported file).
+    """
     try:
         with Image.open(path) as img:  # reads the header only
             w, h = img.size
             if max(w, h) > MAX_SIDE:
                 raise UnreadableFrame(f"image {w}x{h} is larger than {MAX_SIDE} pixels on a side")
+            if w * h > MAX_PIXELS:  # below Pillow's own bomb limit, which only warns
+                raise UnreadableFrame(f"image {w}x{h} has more than {MAX_PIXELS} pixels")
             img.load()  # raises on truncated or corrupt data
             return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad files
@@ -276,12 +282,29 @@ def _flush(certifier: Certifier, pending: list[_Pending], deadline_ms: float | N
         yield answer
 
 
+def _guarded(source: FrameSource) -> Iterator[FrameItem]:
+    """The source's items; if iterating it raises (a user's generator, a broken reader), one last failed item."""
+    it, n = iter(source), 0
+    while True:
+        try:
+            frame_id, item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            yield f"{source.name}#{n}", SourceError(f"{source.name} raised {type(e).__name__}: {e}")
+            return
+        n += 1
+        yield frame_id, item
+
+
 def run_stream(certifier: Certifier, source, deadline_ms: float | None = None, batch: int = 1,
                summary: StreamSummary | None = None) -> Iterator[Verdict]:
     """Certify every frame of ``source`` (anything :func:`open_source` takes), ``batch`` frames per engine call.
 
     Yields one Verdict per frame in order. A frame whose verdict is not ready ``deadline_ms`` after it was
-    read gets a fail-safe verdict instead. ``summary``, when given, is updated as the stream goes.
+    read gets a fail-safe verdict instead. A source that raises while iterated ends the stream with one more
+    fail-safe verdict (``source broke``), after the frames read before it are answered. ``summary``, when
+    given, is updated as the stream goes.
     """
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
@@ -289,7 +312,7 @@ def run_stream(certifier: Certifier, source, deadline_ms: float | None = None, b
         raise ValueError(f"deadline must be >= 0 ms, got {deadline_ms}")
     summary = summary if summary is not None else StreamSummary()
     pending: list[_Pending] = []
-    for frame_id, item in open_source(source):
+    for frame_id, item in _guarded(open_source(source)):
         summary.frames_in += 1
         pending.append(_accept(frame_id, item, time.perf_counter()))
         if len(pending) == batch:

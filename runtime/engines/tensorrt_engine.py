@@ -110,6 +110,7 @@ class TensorRTEngine(ChunkedEngine):
 
         self._cudart = cudart = _cudart()
         self._buffers: dict[str, int] = {}
+        self._device_id = device_id
         _call(cudart, cudart.cudaSetDevice(device_id))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -144,6 +145,8 @@ class TensorRTEngine(ChunkedEngine):
 
     def _run(self, batch: np.ndarray) -> Outputs:
         cudart, kind = self._cudart, self._cudart.cudaMemcpyKind
+        # the current CUDA device is per thread: a Certifier shared by camera threads calls from any of them
+        _call(cudart, cudart.cudaSetDevice(self._device_id))
         if not self._context.set_input_shape(self._input, batch.shape):
             raise EngineError(f"TensorRT rejected input shape {batch.shape}")
         _call(cudart, cudart.cudaMemcpyAsync(self._buffers[self._input], batch.ctypes.data, batch.nbytes,
