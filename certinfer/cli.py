@@ -169,14 +169,25 @@ def _manifest_lines(path: Path, m: dict) -> list[str]:
 
 
 @app.command()
-def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar")) -> None:
-    """Print a bundle's manifest and verify every file's sha256."""
+def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
+            probe: bool = typer.Option(False, "--probe", help="Re-check the receptive field on the engine itself"),
+            ) -> None:
+    """Print a bundle's manifest and verify every file's sha256 (and, with --probe, its geometry)."""
     from certinfer.runtime.bundle import load_bundle
 
     loaded = load_bundle(bundle)  # raises on any bad manifest or hash
     for line in _manifest_lines(bundle, loaded.manifest):
         typer.echo(line)
     typer.echo("verified    all engine files match their sha256")
+    if probe:
+        try:
+            probe_bundle = _import("certinfer.export.probe:probe_bundle")
+            reports = probe_bundle(bundle)
+        except ImportError as e:
+            raise CLIError(f"inspect --probe needs the onnx package: pip install 'certinfer[dev]' ({e})") from e
+        for backend, r in reports.items():
+            typer.echo(f"probe       {backend}: {r['trials']} random patches, outputs outside affected() "
+                       f"bit-identical, batch-invariant")
 
 
 def _param(values: list[str]) -> dict[str, str]:

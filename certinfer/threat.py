@@ -4,7 +4,9 @@ Specs (comma lists combine them):
   ``5x5``        one rectangle, h x w model-input pixels
   ``2.4%``       a square covering that share of the input area, side rounded up (needs the input size)
   ``area:24``    every rectangle with h * w == 24 that fits the input (BagCert Fig. 4)
-  ``rot45:5x5``  the axis-aligned bounding box of the h x w patch rotated by 45 degrees
+  ``rot45:5x5``  the axis-aligned bounding box of the h x w patch rotated by 45 degrees: the rotated
+                 patch owns the pixels whose centres fall inside it, and an interval of length
+                 (h + w) / sqrt(2) holds at most ceil((h + w) / sqrt(2)) pixel centres per axis
 
 A certificate against a threat holds against every rectangle in it at every location.
 """

@@ -20,8 +20,8 @@ import typer
 
 from certinfer.threat import parse
 from certinfer.export.bundle_writer import write_bundle
-from certinfer.export.onnx_export import export_onnx, expose_input_of
-from certinfer.export.probe import probe
+from certinfer.export.onnx_export import export_onnx
+from certinfer.export.probe import expose_input_of, probe
 from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import build_scorer
@@ -102,7 +102,8 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
         "threat": threat,
         "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
                      "batch": [1, max_batch]}],
-        "probe": {"backend": "onnxruntime-cpu", **probe_report, "exact_backends": ["onnxruntime-cpu"]},
+        "probe": {"backend": "onnxruntime-cpu", "op": "GreaterOrEqual", **probe_report,
+                  "exact_backends": ["onnxruntime-cpu"]},
         "parity": {"torch_vs_onnxruntime-cpu": parity_report},
         "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
                       | {"train_metrics": meta.get("metrics", {})},

@@ -1,4 +1,4 @@
-"""torch -> ONNX with a dynamic batch axis, and graph surgery that exposes an inner tensor for probing."""
+"""torch -> ONNX with a dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -23,17 +23,3 @@ def export_onnx(module: torch.nn.Module, examples: tuple[torch.Tensor, ...], inp
     onnx.checker.check_model(model)
     return buf.getvalue()
 
-
-def expose_input_of(onnx_bytes: bytes, op_type: str, name: str = "preactivation") -> bytes:
-    """The same graph with the first input of its (single) ``op_type`` node added as an output ``name``.
-
-    The receptive-field probe reads the real engine's pre-threshold values through this output.
-    """
-    model = onnx.load_from_string(onnx_bytes)
-    nodes = [n for n in model.graph.node if n.op_type == op_type]
-    if len(nodes) != 1:
-        raise ValueError(f"expected one {op_type} node in the graph, found {len(nodes)}")
-    inner = nodes[0].input[0]
-    model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name]))
-    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString()

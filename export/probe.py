@@ -15,6 +15,22 @@ import numpy as np
 from certinfer.runtime.geometry import Geometry
 
 
+def expose_input_of(onnx_bytes: bytes, op_type: str, name: str = "preactivation") -> bytes:
+    """The same graph with the first input of its (single) ``op_type`` node added as an output ``name``.
+
+    The probe reads the real engine's pre-threshold values through this output (needs the ``onnx`` package).
+    """
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    nodes = [n for n in model.graph.node if n.op_type == op_type]
+    if len(nodes) != 1:
+        raise ValueError(f"expected one {op_type} node in the graph, found {len(nodes)}")
+    model.graph.node.append(onnx.helper.make_node("Identity", [nodes[0].input[0]], [name]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
 class ProbeError(AssertionError):
     """The engine's outputs change outside the manifest geometry's affected ranges."""
 
@@ -67,3 +83,33 @@ def probe(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, geometry:
     return {"trials": checked, "rects": [list(r) for r in rects], "bit_exact": True,
             "batch_invariant": batch_invariance,
             "patches_that_changed_outputs": changed_inside}
+
+
+def probe_bundle(bundle_path, trials: int = 64, seed: int = 0) -> dict:
+    """Re-run the probe on a bundle's own (hash-verified) ONNX engine, on every onnxruntime provider here.
+
+    Guards against a manifest whose geometry was edited after export: the geometry is checked against the
+    engine file itself. Inputs are random normalized images; patches use the bundle threat's rectangles.
+    """
+    import onnxruntime as ort
+
+    from certinfer.runtime.bundle import load_bundle
+    from certinfer.threat import parse
+
+    bundle = load_bundle(bundle_path)
+    m = bundle.manifest
+    if "geometry" not in m or "op" not in m.get("probe", {}):
+        raise ValueError(f"{bundle_path}: this bundle has no geometry to probe")
+    geometry = Geometry.from_dict(m["geometry"])
+    model = expose_input_of(bundle.read(bundle.engines("model")[0]), m["probe"]["op"])
+    rects = sorted(set(parse(m["threat"], input_hw=geometry.input_hw).rects) | {(1, 1)})
+    x = np.random.default_rng(seed).normal(size=(8, m["input"]["channels"]) + geometry.input_hw).astype(np.float32)
+    reports = {}
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+        if provider not in ort.get_available_providers():
+            continue
+        session = ort.InferenceSession(model, providers=[provider])
+        name = "onnxruntime-" + provider.removesuffix("ExecutionProvider").lower()
+        reports[name] = probe(lambda b: session.run(["preactivation"], {"input": b})[0].transpose(0, 2, 3, 1),
+                              x, geometry, rects, trials=trials, seed=seed)
+    return reports

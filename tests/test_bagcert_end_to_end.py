@@ -16,8 +16,8 @@ from attacks import (copied_contents, count_flips, locations, pgd_contents, rand
 
 import certinfer  # noqa: E402
 from certinfer.export.bagcert import CodeMap, export_bagcert, load_scorer  # noqa: E402
-from certinfer.export.onnx_export import export_onnx, expose_input_of  # noqa: E402
-from certinfer.export.probe import ProbeError, probe  # noqa: E402
+from certinfer.export.onnx_export import export_onnx  # noqa: E402
+from certinfer.export.probe import ProbeError, expose_input_of, probe  # noqa: E402
 from certinfer.runtime.geometry import Geometry  # noqa: E402
 from certinfer.train import data as datasets  # noqa: E402
 from certinfer.train.bagcert import TrainConfig, train  # noqa: E402
@@ -173,3 +173,48 @@ def test_certify_cli_shards_merge_to_the_whole(trained, tmp_path, capsys):
     assert w["certified_accuracy"]["3.2"] <= min(per[k] for k in ("5x5", "4x6", "3x8"))
     assert w["certified_accuracy"]["3.3"] <= w["certified_accuracy"]["3.2"]
     assert (tmp_path / "whole.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_backends_not_probed_bit_exact_distrust_cells_near_the_threshold(trained, tmp_path):
+    import json
+    import shutil
+
+    strict = tmp_path / "strict"
+    shutil.copytree(trained["bundle"], strict)
+    manifest = json.loads((strict / "manifest.json").read_text())
+    manifest["probe"]["exact_backends"] = []  # as for an fp16 engine that failed the bit-exact probe
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    frames = trained["test"].x
+    trusted = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
+    careful = certinfer.load(strict, backend="onnxruntime-cpu")
+    assert trusted.trust_near and not careful.trust_near
+    code = trusted.run_engine(trusted.prepare(frames))
+    assert ((code >> 1) & 1).any(), "no cell near the threshold: the policy would be untested"
+    for a, b in zip(trusted(frames), careful(frames)):
+        assert a.label == b.label
+        assert b.certificate.per_rect["5x5"].margin <= a.certificate.per_rect["5x5"].margin
+        assert not (b.status == "certified" and a.status != "certified")
+    assert sum(v.status == "certified" for v in careful(frames)) < sum(v.status == "certified" for v in trusted(frames))
+
+
+@pytest.mark.slow
+def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    from certinfer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--probe", str(trained["bundle"])])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "probe       onnxruntime-cpu" in out
+    edited = tmp_path / "edited"
+    shutil.copytree(trained["bundle"], edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["geometry"]["rf"] = [3, 3]  # claims a smaller receptive field: certificates would be unsound
+    manifest["geometry"]["padding"] = [1, 1]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--probe", str(edited)])
+    assert e.value.code == 1 and "receptive field exceeds" in capsys.readouterr().err

@@ -96,3 +96,19 @@ def test_split_code_and_bad_inputs():
         bagcert.certify(np.zeros((4, 4)), 0, g, parse("1x1"))
     with pytest.raises(ValueError):
         bagcert.certify(np.zeros((4, 4, 2)), 0, g, parse("1x1"), condition="3.4")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_rival_pruning_keeps_margins_exact(seed):
+    rng = np.random.default_rng(seed)
+    g = Geometry((3, 3), (2, 2), (1, 1), (16, 16), (8, 8))
+    c = 12
+    p = rng.uniform(0.0, 0.6, size=c)  # close rivals, so the bound often forces the exact fallback
+    s = (rng.random((20, 8, 8, c)) < p).astype(np.int32)
+    labels = s.sum(axis=(1, 2)).argmax(axis=1)
+    rects = [(1, 1), (3, 3), (2, 5)]
+    full = bagcert.condition_32(s, labels, g, rects, rivals=c - 1)
+    for rivals in (1, 2, 4):
+        pruned = bagcert.condition_32(s, labels, g, rects, rivals=rivals)
+        for r in rects:
+            assert np.array_equal(pruned[r], full[r])

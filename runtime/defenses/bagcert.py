@@ -27,6 +27,7 @@ from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 
 CONDITIONS = ("3.2", "3.3")
+RIVALS = 4  # classes besides the label that Condition 3.2 sums exactly; the rest are bounded
 
 
 def _batched(scores: np.ndarray, label) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -50,14 +51,40 @@ def _take(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, labels.reshape((-1,) + (1,) * (x.ndim - 1)), axis=-1)[..., 0]
 
 
-def rect_margins(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rect: tuple[int, int]) -> np.ndarray:
-    """Condition 3.2 slack for one rectangle: min over locations, per sample. ``s`` is (N, H', W', C) int."""
-    rows, cols = geometry.affected_ranges(rect)
-    total = s.sum(axis=(1, 2))  # (N, C)
-    inside = sat.window_sums(sat.table(s), rows, cols)  # (N, Lr, Lc, C)
-    outside = total[:, None, None, :] - inside
-    slack = _take(outside, labels) - _others_max(outside, labels) - sat.window_sizes(rows, cols)[None]
-    return slack.min(axis=(1, 2))
+def _rival_order(total: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N, C-1): the classes other than each sample's label, most votes first."""
+    votes = total.astype(np.float64)
+    votes[np.arange(len(labels)), labels] = -np.inf
+    return np.argsort(-votes, axis=1, kind="stable")[:, :-1]
+
+
+def condition_32(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rects, rivals: int = RIVALS) -> dict:
+    """Condition 3.2 slack per rectangle (min over locations), per sample. ``s`` is (N, H', W', C) int.
+
+    Only the label and its ``rivals`` strongest classes get window sums. Any other class c keeps at most
+    S_c votes outside R(l), so its slack is at least (out_t(l) - |R(l)|) - S_c at every location; when that
+    bound is not below the rivals' exact minimum the minimum is exact, and samples where it is below are
+    redone with every class.
+    """
+    total = s.sum(axis=(1, 2))
+    order = _rival_order(total, labels)
+    k = min(rivals, order.shape[1])
+    cand = np.concatenate([labels[:, None], order[:, :k]], axis=1)
+    cand_total = np.take_along_axis(total, cand, axis=1)
+    table = sat.table(np.take_along_axis(s, cand[:, None, None, :], axis=-1))
+    margins = {}
+    for rect in rects:
+        rows, cols = geometry.affected_ranges(rect)
+        outside = cand_total[:, None, None, :] - sat.window_sums(table, rows, cols)
+        own = outside[..., 0] - sat.window_sizes(rows, cols)  # t's votes left, less the patch's gain per rival
+        m = (own - outside[..., 1:].max(axis=-1)).min(axis=(1, 2))
+        if k < order.shape[1]:
+            rest = np.take_along_axis(total, order[:, k:k + 1], axis=1)[:, 0]
+            redo = own.min(axis=(1, 2)) - rest < m
+            if redo.any():
+                m[redo] = condition_32(s[redo], labels[redo], geometry, [rect], order.shape[1])[rect]
+        margins[rect] = m
+    return margins
 
 
 def rect_margins_33(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rect: tuple[int, int]) -> np.ndarray:
@@ -83,8 +110,11 @@ def certify(scores: np.ndarray, label, geometry: Geometry, threat: Threat, condi
     s, labels, single = _batched(scores, label)
     s = _worst_case(s, uncertain, labels)
     threat = threat.bind(geometry.input_hw)
-    margin_fn = rect_margins if condition == "3.2" else rect_margins_33
-    margins = {rect_key(r): margin_fn(s, labels, geometry, r) for r in threat.rects}
+    if condition == "3.2":
+        by_rect = condition_32(s, labels, geometry, threat.rects)
+    else:
+        by_rect = {r: rect_margins_33(s, labels, geometry, r) for r in threat.rects}
+    margins = {rect_key(r): m for r, m in by_rect.items()}
     certs = [Certificate.from_rects(str(threat), {k: RectCert(bool(m[i] > 0), float(m[i])) for k, m in margins.items()})
              for i in range(s.shape[0])]
     return certs[0] if single else certs
