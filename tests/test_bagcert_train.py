@@ -52,15 +52,15 @@ def test_presets_build_and_match_their_geometry(preset):
     cfg = PRESETS[preset]
     hw = tuple(cfg.input_hw)
     model_cfg = dict(cfg.model)
-    if preset in ("paper",):  # width 768 is a GPU model: check the geometry on a narrow twin
-        model_cfg.update(widths=(8,) * 8, stem_width=8)
-    if preset.startswith("imagenet"):
+    if preset == "paper" or preset.startswith(("cifar10-rf", "imagenet")):  # GPU models: a narrow twin
         model_cfg.update(widths=(8,) * 8, stem_width=8)
     scorer = build_scorer(7, model_cfg).eval()
     with torch.no_grad():
         out = scorer(torch.zeros(1, 3, *hw))
     g = Geometry(**scorer.cfg.geometry(hw))
     assert out.shape == (1, 7) + g.output_hw
+    if preset.startswith(("cifar10-rf", "imagenet-rf")):
+        assert g.rf[0] == int(preset.rsplit("rf", 1)[1])
 
 
 def test_rf_tables_give_their_receptive_fields():

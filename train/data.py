@@ -51,6 +51,10 @@ def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def load_cifar10(part: str, root: Path) -> Split:
+    if part == "test-exact":  # the 4,593 test images whose exact pixels survive (see the data README)
+        with np.load(root / "cifar10" / "cifar10_test_exact_partial.npz", allow_pickle=False) as d:
+            return Split(d["x"], d["y"].astype(np.int64), [str(c) for c in d["classes"]], "cifar10:test-exact",
+                         note="CIFAR-10 exact pixels, 4,593 of the 10,000 test images")
     with np.load(root / "cifar10" / "cifar10_jpeg_q75.npz", allow_pickle=False) as d:
         x = _decode_jpegs(d[f"{part}_jpeg"], d[f"{part}_offsets"])
         return Split(x, d[f"y_{part}"].astype(np.int64), [str(c) for c in d["classes"]], f"cifar10:{part}",
@@ -77,12 +81,12 @@ def part_spec(dataset: str, part: str) -> str:
 
 
 def load(spec: str, data_dir: str | os.PathLike | None = None, hw: tuple[int, int] = (32, 32)) -> Split:
-    """``gtsrb:train``, ``gtsrb:test``, ``cifar10:train``, ``cifar10:test`` or ``folder:PATH`` (PATH/<class>/<image>)."""
+    """``gtsrb:train|test``, ``cifar10:train|test|test-exact`` or ``folder:PATH`` (PATH/<class>/<image>)."""
     name, _, part = spec.partition(":")
     if name == "folder":
         return load_image_folder(Path(part), hw)
-    if part not in ("train", "test"):
-        raise ValueError(f"dataset spec {spec!r}: use gtsrb:train|test, cifar10:train|test or folder:PATH")
+    if part not in ("train", "test") and spec != "cifar10:test-exact":
+        raise ValueError(f"dataset spec {spec!r}: use gtsrb:train|test, cifar10:train|test|test-exact or folder:PATH")
     loaders = {"gtsrb": load_gtsrb, "cifar10": load_cifar10}
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}: choose from {sorted(loaders)} or folder:PATH")

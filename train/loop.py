@@ -77,6 +77,18 @@ def augment(x: torch.Tensor, rng: np.random.Generator, pad: int, flips: bool) ->
     return x
 
 
+def photometric(x: torch.Tensor, rng: np.random.Generator, strength: float) -> torch.Tensor:
+    """Per-image brightness and contrast jitter in [1 - strength, 1 + strength] on a uint8 NCHW batch."""
+    if not strength:
+        return x
+    n = x.shape[0]
+    bright, contrast = (torch.from_numpy(rng.uniform(1 - strength, 1 + strength, size=(n, 1, 1, 1))).float()
+                        for _ in range(2))
+    f = x.float()
+    mean = f.mean(dim=(1, 2, 3), keepdim=True)
+    return ((f - mean) * contrast + mean * bright).clamp(0, 255).to(torch.uint8)
+
+
 def normalize(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     m = torch.tensor(mean, device=x_uint8.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x_uint8.device).view(1, -1, 1, 1)
@@ -100,14 +112,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """HEAD of the checkout being trained from (the working folder, else the package's), "-dirty" if modified."""
+    for where in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
+            if head.returncode != 0:
+                continue
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5, cwd=where).stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return "unknown"
 
 
 def seed_everything(seed: int) -> np.random.Generator:
