@@ -53,6 +53,8 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # Trains on the 2-core CPU in about an hour: the shipped default bundle.
     "gtsrb-cpu": TrainConfig(),
+    # The same scorer with lighting jitter, 20 epochs.
+    "gtsrb-cpu-jitter": TrainConfig(epochs=20, jitter=0.4),
     # RF 7 at stride 2: more context per cell, a 5x5 patch touches up to 6x6 cells (14% of the votes);
     # lighting jitter against the overfitting to GTSRB's ~1,300 physical signs.
     "gtsrb-cpu-rf7": TrainConfig(epochs=20, jitter=0.4,
