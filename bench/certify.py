@@ -62,23 +62,36 @@ def report(result: dict, out: Path | None, plot: Path | None) -> None:
         plot_result(result, Path(plot))
 
 
+def _square_side(key: str) -> int | None:
+    h, w = key.split("x")
+    return int(h) if h == w else None
+
+
 def plot_result(result: dict, path: Path) -> None:
+    """Left: certified accuracy against square patch side (BagCert Fig. 3); right: every other rectangle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, per in result["certified_accuracy_per_rect"].items():
-        keys = list(per)
-        ax.plot(range(len(keys)), [per[k] for k in keys], marker="o", label=f"certified ({name})")
-    ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", label="clean")
-    ax.set_xticks(range(len(keys)), keys, rotation=45)
-    ax.set_xlabel("patch (h x w, model-input pixels)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{result['defense']['kind']} on {result['data']}" + (" (JPEG copy)" if result.get("data_note") else ""))
-    ax.legend()
+    fig, (sq, other) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+    names = list(result["certified_accuracy_per_rect"])
+    for i, (name, per) in enumerate(result["certified_accuracy_per_rect"].items()):
+        squares = sorted((_square_side(k), v) for k, v in per.items() if _square_side(k))
+        sq.plot([s for s, _ in squares], [v for _, v in squares], marker="o", label=f"certified ({name})")
+        rest = [(k, v) for k, v in per.items() if not _square_side(k)]
+        width = 0.8 / len(names)
+        other.bar([j + i * width for j in range(len(rest))], [v for _, v in rest], width, label=f"certified ({name})")
+        other.set_xticks([j + 0.4 - width / 2 for j in range(len(rest))], [k for k, _ in rest], rotation=45)
+    for ax in (sq, other):
+        ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", label="clean")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+    sq.set_xlabel("square patch side (model-input pixels)")
+    other.set_xlabel("non-square patches (h x w)")
+    title = f"{result['defense']['kind']} on {result['data']}"
+    fig.suptitle(title + (f" ({result['data_note']})" if result.get("data_note") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
