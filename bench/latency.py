@@ -38,6 +38,8 @@ from typing import Optional
 import numpy as np
 import typer
 
+from certinfer.provenance import git_commit
+
 STAGES = ("prepare", "engine", "certify", "total")
 DEFAULT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "torch-cpu",
                     "torch-cuda", "torch-cuda-graphs")
@@ -136,21 +138,6 @@ def versions() -> dict:
         if (found := _version(dist)) is not None:
             v[dist] = found
     return v
-
-
-def git_commit(where: Path | None = None) -> str | None:
-    """HEAD of the checkout the benchmark runs from (``-dirty`` with uncommitted changes), or None."""
-    for cwd in (where or Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
-            if out.returncode != 0:
-                continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=5, cwd=cwd).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
 
 
 def peak_rss_mib() -> float:

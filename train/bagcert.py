@@ -19,8 +19,9 @@ from certinfer.runtime.defenses import bagcert as certifier
 from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.losses import bagcert_loss
-from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, git_commit, normalize, photometric,
-                                  save_checkpoint, seed_everything, setup_distributed, teardown_distributed, to_nchw)
+from certinfer.provenance import git_commit
+from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, normalize, photometric, save_checkpoint,
+                                  seed_everything, setup_distributed, teardown_distributed, to_nchw)
 from certinfer.train.models.bagcert import RegionScorer, RegionScorerConfig, heaviside, rf_kernels
 
 # RF 5 at output stride 2: a 5x5 patch touches at most 5x5 of the 16x16 cells (9.8% of the votes).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,21 +108,6 @@ def save_checkpoint(model: torch.nn.Module, meta: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), json.loads(Path(path).with_suffix(".json").read_text())
-
-
-def git_commit() -> str:
-    """HEAD of the checkout being trained from (the working folder, else the package's), "-dirty" if modified."""
-    for where in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
-            if head.returncode != 0:
-                continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=5, cwd=where).stdout.strip()
-            return head.stdout.strip() + ("-dirty" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return "unknown"
 
 
 def seed_everything(seed: int) -> np.random.Generator:
