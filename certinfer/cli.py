@@ -24,7 +24,8 @@ from typer.core import TyperGroup
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
 TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli"}
 EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli"}
-BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli"}
+BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
+                         "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
 CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert"}
 

@@ -1,4 +1,5 @@
-"""Shared patch-attack harness: every location of a rectangle, with several kinds of patch content.
+"""Shared patch-attack harness (tests and ``certinfer bench soundness``): every location of a rectangle,
+with several kinds of patch content.
 
 Contents: random noise, solid colours, pixels copied from another image, and PGD on a differentiable
 torch surrogate (transferred to the real engine). ``count_flips`` runs the engine-side decision on every
