@@ -9,6 +9,7 @@ clipped to the output. Ranges here are half-open ``[lo, hi)``; an empty range ha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -57,16 +58,24 @@ class Geometry:
         """Affected ranges for every location of ``rect`` inside the input.
 
         Returns ``((row_lo, row_hi), (col_lo, col_hi))``: the row range depends only on the patch's top row
-        (``H - h + 1`` of them), the column range only on its left column (``W - w + 1``).
+        (``H - h + 1`` of them), the column range only on its left column (``W - w + 1``). The arrays are
+        cached per geometry and rectangle (certification asks for them on every frame) and read-only.
         """
-        h, w = rect
-        if h > self.input_hw[0] or w > self.input_hw[1]:
-            raise ValueError(f"patch {h}x{w} does not fit the {self.input_hw[0]}x{self.input_hw[1]} input")
-        rows = self._axis_ranges(0, np.arange(self.input_hw[0] - h + 1), h)
-        cols = self._axis_ranges(1, np.arange(self.input_hw[1] - w + 1), w)
-        return rows, cols
+        return _affected_ranges(self, (int(rect[0]), int(rect[1])))
 
     def max_affected(self, rect: Pair) -> int:
         """The largest number of outputs one ``rect`` patch can change (R^max of BagCert)."""
         (r0, r1), (c0, c1) = self.affected_ranges(rect)
         return int((r1 - r0).max() * (c1 - c0).max())
+
+
+@lru_cache(maxsize=1024)
+def _affected_ranges(g: Geometry, rect: Pair) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    h, w = rect
+    if h > g.input_hw[0] or w > g.input_hw[1]:
+        raise ValueError(f"patch {h}x{w} does not fit the {g.input_hw[0]}x{g.input_hw[1]} input")
+    rows = g._axis_ranges(0, np.arange(g.input_hw[0] - h + 1), h)
+    cols = g._axis_ranges(1, np.arange(g.input_hw[1] - w + 1), w)
+    for a in rows + cols:
+        a.flags.writeable = False
+    return rows, cols

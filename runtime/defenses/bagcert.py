@@ -59,32 +59,35 @@ def _rival_order(total: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def condition_32(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rects, rivals: int = RIVALS) -> dict:
-    """Condition 3.2 slack per rectangle (min over locations), per sample. ``s`` is (N, H', W', C) int.
-
-    Only the label and its ``rivals`` strongest classes get window sums. Any other class c keeps at most
-    S_c votes outside R(l), so its slack is at least (out_t(l) - |R(l)|) - S_c at every location; when that
-    bound is not below the rivals' exact minimum the minimum is exact, and samples where it is below are
-    redone with every class.
-    """
+    """Condition 3.2 slack per rectangle (min over locations), per sample. ``s`` is (N, H', W', C) int."""
     total = s.sum(axis=(1, 2))
     order = _rival_order(total, labels)
-    k = min(rivals, order.shape[1])
+    return {rect: _rect_32(s, total, labels, order, geometry, rect, rivals) for rect in rects}
+
+
+def _rect_32(s: np.ndarray, total: np.ndarray, labels: np.ndarray, order: np.ndarray, geometry: Geometry,
+             rect: tuple[int, int], k: int) -> np.ndarray:
+    """Window sums for the label and its ``k`` strongest rivals only; the other classes are bounded.
+
+    A class c outside the candidates keeps at most S_c votes outside R(l), so its slack is at least
+    min_l (out_t(l) - |R(l)|) - S_c. Classes whose bound falls below the candidates' exact minimum form a
+    prefix of the rival order (most votes first); those samples are redone with that prefix included.
+    """
+    rows, cols = geometry.affected_ranges(rect)
+    k = min(k, order.shape[1])
     cand = np.concatenate([labels[:, None], order[:, :k]], axis=1)
     cand_total = np.take_along_axis(total, cand, axis=1)
     table = sat.table(np.take_along_axis(s, cand[:, None, None, :], axis=-1))
-    margins = {}
-    for rect in rects:
-        rows, cols = geometry.affected_ranges(rect)
-        outside = cand_total[:, None, None, :] - sat.window_sums(table, rows, cols)
-        own = outside[..., 0] - sat.window_sizes(rows, cols)  # t's votes left, less the patch's gain per rival
-        m = (own - outside[..., 1:].max(axis=-1)).min(axis=(1, 2))
-        if k < order.shape[1]:
-            rest = np.take_along_axis(total, order[:, k:k + 1], axis=1)[:, 0]
-            redo = own.min(axis=(1, 2)) - rest < m
-            if redo.any():
-                m[redo] = condition_32(s[redo], labels[redo], geometry, [rect], order.shape[1])[rect]
-        margins[rect] = m
-    return margins
+    outside = cand_total[:, None, None, :] - sat.window_sums(table, rows, cols)
+    own = outside[..., 0] - sat.window_sizes(rows, cols)  # t's votes left, less what the patch adds to a rival
+    m = (own - outside[..., 1:].max(axis=-1)).min(axis=(1, 2))
+    if k < order.shape[1]:
+        excluded = np.take_along_axis(total, order[:, k:], axis=1)
+        need = (own.min(axis=(1, 2))[:, None] - excluded < m[:, None]).sum(axis=1)
+        redo = need > 0
+        if redo.any():
+            m[redo] = _rect_32(s[redo], total[redo], labels[redo], order[redo], geometry, rect, k + int(need.max()))
+    return m
 
 
 def rect_margins_33(s: np.ndarray, labels: np.ndarray, geometry: Geometry, rect: tuple[int, int]) -> np.ndarray:
@@ -109,7 +112,7 @@ def certify(scores: np.ndarray, label, geometry: Geometry, threat: Threat, condi
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     s, labels, single = _batched(scores, label)
     s = _worst_case(s, uncertain, labels)
-    threat = threat.bind(geometry.input_hw)
+    threat = threat if threat.input_hw == tuple(geometry.input_hw) else threat.bind(geometry.input_hw)
     if condition == "3.2":
         by_rect = condition_32(s, labels, geometry, threat.rects)
     else:
