@@ -52,14 +52,15 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Trains on the 2-core CPU in about an hour: the shipped default bundle.
+    # RF 5 at stride 2 (the first default): trains on one CPU core in about an hour.
     "gtsrb-cpu": TrainConfig(),
     # The same scorer with lighting jitter, 20 epochs.
     "gtsrb-cpu-jitter": TrainConfig(epochs=20, jitter=0.4),
-    # RF 7 at stride 2: more context per cell, a 5x5 patch touches up to 6x6 cells (14% of the votes);
-    # lighting jitter against the overfitting to GTSRB's ~1,300 physical signs.
+    # The default bundle. RF 7 at stride 2: more context per cell, a 5x5 patch touches up to 6x6 cells
+    # (14% of the votes); lighting jitter against overfitting to GTSRB's ~1,300 physical signs.
     "gtsrb-cpu-rf7": TrainConfig(epochs=20, jitter=0.4,
-                                 model=dict(_CPU_SCORER, kernels=(3, 3, 1, 1, 1, 1, 1, 1), strides=(1, 1, 2, 1, 1, 1, 1, 1))),
+                                 model=dict(_CPU_SCORER, kernels=(3, 3, 1, 1, 1, 1, 1, 1),
+                                            strides=(1, 1, 2, 1, 1, 1, 1, 1))),
     # CIFAR-10 (our copy is JPEG-compressed): the same scorer, flips on, 10 epochs for about an hour on one core.
     "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=10, flips=True, margin=0.3, sigma=0.0),
     # The paper's CIFAR-10 setting (A.1.1): RF 7, width 768, shake-shake, 350 epochs, batch 96. A GPU job.
@@ -188,7 +189,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
         metrics = {"test": evaluate(maps, test_split.y, geometry, cfg.eval_threat),
                    "test_condition_3.3": evaluate(maps, test_split.y, geometry, cfg.eval_threat, "3.3"),
                    "history": history, "train_minutes": (time.time() - t0) / 60}
-        meta = {"defense": "bagcert", "preset": preset, "command": command, "config": cfg.to_dict(), "num_classes": len(train_split.classes),
+        meta = {"defense": "bagcert", "preset": preset, "command": command, "config": cfg.to_dict(),
+                "num_classes": len(train_split.classes),
                 "classes": train_split.classes, "mean": mean, "std": std, "input_hw": list(train_split.x.shape[1:3]),
                 "geometry": geometry.to_dict(), "dataset": {"train": train_split.name, "test": test_split.name,
                                                             "note": train_split.note, "validation": "5% of tracks"},
