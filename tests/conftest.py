@@ -75,3 +75,26 @@ def certifier(tiny_bundle: Path) -> Certifier:
     import certinfer
 
     return certinfer.load(tiny_bundle, backend="onnxruntime-cpu")
+
+
+def _png_with_size(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (a decompression bomb when large); its pixel data is a 1x1 image's."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+@pytest.fixture
+def png_with_size():
+    """Build PNG files whose header claims a given size (for decoder bomb tests)."""
+    return _png_with_size

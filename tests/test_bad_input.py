@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -123,18 +121,8 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, out, err
 
 
-def png_with_size(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
-
-
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_cli_run_answers_huge_and_odd_image_files(capsys, tiny_bundle: Path, tmp_path: Path):
+def test_cli_run_answers_huge_and_odd_image_files(capsys, tiny_bundle: Path, tmp_path: Path, png_with_size):
     src = tmp_path / "frames"
     src.mkdir()
     Image.fromarray(good(1)[0]).save(src / "a_good.png")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +27,7 @@ def jpeg_bytes(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def png_with_size(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h (a decompression bomb when large); its pixel data is a 1x1 image's."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
-
-
-def write_mixed_folder(root: Path) -> dict[str, bool]:
+def write_mixed_folder(root: Path, png_with_size) -> dict[str, bool]:
     """Real image files, bad ones in the middle; name -> whether it should be answered."""
     root.mkdir()
     Image.fromarray(rgb()).save(root / "00_rgb.png")
@@ -61,8 +48,8 @@ def write_mixed_folder(root: Path) -> dict[str, bool]:
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_folder_with_bad_files_in_the_middle(certifier, tmp_path: Path, batch: int):
-    expected = write_mixed_folder(tmp_path / "frames")
+def test_folder_with_bad_files_in_the_middle(certifier, tmp_path: Path, batch: int, png_with_size):
+    expected = write_mixed_folder(tmp_path / "frames", png_with_size)
     summary = StreamSummary()
     verdicts = list(run_stream(certifier, tmp_path / "frames", batch=batch, summary=summary))
     assert [v.frame for v in verdicts] == list(expected)  # name order, one verdict per frame
@@ -89,7 +76,7 @@ def test_decoding_converts_modes_deliberately(tmp_path: Path):
     assert out.dtype == np.uint8 and out.shape == (1, 2, 3) and out[0, 1].tolist() == [9, 9, 9]
 
 
-def test_oversized_images_are_refused_before_decoding(tmp_path: Path):
+def test_oversized_images_are_refused_before_decoding(tmp_path: Path, png_with_size):
     (tmp_path / "wide.png").write_bytes(png_with_size(17000, 10))
     with pytest.raises(UnreadableFrame, match="larger than 16384"):
         decode_image(tmp_path / "wide.png")
