@@ -9,6 +9,7 @@ from certinfer.runtime.certifier import Certifier
 # kind -> "module:Class"; modules are imported lazily so loading one defense never pulls the others.
 _KINDS: dict[str, str] = {
     "bagcert": "certinfer.runtime.defenses.bagcert:BagCertCertifier",
+    "masking": "certinfer.runtime.defenses.masking:MaskingCertifier",
 }
 _CLASSES: dict[str, type[Certifier]] = {}
 
