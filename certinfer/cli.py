@@ -22,8 +22,8 @@ import typer
 from typer.core import TyperGroup
 
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
-TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli"}
-EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli"}
+TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli"}
+EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
