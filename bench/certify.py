@@ -40,26 +40,27 @@ def run(bundle: Path, data: str, threat: str | None, backend: str, batch: int, l
     with bar:
         result = evaluate_certifier(certifier, split.x[idx], split.y[idx], batch=batch,
                                     variants=variants_for(certifier) if variants_for else None,
-                                    progress=advance, threat_keys=user_threat.keys)
+                                    progress=advance, threat_keys=user_threat.keys if extra_threat else None)
     result.update({"threat": str(user_threat), "data": data, "data_note": split.note, "shard": shard,
                    "bundle": str(bundle), "defense": certifier.manifest["defense"]})
     return result
 
 
-def report(result: dict, out: Path | None, plot: Path | None) -> None:
+def report(result: dict, out: Path | None, plot: Path | None, plotter=None) -> None:
     """Print a table to stderr, write JSON and the plot where asked."""
     lines = [f"{result['data']} ({result['n']} images{', ' + result['data_note'] if result.get('data_note') else ''})",
              f"clean accuracy      {result['clean_accuracy']:.4f}"]
     for name, acc in result["certified_accuracy"].items():
         per = "  ".join(f"{k} {v:.4f}" for k, v in result["certified_accuracy_per_rect"][name].items())
-        lines.append(f"certified [{name}] {result['threat']}: {acc:.4f}   per rect: {per}")
+        clean = result.get("clean_accuracy_per_variant", {}).get(name, result["clean_accuracy"])
+        lines.append(f"[{name}] clean {clean:.4f}  certified {acc:.4f}   per rect: {per}")
     if result.get("images_per_second"):
         lines.append(f"throughput          {result['images_per_second']:.1f} images/s on {result['backend']}")
     sys.stderr.write("\n".join(lines) + "\n")
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     if plot:
-        plot_result(result, Path(plot))
+        (plotter or plot_result)(result, Path(plot))
 
 
 def _square_side(key: str) -> int | None:
@@ -103,7 +104,7 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
     for key in ("data", "data_note", "bundle", "defense"):
         merged[key] = results[0].get(key)
     merged["shards"] = [r.get("shard") for r in results]
-    report(merged, out, plot)
+    report(merged, out, plot, plot_variants if (merged.get("defense") or {}).get("kind") == "masking" else None)
     return merged
 
 
@@ -118,3 +119,54 @@ def bagcert(bundle: Path, data: str, threat: str | None, backend: str, batch: in
     report(result, out, plot)
     return result
 
+
+
+def masking(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
+            out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+    """PatchGuard: each named variant at each threat, all from one engine pass.
+
+    The threat is part of the defense (its windows are what masking removes), so every threat is its own
+    variant ``name@threat``. Defaults: Mask-BN and CBN for local-logit bundles, Mask-DS and DRS for ablation
+    bundles, at 2x2 and 5x5. ``-p variants=mask-bn,cbn -p threats=2x2;5x5;2.4%`` choose others.
+    """
+    from certinfer.runtime.defenses.masking import VARIANTS, Aggregation
+
+    threats = (threat or params.get("threats", "2x2;5x5")).split(";")
+
+    def variants(c):
+        names = params.get("variants") or ("mask-bn,cbn" if c.source == "local-logits" else "mask-ds,drs")
+        chosen = {}
+        for name in names.split(","):
+            agg = Aggregation.from_params(VARIANTS[name])
+            for t in threats:
+                bound = parse(t, input_hw=c.input_hw)
+                chosen[f"{name}@{t}"] = lambda x, o, a=agg, b=bound: c.decide(x, o, aggregation=a, threat=b)
+        return chosen
+
+    result = run(bundle, data, None, backend, batch, limit, shard, variants)
+    result["threat"] = ";".join(threats)
+    report(result, out, plot, plot_variants)
+    return result
+
+
+def plot_variants(result: dict, path: Path) -> None:
+    """Clean and certified accuracy of every ``name@threat`` variant, grouped by threat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["certified_accuracy"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [result["clean_accuracy_per_variant"][n] for n in names], 0.4, label="clean")
+    ax.bar([x + 0.2 for x in xs], [result["certified_accuracy"][n] for n in names], 0.4, label="certified")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    title = f"{result['defense']['kind']} on {result['data']}"
+    ax.set_title(title + (f" ({result['data_note']})" if result.get("data_note") else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

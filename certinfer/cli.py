@@ -27,7 +27,7 @@ EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
-CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert"}
+CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking"}
 
 _state = {"debug": False}
 

@@ -30,7 +30,7 @@ def shard_indices(n: int, shard: str | None) -> np.ndarray:
 
 
 def _empty_counts() -> dict:
-    return {"certified": 0, "alert": 0, "per_rect": {}}
+    return {"clean": 0, "certified": 0, "alert": 0, "per_rect": {}}
 
 
 def _add(counts: dict, decisions: list[Decision], y: np.ndarray, threat_keys: tuple[str, ...] | None) -> None:
@@ -38,6 +38,7 @@ def _add(counts: dict, decisions: list[Decision], y: np.ndarray, threat_keys: tu
         correct = d.label == int(label)
         per_rect = d.certificate.per_rect
         whole = all(per_rect[k].certified for k in threat_keys) if threat_keys else d.certificate.certified
+        counts["clean"] += int(correct)
         counts["certified"] += int(correct and whole)
         counts["alert"] += int(d.status == "alert")
         for key, rc in d.certificate.per_rect.items():
@@ -50,12 +51,15 @@ def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch
                        threat_keys: tuple[str, ...] | None = None) -> dict:
     """Clean and certified accuracy on uint8 (N, H, W, 3) images ``x`` with labels ``y``.
 
+    Each variant counts its own clean accuracy (PatchGuard's variants predict differently); the top-level
+    ``clean`` is the first variant's.
+
     ``threat_keys``: the rectangles that make up "certified" for the threat as a whole (default: all of the
     certifier's); the others are still counted per rectangle.
     """
     variants = variants or {"default": certifier.decide}
     counts = {name: _empty_counts() for name in variants}
-    clean, seconds = 0, {"prepare": 0.0, "engine": 0.0, "certify": 0.0}
+    seconds = {"prepare": 0.0, "engine": 0.0, "certify": 0.0}
     for i in range(0, len(y), batch):
         t0 = time.perf_counter()
         xp = certifier.prepare(x[i:i + batch])
@@ -65,13 +69,13 @@ def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch
         for name, decide in variants.items():
             decisions = decide(xp, outputs)
             _add(counts[name], decisions, y[i:i + batch], threat_keys)
-        clean += sum(int(d.label == int(t)) for d, t in zip(decisions, y[i:i + batch]))
         seconds["prepare"] += t1 - t0
         seconds["engine"] += t2 - t1
         seconds["certify"] += time.perf_counter() - t2
         if progress:
             progress(len(xp))
-    return summarize({"n": int(len(y)), "clean": clean, "variants": counts, "seconds": seconds,
+    first = counts[next(iter(variants))]
+    return summarize({"n": int(len(y)), "clean": first["clean"], "variants": counts, "seconds": seconds,
                       "threat": str(certifier.threat), "backend": certifier.engine.name})
 
 
@@ -80,6 +84,8 @@ def summarize(result: dict) -> dict:
     n = max(result["n"], 1)
     out = dict(result)
     out["clean_accuracy"] = result["clean"] / n
+    out["clean_accuracy_per_variant"] = {name: c.get("clean", result["clean"]) / n
+                                         for name, c in result["variants"].items()}
     out["certified_accuracy"] = {name: c["certified"] / n for name, c in result["variants"].items()}
     out["certified_accuracy_per_rect"] = {name: {k: v / n for k, v in c["per_rect"].items()}
                                           for name, c in result["variants"].items()}
@@ -104,6 +110,7 @@ def merge(results: list[dict]) -> dict:
             merged["seconds"][k] = merged["seconds"].get(k, 0.0) + v
         for name, c in r["variants"].items():
             m = merged["variants"][name]
+            m["clean"] += c.get("clean", r["clean"])
             m["certified"] += c["certified"]
             m["alert"] += c["alert"]
             for key, v in c["per_rect"].items():

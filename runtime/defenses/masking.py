@@ -266,12 +266,14 @@ class MaskingCertifier(Certifier):
         out = out[0] if isinstance(out, tuple) else out
         return out.reshape(len(x), *self.geometry.output_hw, out.shape[-1])
 
-    def decide(self, x: np.ndarray, outputs, aggregation: Aggregation | None = None) -> list[Decision]:
-        agg = aggregation or self.aggregation
+    def decide(self, x: np.ndarray, outputs, aggregation: Aggregation | None = None,
+               threat: Threat | None = None) -> list[Decision]:
+        """Robust prediction and certificate; ``aggregation`` and ``threat`` override the bundle's (evaluation)."""
+        agg, threat = aggregation or self.aggregation, threat or self.threat
         u = agg.features(outputs)
-        scores = evidence(u, self.geometry, self.threat, agg.threshold)
+        scores = evidence(u, self.geometry, threat, agg.threshold)
         labels = scores.argmax(axis=-1)
-        certs = certify_features(u, labels, self.geometry, self.threat, agg)
+        certs = certify_features(u, labels, self.geometry, threat, agg)
         reason = ""
         if not self.trusted:
             reason = f"backend {self.engine.name} is not verified bit-exact for locality; not certified"
