@@ -98,3 +98,30 @@ def _png_with_size(w: int, h: int) -> bytes:
 def png_with_size():
     """Build PNG files whose header claims a given size (for decoder bomb tests)."""
     return _png_with_size
+
+
+GTSRB4 = (1, 12, 13, 38)  # speed limit 30, priority road, yield, keep right: four distinct shapes/colours
+
+
+@pytest.fixture(scope="session")
+def gtsrb4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-class GTSRB image folder (300 train / 40 test images per class) for tiny end-to-end trainings."""
+    from PIL import Image
+
+    from certinfer.train import data as datasets
+
+    try:
+        root = datasets.data_root(None)
+    except FileNotFoundError:
+        root = None
+    if root is None or not (root / "gtsrb" / "gtsrb32.npz").is_file():
+        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
+    out = tmp_path_factory.mktemp("gtsrb4")
+    for part, per_class in (("train", 300), ("test", 40)):
+        split = datasets.load(f"gtsrb:{part}", root)
+        for c in GTSRB4:
+            folder = out / part / f"{c:02d}"
+            folder.mkdir(parents=True)
+            for i, k in enumerate(np.flatnonzero(split.y == c)[:per_class]):
+                Image.fromarray(split.x[k]).save(folder / f"{i:04d}.png")
+    return out

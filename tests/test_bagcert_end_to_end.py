@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import certinfer
 from certinfer.bench.soundness import bagcert_soundness
@@ -18,43 +15,20 @@ from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import TrainConfig, train
 
-CLASSES = (1, 12, 13, 38)  # speed limit 30, priority road, yield, keep right: four distinct shapes/colours
 TINY = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
 
 
-def _gtsrb_or_skip() -> Path:
-    try:
-        root = datasets.data_root(None)
-    except FileNotFoundError:
-        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
-    if not (root / "gtsrb" / "gtsrb32.npz").is_file():
-        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
-    return root
-
-
-def _write_folder(root: Path, split: datasets.Split, per_class: int) -> None:
-    for c in CLASSES:
-        folder = root / f"{c:02d}"
-        folder.mkdir(parents=True)
-        for i, k in enumerate(np.flatnonzero(split.y == c)[:per_class]):
-            Image.fromarray(split.x[k]).save(folder / f"{i:04d}.png")
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, gtsrb4):
     torch.set_num_threads(1)
-    root = _gtsrb_or_skip()
-    data = tmp_path_factory.mktemp("gtsrb4")
-    _write_folder(data / "train", datasets.load("gtsrb:train", root), 300)
-    _write_folder(data / "test", datasets.load("gtsrb:test", root), 40)
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(dataset=f"folder:{data}", model=dict(TINY), epochs=20, batch_size=64, margin=0.4, sigma=0.0,
+    cfg = TrainConfig(dataset=f"folder:{gtsrb4}", model=dict(TINY), epochs=20, batch_size=64, margin=0.4, sigma=0.0,
                       bf16=False, warmup_epochs=0.5)
     metrics = train(cfg, out, device="cpu")
     bundle = tmp_path_factory.mktemp("bundle") / "b"
     manifest = export_bagcert(out / "model.safetensors", bundle, threat="5x5", probe_trials=32)
     return {"metrics": metrics, "checkpoint": out / "model.safetensors", "bundle": bundle, "manifest": manifest,
-            "test": datasets.load(f"folder:{data}/test")}
+            "test": datasets.load(f"folder:{gtsrb4}/test")}
 
 
 @pytest.mark.slow
