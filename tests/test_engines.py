@@ -16,8 +16,9 @@ from safetensors.torch import save as save_safetensors
 
 from certinfer.export.bundle_writer import write_bundle
 from certinfer.runtime.bundle import load_bundle
-from certinfer.runtime.engines import Engine, EngineError, load_engine, run_chunked
-from certinfer.runtime.engines.tensorrt_engine import NOT_INSTALLED, gpu_name, plan_mismatch, trt_version
+from certinfer.runtime.engines import Engine, EngineError, cache_dir, load_engine, opt_batch, run_chunked
+from certinfer.runtime.engines.onnxruntime_engine import provider_options, trt_cache_folder, trt_profile
+from certinfer.runtime.engines.tensorrt_engine import gpu_name, plan_mismatch, trt_version
 
 torch.set_num_threads(1)
 
@@ -27,6 +28,7 @@ HAS_ORT_CUDA = "CUDAExecutionProvider" in ORT_PROVIDERS
 HAS_ORT_TRT = "TensorrtExecutionProvider" in ORT_PROVIDERS
 HAS_TORCH_CUDA = torch.cuda.is_available()
 TRT = trt_version()
+TRT_SKIP = "TensorRT is not installable in this workplace (NVIDIA-hosted wheels); build/run are exercised wherever it exists"
 
 
 def has_gpu() -> bool:
@@ -211,7 +213,7 @@ def test_torch_cuda_requested_without_a_gpu(single, backend):
 
 def test_auto_passes_over_a_plan_it_cannot_use(tmp_path):
     plan = {"file": "model.plan", "format": "tensorrt", "precision": "fp16", "batch": [1, 16],
-            "gpu": "Some Other GPU", "trt_version": "10.0.0"}
+            "gpu": "Some Other GPU", "tensorrt_version": "10.0.0"}
     bundle, _ = make_bundle(tmp_path / "b", {"width": 4}, extra_engines=[plan],
                             extra_files={"model.plan": b"not a plan"})
     expected = "onnxruntime-cuda" if HAS_ORT_CUDA else "onnxruntime-cpu"
@@ -223,11 +225,42 @@ def test_auto_passes_over_a_plan_it_cannot_use(tmp_path):
 
 
 def test_plan_mismatch_names_both_targets():
-    entry = {"file": "model.plan", "gpu": "NVIDIA H100 80GB HBM3", "trt_version": "10.3.0"}
+    entry = {"file": "model.plan", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.3.0"}
     assert plan_mismatch(entry, "NVIDIA H100 80GB HBM3", "10.3.0") is None
     message = plan_mismatch(entry, "NVIDIA A100-SXM4-40GB", "10.3.0")
     assert "built for NVIDIA H100 80GB HBM3 with TensorRT 10.3.0" in message and "A100" in message
     assert "TensorRT 10.5.0" in plan_mismatch(entry, "NVIDIA H100 80GB HBM3", "10.5.0")
+
+
+def test_cache_dir_and_opt_batch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CERTINFER_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("CERTINFER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "certinfer"
+    assert (opt_batch([1, 1024]), opt_batch([1, 16]), opt_batch([8, 16], 2), opt_batch([1, 16], 4)) == (64, 16, 8, 4)
+
+
+def test_provider_options_from_the_manifest(tmp_path):
+    entry = {"file": "model.onnx", "precision": "fp32", "batch": [1, 256], "sha256": "ab" * 32}
+    assert provider_options("cpu", entry) == ["CPUExecutionProvider"]
+    assert provider_options("cuda", entry, device_id=1) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                            "CPUExecutionProvider"]
+    profile = trt_profile("x", (3, 32, 32), entry["batch"])
+    assert profile == {"trt_profile_min_shapes": "x:1x3x32x32", "trt_profile_opt_shapes": "x:64x3x32x32",
+                       "trt_profile_max_shapes": "x:256x3x32x32"}
+    assert trt_profile("x", (3, "h", "w"), entry["batch"]) == {}
+    (name, trt), cuda, cpu = provider_options("tensorrt", entry, device_id=1, cache=tmp_path, profile=profile)
+    folder = str(tmp_path / ("ab" * 8))
+    assert name == "TensorrtExecutionProvider" and cuda == ("CUDAExecutionProvider", {"device_id": 1})
+    assert trt == {"device_id": 1, "trt_fp16_enable": False, "trt_engine_cache_enable": True,
+                   "trt_engine_cache_path": folder, "trt_timing_cache_enable": True,
+                   "trt_timing_cache_path": folder, **profile}
+    half = provider_options("tensorrt", dict(entry, precision="fp16"))[0][1]
+    assert half["trt_fp16_enable"] and half["trt_engine_cache_path"] == str(trt_cache_folder(entry))
+    assert not provider_options("tensorrt", dict(entry, precision="fp16"), fp16=False)[0][1]["trt_fp16_enable"]
+    with pytest.raises(EngineError, match="unknown onnxruntime provider 'rocm'"):
+        provider_options("rocm", entry)
 
 
 def test_torch_engine_matches_torch_and_onnxruntime(single):
@@ -280,31 +313,17 @@ def test_onnxruntime_tensorrt_parity(single, tmp_path):
     np.testing.assert_allclose(engine.run(x), reference(model, x), atol=1e-3, rtol=0)
 
 
-def build_plan(onnx: bytes, batch: tuple[int, int]) -> bytes:
-    """A TensorRT plan for the test model, built with the TensorRT 10 builder API."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(onnx), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("x", (batch[0], 3, *HW), (batch[1], 3, *HW), (batch[1], 3, *HW))
-    config.add_optimization_profile(profile)
-    return bytes(builder.build_serialized_network(network, config))
-
-
-@pytest.mark.skipif(TRT is None, reason=NOT_INSTALLED)
 def test_native_tensorrt_parity_and_refusal(single, tmp_path):
+    pytest.importorskip("tensorrt", reason=TRT_SKIP)
+    from certinfer.export.tensorrt_build import build_plan, make_profile
+
     if not has_gpu():
         pytest.skip("no CUDA GPU")
     bundle, model = single
     onnx = bundle.read(bundle.engines()[0])
-    plan = build_plan(onnx, (1, 4))
+    plan, _ = build_plan(onnx, make_profile("x", (3, *HW), [1, 4]), "fp32", tmp_path / "timing.cache")
     entry = {"file": "model.plan", "format": "tensorrt", "precision": "fp32", "batch": [1, 4],
-             "gpu": gpu_name(), "trt_version": TRT}
+             "gpu": gpu_name(), "tensorrt_version": TRT}
     with_plan, _ = make_bundle(tmp_path / "b", {"width": 4}, extra_engines=[entry], extra_files={"model.plan": plan})
     for backend in ("tensorrt", "auto"):
         engine = load_engine(with_plan, backend)

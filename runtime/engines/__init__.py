@@ -9,12 +9,17 @@ itself never imports torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 Outputs = np.ndarray | tuple[np.ndarray, ...]
+
+CACHE_ENV = "CERTINFER_CACHE_DIR"
+OPT_BATCH = 64  # the batch TensorRT profiles are tuned for, clamped to the engine's range (certify's default)
 
 BACKENDS = ("auto", "onnxruntime", "ort", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
             "tensorrt", "torch", "torch-cpu", "torch-cuda", "torch-cuda-graphs")
@@ -22,6 +27,20 @@ BACKENDS = ("auto", "onnxruntime", "ort", "onnxruntime-cpu", "onnxruntime-cuda",
 
 class EngineError(RuntimeError):
     """A backend that is missing, a bundle without a matching engine, or a batch the engine cannot take."""
+
+
+def cache_dir() -> Path:
+    """certinfer's user cache folder: ``$CERTINFER_CACHE_DIR``, else ``$XDG_CACHE_HOME/certinfer``, else
+    ``~/.cache/certinfer``. TensorRT timing and calibration caches and onnxruntime's TensorRT engines live here."""
+    if root := os.environ.get(CACHE_ENV):
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "certinfer"
+
+
+def opt_batch(batch: list[int] | tuple[int, int], preferred: int | None = None) -> int:
+    """The batch a TensorRT optimization profile is tuned for: ``preferred`` (default OPT_BATCH) within [min, max]."""
+    lo, hi = batch
+    return min(max(preferred or OPT_BATCH, lo), hi)
 
 
 @runtime_checkable

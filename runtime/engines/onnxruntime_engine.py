@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
+from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs, cache_dir, opt_batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _NAMES = {v: f"onnxruntime-{k}" for k, v in PROVIDERS.items()}
@@ -16,37 +15,59 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(d
            "tensor(uint8)": np.uint8, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
-def cache_dir() -> Path:
-    """certinfer's user cache folder (``$XDG_CACHE_HOME/certinfer``, else ``~/.cache/certinfer``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "certinfer"
-
-
-def _profile(model: bytes, batch: list[int]) -> dict[str, str]:
-    """TensorRT EP profile shapes for the manifest's batch range, so it builds one engine for the whole range."""
+def input_spec(model: bytes) -> tuple[str, tuple]:
+    """The graph's single input: its name and per-sample dims (ints, or names for free dims)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reads the input
     inp = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).get_inputs()[0]
-    if not all(isinstance(d, int) for d in inp.shape[1:]):
+    return inp.name, tuple(inp.shape[1:])
+
+
+def trt_profile(input_name: str, dims: tuple, batch: list[int], opt: int | None = None) -> dict[str, str]:
+    """TensorRT EP profile shapes for the manifest's batch range, so it builds one engine for the whole range."""
+    if not all(isinstance(d, int) for d in dims):
         return {}  # free spatial dims: leave the profile to the provider
-    dims = "x".join(str(d) for d in inp.shape[1:])
+    tail = "".join(f"x{d}" for d in dims)
     lo, hi = batch
-    return {"trt_profile_min_shapes": f"{inp.name}:{lo}x{dims}", "trt_profile_opt_shapes": f"{inp.name}:{hi}x{dims}",
-            "trt_profile_max_shapes": f"{inp.name}:{hi}x{dims}"}
+    return {"trt_profile_min_shapes": f"{input_name}:{lo}{tail}",
+            "trt_profile_opt_shapes": f"{input_name}:{opt_batch(batch, opt)}{tail}",
+            "trt_profile_max_shapes": f"{input_name}:{hi}{tail}"}
 
 
-def _providers(kind: str, model: bytes, entry: dict, device_id: int, fp16: bool, cache: Path | None) -> list:
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+def trt_cache_folder(entry: dict, root: Path | None = None) -> Path:
+    """Where the TensorRT EP keeps engines and timing caches for one model: a subfolder per model hash, so a
+    changed model never meets a stale engine."""
+    return (root or cache_dir() / "ort-tensorrt") / entry["sha256"][:16]
+
+
+def provider_options(kind: str, entry: dict, device_id: int = 0, fp16: bool | None = None,
+                     cache: Path | None = None, profile: dict[str, str] | None = None) -> list:
+    """onnxruntime's ``providers`` list for a provider kind, from the manifest's engine entry (pure).
+
+    CUDA: the device. TensorRT: the device; fp16 as asked, else as the entry's precision says; engine and
+    timing caches in :func:`trt_cache_folder`; ``profile`` from :func:`trt_profile`. Every GPU kind keeps the
+    lower-priority providers behind it for the nodes it cannot run.
+    """
     if kind == "cpu":
         return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
     if kind == "cuda":
         return [cuda, "CPUExecutionProvider"]
-    # one cache subfolder per model hash: a changed model never meets a stale engine
-    folder = (cache or cache_dir() / "ort-trt") / entry["sha256"][:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    trt = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
-           "trt_engine_cache_path": str(folder), "trt_timing_cache_enable": True,
-           "trt_timing_cache_path": str(folder), **_profile(model, entry["batch"])}
+    if kind != "tensorrt":
+        raise EngineError(f"unknown onnxruntime provider {kind!r}; choose one of {', '.join(PROVIDERS)}")
+    folder = str(trt_cache_folder(entry, cache))
+    trt = {"device_id": device_id, "trt_fp16_enable": entry["precision"] == "fp16" if fp16 is None else fp16,
+           "trt_engine_cache_enable": True, "trt_engine_cache_path": folder,
+           "trt_timing_cache_enable": True, "trt_timing_cache_path": folder, **(profile or {})}
     return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+def _providers(kind: str, model: bytes, entry: dict, device_id: int, fp16: bool | None, cache: Path | None) -> list:
+    if kind != "tensorrt":
+        return provider_options(kind, entry, device_id)
+    trt_cache_folder(entry, cache).mkdir(parents=True, exist_ok=True)
+    name, dims = input_spec(model)
+    return provider_options(kind, entry, device_id, fp16, cache, trt_profile(name, dims, entry["batch"]))
 
 
 def _resolve(provider: str) -> tuple[str, bool]:
@@ -67,10 +88,11 @@ class OnnxRuntimeEngine(ChunkedEngine):
     """An onnxruntime session over the bundle's hash-checked ONNX bytes.
 
     ``provider``: ``cpu``, ``cuda``, ``tensorrt`` (each required: an error if onnxruntime falls back to another)
-    or ``best``. ``fp16`` and ``cache_dir`` apply to the TensorRT provider; ``threads`` caps intra-op threads.
+    or ``best``. ``fp16`` (default: the entry's precision) and ``cache_dir`` apply to the TensorRT provider;
+    ``threads`` caps intra-op threads.
     """
 
-    def __init__(self, bundle, entry: dict, provider: str = "best", device_id: int = 0, fp16: bool = False,
+    def __init__(self, bundle, entry: dict, provider: str = "best", device_id: int = 0, fp16: bool | None = None,
                  cache_dir: str | Path | None = None, threads: int | None = None):
         kind, strict = _resolve(provider)
         model = bundle.read(entry)  # read once, hashed as read: the session gets exactly the verified bytes

@@ -5,12 +5,14 @@ Written to the documented TensorRT 10 Python API (named I/O tensors, ``set_input
 wherever TensorRT exists. Device memory and the CUDA stream come from cuda-python (``cuda.bindings.runtime``,
 ``cuda.cudart`` before cuda-python 12.6), imported only here: the runtime never needs torch. A plan is specific
 to one GPU model and TensorRT version, so the manifest records both (``gpu``: the CUDA device name,
-``trt_version``: ``tensorrt.__version__``) and a plan built for anything else is refused.
+``tensorrt_version``: ``tensorrt.__version__``) and a plan built for anything else is refused before TensorRT
+deserializes it (:func:`plan_mismatch`). Plans are built by ``certinfer.export.tensorrt_build``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from math import prod
 
 import numpy as np
@@ -63,11 +65,26 @@ def gpu_name(device_id: int = 0) -> str:
 
 
 def plan_mismatch(entry: dict, gpu: str, version: str) -> str | None:
-    """Why a plan cannot run on this GPU and TensorRT version, or None when it can."""
-    if entry["gpu"] == gpu and entry["trt_version"] == version:
+    """Why a plan cannot run on this GPU and TensorRT version, or None when it can (pure: no TensorRT needed).
+
+    A serialized plan holds kernels chosen for one GPU model by one TensorRT release; TensorRT's own check
+    happens only inside deserialization, so certinfer decides from the manifest first and names both sides.
+    """
+    built_gpu, built_version = entry.get("gpu"), entry.get("tensorrt_version")
+    if built_gpu == gpu and built_version == version:
         return None
-    return (f"{entry['file']} was built for {entry['gpu']} with TensorRT {entry['trt_version']}, but this machine "
-            f"has {gpu} with TensorRT {version}: rebuild the plan here (certinfer export --trt)")
+    return (f"{entry.get('file', 'the plan')} was built for {built_gpu} with TensorRT {built_version}, but this "
+            f"machine has {gpu} with TensorRT {version}: rebuild the plan here (certinfer export trt BUNDLE)")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def plan_file(role: str, gpu: str | None, precision: str) -> str:
+    """The bundle file name of a plan: ``model.<gpu>.<precision>.plan`` (no GPU part while it is unknown)."""
+    return ".".join([role, *([slug(gpu)] if gpu else []), precision, "plan"])
 
 
 def select_entry(bundle, role: str = "model", device_id: int = 0) -> dict:
@@ -78,7 +95,7 @@ def select_entry(bundle, role: str = "model", device_id: int = 0) -> dict:
     gpu = gpu_name(device_id)
     entries = [e for e in bundle.engines(role) if e["format"] == "tensorrt"]
     if not entries:
-        raise EngineError(f"bundle {bundle.path} has no tensorrt engine for role {role!r} (certinfer export --trt)")
+        raise EngineError(f"bundle {bundle.path} has no tensorrt engine for role {role!r} (certinfer export trt BUNDLE)")
     reasons = [plan_mismatch(e, gpu, version) for e in entries]
     if None in reasons:
         return entries[reasons.index(None)]
