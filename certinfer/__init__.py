@@ -52,14 +52,19 @@ def sample_frames() -> Path:
 
 
 def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
-         threat: str | Threat | None = None) -> Certifier:
-    """A Certifier for ``bundle`` (None: the default bundle) against ``threat`` (None: the bundle's own)."""
+         threat: str | Threat | None = None, expect_sha256: str | None = None) -> Certifier:
+    """A Certifier for ``bundle`` (None: the default bundle) against ``threat`` (None: the bundle's own).
+
+    ``expect_sha256`` pins the exact bundle (its digest, as ``certinfer inspect`` prints it): any other bundle,
+    or this one edited and resealed, is refused with a BundleError. The manifest's own seal catches only
+    accidental edits; the pin, kept in the configuration that validated the bundle, catches deliberate ones.
+    """
     from certinfer.runtime.bundle import load_bundle
     from certinfer.runtime.defenses import certifier_class
     from certinfer.runtime.engines import load_engine
     from certinfer.threat import parse
 
-    loaded = load_bundle(Path(bundle) if bundle is not None else default_bundle())
+    loaded = load_bundle(Path(bundle) if bundle is not None else default_bundle(), expect_sha256=expect_sha256)
     cls = certifier_class(loaded.manifest["defense"]["kind"])
     spec = loaded.manifest["threat"] if threat is None else threat
     parsed = parse(spec) if isinstance(spec, str) else spec

@@ -121,12 +121,14 @@ def run(
     batch: int = typer.Option(1, min=1, help="Frames per engine call"),
     out: Optional[Path] = typer.Option(None, help="Write the JSON lines here instead of stdout"),
     annotate: Optional[Path] = typer.Option(None, help="Write each frame with its label and status to this folder"),
+    bundle_sha256: Optional[str] = typer.Option(
+        None, "--bundle-sha256", help="Refuse any bundle but the one with this digest (certinfer inspect prints it)"),
 ) -> None:
     """Certify every frame of SOURCE: one JSON verdict per line, a summary line on stderr."""
     import certinfer
     from certinfer.runtime.stream import StreamSummary, open_source, run_stream
 
-    certifier = certinfer.load(bundle, backend=backend, threat=threat)
+    certifier = certinfer.load(bundle, backend=backend, threat=threat, expect_sha256=bundle_sha256)
     frames = open_source(source if source is not None else certinfer.sample_frames())
     annotator = None
     if annotate is not None:
@@ -172,13 +174,17 @@ def _manifest_lines(path: Path, m: dict) -> list[str]:
 @app.command()
 def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
             probe: bool = typer.Option(False, "--probe", help="Re-check the receptive field on the engine itself"),
+            bundle_sha256: Optional[str] = typer.Option(
+                None, "--bundle-sha256", help="Refuse any bundle but the one with this digest"),
             ) -> None:
-    """Print a bundle's manifest and verify every file's sha256 (and, with --probe, its geometry)."""
-    from certinfer.runtime.bundle import load_bundle
+    """Print a bundle's manifest, verify its seal and every file's sha256 (and, with --probe, its geometry)."""
+    from certinfer.runtime.bundle import DIGEST_KEY, load_bundle
 
-    loaded = load_bundle(bundle)  # raises on any bad manifest or hash
+    loaded = load_bundle(bundle, expect_sha256=bundle_sha256)  # raises on any bad manifest, seal, pin or hash
     for line in _manifest_lines(bundle, loaded.manifest):
         typer.echo(line)
+    seal = "manifest sealed" if DIGEST_KEY in loaded.manifest else "manifest NOT sealed: edits go unnoticed"
+    typer.echo(f"digest      {loaded.digest} ({seal}{', matches the pin' if bundle_sha256 else ''})")
     typer.echo("verified    all engine files match their sha256")
     if probe:
         try:
@@ -214,6 +220,8 @@ def certify(
     out: Optional[Path] = typer.Option(None, help="Write the results as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="Write a plot of the results here"),
     param: list[str] = typer.Option([], "--param", "-p", help="Defense option KEY=VALUE (repeatable)"),
+    bundle_sha256: Optional[str] = typer.Option(
+        None, "--bundle-sha256", help="Refuse any bundle but the one with this digest (certinfer inspect prints it)"),
 ) -> None:
     """Certified accuracy of a bundle on a dataset against threats (or --merge shard results)."""
     if merge:
@@ -223,7 +231,7 @@ def certify(
         raise CLIError("certify needs a BUNDLE and --data (or --merge shard results)")
     from certinfer.runtime.bundle import load_bundle
 
-    kind = load_bundle(bundle).manifest["defense"]["kind"]
+    kind = load_bundle(bundle, expect_sha256=bundle_sha256).manifest["defense"]["kind"]
     if kind not in CERTIFY:
         raise CLIError(f"certify: not available yet for defense {kind!r} "
                        f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")

@@ -21,7 +21,9 @@ import typer
 from certinfer.threat import parse
 from certinfer.export.bundle_writer import write_bundle
 from certinfer.export.onnx_export import export_onnx
+from certinfer.export.parity import backend_parity, parity_problems
 from certinfer.export.probe import expose_input_of, probe
+from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import build_scorer
@@ -110,6 +112,10 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
     }
     write_bundle(out, manifest, {"model.onnx": model})
     manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    # every other backend installed here against onnxruntime CPU (GPU backends where they exist)
+    manifest["parity"]["backends"] = backend_parity(load_bundle(out), test.x[:256], source=test.name)
+    if problems := parity_problems(manifest["parity"]["backends"]):
+        raise AssertionError(f"a backend installed here breaks the certificate policy: {'; '.join(problems)}")
     write_bundle(out, manifest, {"model.onnx": model})
     return manifest
 

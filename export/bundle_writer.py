@@ -12,17 +12,20 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from certinfer.runtime.bundle import MANIFEST, SCHEMA, BundleError, check_name, sha256_file, validate_manifest
+from certinfer.runtime.bundle import (DIGEST_KEY, MANIFEST, SCHEMA, BundleError, check_name, manifest_digest,
+                                      sha256_file, validate_manifest)
 
 
 def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path | bytes]) -> Path:
     """Copy ``files`` (name -> source path or bytes) into ``out_dir`` and write ``manifest.json``.
 
-    Every engine entry gets the sha256 of its copied file; ``schema`` defaults to the current version. The
-    manifest is validated before anything is written, so a bad one leaves no half-written bundle behind.
+    Every engine entry gets the sha256 of its copied file; ``schema`` defaults to the current version; the
+    manifest is sealed with ``manifest_sha256`` (any digest given in ``manifest`` is replaced). The manifest is
+    validated before anything is written, so a bad one leaves no half-written bundle behind.
     """
     out = Path(out_dir)
     m = copy.deepcopy(manifest)
+    m.pop(DIGEST_KEY, None)
     m.setdefault("schema", SCHEMA)
     for e in m.get("engines") or []:
         if isinstance(e, dict):
@@ -42,8 +45,33 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path |
             shutil.copyfile(src, out / name)
     for e in m["engines"]:
         e["sha256"] = sha256_file(out / e["file"])  # the hash of what the bundle holds, not of the source
-    (out / MANIFEST).write_text(json.dumps(m, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    _write_manifest(out, m)
     return out
+
+
+def _write_manifest(folder: Path, m: dict) -> None:
+    m[DIGEST_KEY] = manifest_digest(m)
+    (folder / MANIFEST).write_text(json.dumps(m, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+
+
+def reseal(bundle_dir: str | Path) -> str:
+    """Seal a bundle folder's manifest as it is now (its ``manifest_sha256`` recomputed); returns the digest.
+
+    For a manifest edited on purpose, or one written before manifests were sealed: engine files are not touched
+    (their hashes are still checked at load). This is also all an attacker needs to do after an edit, which is
+    why a configuration that must run one exact bundle pins its digest (``load(..., expect_sha256=...)``).
+    """
+    folder = Path(bundle_dir)
+    path = folder / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise BundleError(f"cannot reseal {path}: {str(err)[:200]}") from None
+    if isinstance(m, dict):
+        m.pop(DIGEST_KEY, None)
+    validate_manifest(copy.deepcopy(m))  # never seal a manifest the loader would refuse anyway
+    _write_manifest(folder, m)
+    return m[DIGEST_KEY]
 
 
 def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -3,6 +3,14 @@
 Loading validates the manifest (schema 1) and checks the sha256 of every engine file before any engine is
 parsed or deserialized. Engines then read their bytes through :meth:`Bundle.read`, which hashes exactly the
 bytes it returns, so a file swapped after loading is caught too. Nothing here unpickles anything.
+
+The manifest itself is sealed: ``manifest_sha256`` is the sha256 of its canonical content (see
+:func:`manifest_digest`), and a manifest that no longer matches it is refused. Because the manifest names every
+engine file's sha256, that one digest identifies the whole bundle. A self-digest only catches accidental or
+careless edits (geometry, threat, defense parameters): whoever can edit the manifest can recompute the digest
+too. Against a deliberate edit, pin the digest outside the bundle: ``load_bundle(path, expect_sha256=...)``
+(``certinfer.load(..., expect_sha256=...)``, ``certinfer run --bundle-sha256``) refuses any other bundle.
+Schema-1 bundles written before manifests were sealed still load, with an :class:`UnsealedBundleWarning`.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import re
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +33,7 @@ RESIZE_MODES = ("bilinear",)
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIDE = 16384  # input and output sizes a manifest may declare (as large as a frame may be)
 MAX_THREAT_CHARS = 1024  # a manifest's threat spec; keeps parsing it bounded work
+DIGEST_KEY = "manifest_sha256"  # the manifest's own seal: sha256 of its canonical content without this key
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -32,10 +42,15 @@ class BundleError(ValueError):
     """A bundle that cannot be trusted or used: bad manifest, missing or altered file, unsafe archive."""
 
 
+class UnsealedBundleWarning(UserWarning):
+    """A manifest without ``manifest_sha256`` (written before manifests were sealed): edits go unnoticed."""
+
+
 @dataclass
 class Bundle:
     path: Path
     manifest: dict
+    digest: str = ""  # manifest_digest of the manifest as loaded: what a pin compares
     # a .tar bundle's unpacked copy: lives as long as the Bundle
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
 
@@ -62,6 +77,20 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no whitespace, ASCII), without ``manifest_sha256``.
+
+    The manifest lists every engine file's sha256, so this digest stands for the whole bundle: it is the
+    value to pin (``expect_sha256``). It is computed on the manifest as read, before defaults are filled in.
+    """
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise BundleError(f"manifest has no canonical JSON form: {str(err)[:200]}") from None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def check_name(name: object) -> str:
@@ -182,7 +211,7 @@ def _check_engine(e: object, i: int) -> None:
         raise BundleError(f"manifest: {where}.batch [min, max] has min > max: {_short(e['batch'])}")
     if e["format"] == "tensorrt":
         _need(e, "gpu", str, where)
-        _need(e, "tensorrt_version", str, where)
+        _need(e, "trt_version", str, where)
 
 
 def validate_manifest(m: object) -> dict:
@@ -209,6 +238,8 @@ def validate_manifest(m: object) -> dict:
     for i, e in enumerate(engines):
         _check_engine(e, i)
     _need(m, "provenance", dict)
+    if DIGEST_KEY in m and not (isinstance(m[DIGEST_KEY], str) and _SHA256.match(m[DIGEST_KEY])):
+        raise BundleError(f"manifest: {DIGEST_KEY} must be 64 lowercase hex digits")
     return m
 
 
@@ -233,10 +264,37 @@ def _verify_files(root: Path, engines: list[dict]) -> None:
                               f"file {actual[:12]}...): the file was altered or does not belong to this manifest")
 
 
-def _load_folder(root: Path, tmp: tempfile.TemporaryDirectory | None = None) -> Bundle:
-    manifest = validate_manifest(_read_manifest(root))
+def _pin(expect_sha256: str | None) -> str | None:
+    if expect_sha256 is None:
+        return None
+    pin = str(expect_sha256).strip().lower()
+    if not _SHA256.match(pin):
+        raise BundleError(f"the pinned bundle digest must be 64 hex digits, got {_short(expect_sha256)}")
+    return pin
+
+
+def _check_seal(root: Path, manifest: dict, digest: str, pin: str | None) -> None:
+    """The manifest must match its own seal, and the whole bundle the pinned digest (when one is given)."""
+    sealed = manifest.get(DIGEST_KEY)
+    if sealed is not None and sealed != digest:
+        raise BundleError(f"manifest was modified after export: its content hashes to {digest[:16]}..., but it was "
+                          f"sealed as {sealed[:16]}... (re-export the bundle; reseal it only if the edit is yours)")
+    if pin is not None and digest != pin:
+        raise BundleError(f"bundle {root} is not the pinned bundle: its digest is {digest[:16]}..., the pin "
+                          f"{pin[:16]}... (a different or modified bundle)")
+    if sealed is None and pin is None:
+        warnings.warn(f"bundle {root}: manifest is not sealed (no {DIGEST_KEY}; written before certinfer sealed "
+                      f"manifests), so edits to it cannot be detected; reseal it or pin its digest {digest}",
+                      UnsealedBundleWarning, stacklevel=4)
+
+
+def _load_folder(root: Path, tmp: tempfile.TemporaryDirectory | None = None, pin: str | None = None) -> Bundle:
+    raw = _read_manifest(root)
+    digest = manifest_digest(raw) if isinstance(raw, dict) else ""  # before validation fills in defaults
+    manifest = validate_manifest(raw)
+    _check_seal(root, manifest, digest, pin)
     _verify_files(root, manifest["engines"])
-    return Bundle(path=root, manifest=manifest, _tmp=tmp)
+    return Bundle(path=root, manifest=manifest, digest=digest, _tmp=tmp)
 
 
 def _check_member(m: tarfile.TarInfo) -> bool:
@@ -261,7 +319,7 @@ def _bundle_root(tmp: Path) -> Path:
     raise BundleError(f"bundle archive has no {MANIFEST} at its top or in a single top folder")
 
 
-def _load_tar(path: Path) -> Bundle:
+def _load_tar(path: Path, pin: str | None = None) -> Bundle:
     tmp = tempfile.TemporaryDirectory(prefix="certinfer-bundle-")  # private (0700), removed with the Bundle
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -271,7 +329,7 @@ def _load_tar(path: Path) -> Bundle:
                 tar.extractall(tmp.name, members=members, filter="data")
             else:
                 tar.extractall(tmp.name, members=members)
-        return _load_folder(_bundle_root(Path(tmp.name)), tmp)
+        return _load_folder(_bundle_root(Path(tmp.name)), tmp, pin)
     except BundleError:
         tmp.cleanup()
         raise
@@ -280,12 +338,17 @@ def _load_tar(path: Path) -> Bundle:
         raise BundleError(f"cannot unpack bundle archive {path}: {type(err).__name__}: {err}") from None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and verify a bundle folder or ``.tar`` (optionally compressed) of one; any failure is a BundleError."""
+def load_bundle(path: str | Path, expect_sha256: str | None = None) -> Bundle:
+    """Load and verify a bundle folder or ``.tar`` (optionally compressed) of one; any failure is a BundleError.
+
+    ``expect_sha256``: the bundle's digest (:func:`manifest_digest`, shown by ``certinfer inspect``) as pinned
+    by the configuration that validated it; any other bundle is refused, sealed or not.
+    """
     path = Path(path)
+    pin = _pin(expect_sha256)
     try:
         if path.is_dir():
-            return _load_folder(path)
+            return _load_folder(path, pin=pin)
         if path.is_file():
             try:
                 is_tar = tarfile.is_tarfile(path)
@@ -293,7 +356,7 @@ def load_bundle(path: str | Path) -> Bundle:
                 raise BundleError(f"cannot unpack bundle archive {path}: {type(err).__name__}: {err}") from None
             if not is_tar:
                 raise BundleError(f"{path} is neither a bundle folder nor a tar archive of one")
-            return _load_tar(path)
+            return _load_tar(path, pin)
     except OSError as err:  # unreadable files (permissions, I/O errors) while reading or hashing
         raise BundleError(f"cannot read bundle {path}: {err}") from None
     raise BundleError(f"bundle {path} does not exist")

@@ -9,6 +9,7 @@ import torch
 import certinfer
 from certinfer.bench.soundness import bagcert_soundness
 from certinfer.export.bagcert import CodeMap, export_bagcert, load_scorer
+from certinfer.export.bundle_writer import reseal
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, expose_input_of, probe
 from certinfer.runtime.geometry import Geometry
@@ -45,6 +46,9 @@ def test_export_manifest_parity_and_runtime_agree_with_torch(trained):
     assert man["parity"]["torch_vs_onnxruntime-cpu"]["binary_disagreements"] <= \
         man["parity"]["torch_vs_onnxruntime-cpu"]["cells_within_eps"]
     assert man["probe"]["bit_exact"] and man["probe"]["trials"] == 32
+    backends = man["parity"]["backends"]  # the other backends here against onnxruntime CPU, GPU ones absent
+    assert backends["reference"] == "onnxruntime-cpu" and backends["frames"] == 160
+    assert set(backends["compared"]) | set(backends["absent"]) >= {"onnxruntime-cuda", "tensorrt", "torch-cuda"}
     assert man["provenance"]["metrics"]["n"] == len(trained["test"].y)
     cert = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
     verdicts = cert(trained["test"].x[:16])
@@ -129,6 +133,7 @@ def test_backends_not_probed_bit_exact_distrust_cells_near_the_threshold(trained
     manifest = json.loads((strict / "manifest.json").read_text())
     manifest["probe"]["exact_backends"] = []  # as for an fp16 engine that failed the bit-exact probe
     (strict / "manifest.json").write_text(json.dumps(manifest))
+    reseal(strict)  # an edit made on purpose: unsealed, the bundle would be refused
     frames = trained["test"].x
     trusted = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
     careful = certinfer.load(strict, backend="onnxruntime-cpu")
@@ -159,6 +164,10 @@ def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
     manifest["geometry"]["rf"] = [3, 3]  # claims a smaller receptive field: certificates would be unsound
     manifest["geometry"]["padding"] = [1, 1]
     (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--probe", str(edited)])
+    assert e.value.code == 1 and "manifest was modified after export" in capsys.readouterr().err
+    reseal(edited)  # whoever edited it rewrote the digest too: only the probe on the engine itself can tell
     with pytest.raises(SystemExit) as e:
         main(["inspect", "--probe", str(edited)])
     assert e.value.code == 1 and "receptive field exceeds" in capsys.readouterr().err

@@ -9,14 +9,15 @@ import json
 import tarfile
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from certinfer.export.bundle_writer import pack_tar, write_bundle
-from certinfer.runtime.bundle import SCHEMA, BundleError, load_bundle
+from certinfer.export.bundle_writer import pack_tar, reseal, write_bundle
+from certinfer.runtime.bundle import SCHEMA, BundleError, UnsealedBundleWarning, load_bundle, manifest_digest
 from certinfer.runtime.engines import load_engine
 
 WEIGHT = np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1)
@@ -54,10 +55,13 @@ def bundle_dir(tmp_path: Path) -> Path:
     return write_bundle(tmp_path / "bundle", manifest(), {"model.onnx": MODEL})
 
 
-def edit_manifest(root: Path, edit) -> None:
+def edit_manifest(root: Path, edit, seal: bool = True) -> None:
+    """Edit the manifest; ``seal``: and rewrite its digest too, as a deliberate editor (or attacker) would."""
     m = json.loads((root / "manifest.json").read_text())
     edit(m)
     (root / "manifest.json").write_text(json.dumps(m))
+    if seal:
+        reseal(root)
 
 
 def test_write_and_load_roundtrip(bundle_dir: Path):
@@ -107,7 +111,7 @@ def test_missing_engine_file_is_refused(bundle_dir: Path):
 
 @pytest.mark.parametrize("schema", [2, 0, "1", None, True])
 def test_unknown_schema_is_refused(bundle_dir: Path, schema):
-    edit_manifest(bundle_dir, lambda m: m.update(schema=schema))
+    edit_manifest(bundle_dir, lambda m: m.update(schema=schema), seal=False)
     with pytest.raises(BundleError, match="unsupported bundle schema"):
         load_bundle(bundle_dir)
 
@@ -117,6 +121,85 @@ def test_swap_after_load_is_caught_on_read(bundle_dir: Path):
     (bundle_dir / "model.onnx").write_bytes(MODEL + b"\0")
     with pytest.raises(BundleError, match="changed since"):
         b.read(b.engines()[0])
+
+
+# --- manifest seal and pin ---------------------------------------------------------------------------
+
+def test_written_manifest_is_sealed(tmp_path: Path, bundle_dir: Path):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m["manifest_sha256"] == manifest_digest(m) == load_bundle(bundle_dir).digest
+    bogus = write_bundle(tmp_path / "b2", {**manifest(), "manifest_sha256": "0" * 64}, {"model.onnx": MODEL})
+    assert load_bundle(bogus).digest == load_bundle(bundle_dir).digest  # a given digest is replaced
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["geometry"].update(rf=[1, 1], padding=[0, 0], stride=[2, 2], output_hw=[2, 2]),
+    lambda m: m.update(threat="1x1"),
+    lambda m: m["defense"]["params"].update(threshold=0.5),
+    lambda m: m["input"].update(mean=[0.0, 0.0, 0.0]),
+    lambda m: m.update(probe={"exact_backends": ["onnxruntime-cuda"]}),
+    lambda m: m["engines"][0].update(sha256=hashlib.sha256(b"other").hexdigest()),
+    lambda m: m["provenance"].update(commit="someone else's"),
+], ids=["geometry", "threat", "defense-params", "input", "exact-backends", "engine-hash", "provenance"])
+def test_unsealed_manifest_edit_is_refused(bundle_dir: Path, edit):
+    edit_manifest(bundle_dir, edit, seal=False)
+    with pytest.raises(BundleError, match="manifest was modified after export"):
+        load_bundle(bundle_dir)
+
+
+def test_seal_ignores_formatting_and_key_order(bundle_dir: Path):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    (bundle_dir / "manifest.json").write_text(json.dumps(dict(reversed(list(m.items())))))  # one line, other order
+    assert load_bundle(bundle_dir).digest == m["manifest_sha256"]
+
+
+def test_pin_refuses_a_resealed_edit_and_any_other_bundle(tmp_path: Path, bundle_dir: Path):
+    pin = load_bundle(bundle_dir).digest
+    assert load_bundle(bundle_dir, expect_sha256=f" {pin.upper()}\n").digest == pin
+    edit_manifest(bundle_dir, lambda m: m.update(threat="1x1"))  # a smaller threat, digest rewritten too
+    assert load_bundle(bundle_dir).digest != pin  # resealed: the seal alone cannot tell
+    with pytest.raises(BundleError, match="is not the pinned bundle"):
+        load_bundle(bundle_dir, expect_sha256=pin)
+    other = write_bundle(tmp_path / "other", {**manifest(), "threat": "2x1"}, {"model.onnx": MODEL})
+    with pytest.raises(BundleError, match="is not the pinned bundle"):
+        load_bundle(other, expect_sha256=pin)
+
+
+@pytest.mark.parametrize("pin", ["abc", "g" * 64, "0" * 63, ""])
+def test_pin_must_be_a_sha256(bundle_dir: Path, pin: str):
+    with pytest.raises(BundleError, match="must be 64 hex digits"):
+        load_bundle(bundle_dir, expect_sha256=pin)
+
+
+def test_pin_applies_to_tar_bundles(tmp_path: Path, bundle_dir: Path):
+    pin = load_bundle(bundle_dir).digest
+    tar = pack_tar(bundle_dir, tmp_path / "b.tar.gz")
+    before = leftover_temp_dirs()
+    assert load_bundle(tar, expect_sha256=pin).digest == pin
+    with pytest.raises(BundleError, match="is not the pinned bundle"):
+        load_bundle(tar, expect_sha256="0" * 64)
+    gc.collect()
+    assert leftover_temp_dirs() == before
+
+
+def test_unsealed_schema_1_manifest_loads_with_a_warning(bundle_dir: Path):
+    edit_manifest(bundle_dir, lambda m: m.pop("manifest_sha256"), seal=False)  # as written before sealing
+    with pytest.warns(UnsealedBundleWarning, match="not sealed.*pin its digest"):
+        digest = load_bundle(bundle_dir).digest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_bundle(bundle_dir, expect_sha256=digest).digest == digest  # a pin covers it: no warning
+        assert reseal(bundle_dir) == digest  # sealing adds the digest and changes nothing else
+        assert load_bundle(bundle_dir).manifest["manifest_sha256"] == digest
+
+
+def test_malformed_seal_is_refused_and_reseal_checks_the_manifest(bundle_dir: Path):
+    edit_manifest(bundle_dir, lambda m: m.update(manifest_sha256="not a digest"), seal=False)
+    with pytest.raises(BundleError, match="manifest_sha256 must be 64 lowercase hex digits"):
+        load_bundle(bundle_dir)
+    edit_manifest(bundle_dir, lambda m: m.pop("defense"), seal=False)
+    with pytest.raises(BundleError, match="missing 'defense'"):
+        reseal(bundle_dir)
 
 
 BAD = [
@@ -154,7 +237,7 @@ def test_invalid_manifest_is_refused_before_writing(tmp_path: Path, edit, messag
 
 @pytest.mark.parametrize("edit, message", BAD[:3] + BAD[-4:-1])
 def test_invalid_manifest_is_refused_on_load(bundle_dir: Path, edit, message):
-    edit_manifest(bundle_dir, edit)
+    edit_manifest(bundle_dir, edit, seal=False)
     with pytest.raises(BundleError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_bundle(bundle_dir)
 

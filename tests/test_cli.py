@@ -64,6 +64,40 @@ def test_tampered_bundle_is_one_line_error(tiny_bundle: Path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("certinfer: error: model.onnx: sha256 mismatch")
 
 
+def test_pinned_bundle_runs_and_any_other_is_refused(capsys, tiny_bundle: Path, tmp_path: Path):
+    import certinfer
+    from certinfer.export.bundle_writer import reseal
+    from certinfer.runtime.bundle import BundleError
+
+    code, out, err = cli(capsys, "inspect", str(tiny_bundle))
+    digest = next(line.split()[1] for line in out.splitlines() if line.startswith("digest "))
+    assert code == 0 and f"digest      {digest} (manifest sealed)" in out
+    src = frames_folder(tmp_path / "frames", n=1)
+    code, out, err = cli(capsys, "run", str(src), "-b", str(tiny_bundle), "--bundle-sha256", digest)
+    assert code == 0 and len(out.splitlines()) == 2
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    manifest["threat"] = "1x1"  # edited and resealed: the bundle's own seal cannot tell, the pin can
+    (tiny_bundle / "manifest.json").write_text(json.dumps(manifest))
+    reseal(tiny_bundle)
+    for command in (["run", str(src), "-b"], ["inspect"]):
+        code, out, err = cli(capsys, *command, str(tiny_bundle), "--bundle-sha256", digest)
+        assert code == 1 and out == "" and err.count("\n") == 1 and "is not the pinned bundle" in err
+    with pytest.raises(BundleError, match="is not the pinned bundle"):
+        certinfer.load(tiny_bundle, expect_sha256=digest)
+
+
+def test_default_bundle_is_sealed():
+    import warnings
+
+    import certinfer
+    from certinfer.runtime.bundle import load_bundle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UnsealedBundleWarning
+        bundle = load_bundle(certinfer.default_bundle())
+    assert bundle.manifest["manifest_sha256"] == bundle.digest
+
+
 def test_missing_bundle_is_one_line_error(tmp_path: Path):
     result = installed("run", str(tmp_path), "--bundle", str(tmp_path / "nope"))
     assert result.returncode == 1

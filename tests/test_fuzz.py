@@ -22,12 +22,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from certinfer.runtime.bundle import BundleError, load_bundle, validate_manifest
+from certinfer.runtime.bundle import BundleError, load_bundle, manifest_digest, validate_manifest
 from certinfer.runtime.certifier import MAX_PIXELS, MAX_SIDE, FrameError, validate_frames
 from certinfer.runtime.stream import UnreadableFrame, decode_image
 
-# Pillow warns when it opens a header above its own limit; certinfer refuses those sizes right after
-pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+# Pillow warns when it opens a header above its own limit; certinfer refuses those sizes right after.
+# Most fuzzed manifests are unsealed: a seal would refuse every mutation that passes validation, so the loads
+# that should succeed (and the checks after the seal) would go unexercised.
+pytestmark = [pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+              pytest.mark.filterwarnings("ignore::certinfer.runtime.bundle.UnsealedBundleWarning")]
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 MODEL = b"not parsed: load_bundle only hashes engine files"
 
@@ -133,6 +136,25 @@ def test_fuzz_mutated_manifests_load_or_raise_bundle_error(bundle_dir: Path, m):
     except BundleError:
         pass
     _load_or_bundle_error(bundle_dir, json.dumps(m).encode())
+
+
+@FUZZ
+@given(m=mutated_manifests())
+def test_fuzz_a_sealed_manifest_loads_only_unchanged(bundle_dir: Path, m):
+    sealed = {**VALID, "manifest_sha256": manifest_digest(VALID)}
+    if isinstance(m, dict):
+        m = {**m, "manifest_sha256": sealed["manifest_sha256"]}
+    try:
+        load_bundle_with(bundle_dir, json.dumps(m).encode())
+    except BundleError as e:
+        assert str(e)
+    else:
+        assert manifest_digest(m) == sealed["manifest_sha256"], "an edited sealed manifest loaded"
+
+
+def load_bundle_with(root: Path, data: bytes):
+    (root / "manifest.json").write_bytes(data)
+    return load_bundle(root)
 
 
 @FUZZ
