@@ -23,7 +23,9 @@ from typer.core import TyperGroup
 
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
 TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli"}
-EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli"}
+EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
+                          # any defense's bundle: a TensorRT plan, and backend parity against onnxruntime CPU
+                          "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
@@ -79,7 +81,8 @@ app = typer.Typer(name="certinfer", add_completion=False, no_args_is_help=True, 
                   help="Certified patch defenses: certify every frame, train, export, benchmark.")
 train_app = typer.Typer(cls=_plugin_group(TRAIN), no_args_is_help=True, help="Train a defense: certinfer train DEFENSE ...")
 export_app = typer.Typer(cls=_plugin_group(EXPORT), no_args_is_help=True,
-                         help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...")
+                         help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...; "
+                              "add a TensorRT plan to any bundle: certinfer export trt BUNDLE")
 bench_app = typer.Typer(cls=_plugin_group(BENCH, "benchmark"), no_args_is_help=True, help="Latency and accuracy benchmarks.")
 app.add_typer(train_app, name="train")
 app.add_typer(export_app, name="export")

@@ -211,7 +211,7 @@ def _check_engine(e: object, i: int) -> None:
         raise BundleError(f"manifest: {where}.batch [min, max] has min > max: {_short(e['batch'])}")
     if e["format"] == "tensorrt":
         _need(e, "gpu", str, where)
-        _need(e, "trt_version", str, where)
+        _need(e, "tensorrt_version", str, where)
 
 
 def validate_manifest(m: object) -> dict:
