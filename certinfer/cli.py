@@ -176,7 +176,8 @@ def _manifest_lines(path: Path, m: dict) -> list[str]:
 
 @app.command()
 def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
-            probe: bool = typer.Option(False, "--probe", help="Re-check the receptive field on the engine itself"),
+            probe: bool = typer.Option(False, "--probe", help="Re-check the receptive field on every backend here"),
+            trials: int = typer.Option(64, min=1, help="Random patches per backend and check, with --probe"),
             bundle_sha256: Optional[str] = typer.Option(
                 None, "--bundle-sha256", help="Refuse any bundle but the one with this digest"),
             ) -> None:
@@ -190,14 +191,31 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
     typer.echo(f"digest      {loaded.digest} ({seal}{', matches the pin' if bundle_sha256 else ''})")
     typer.echo("verified    all engine files match their sha256")
     if probe:
-        try:
-            probe_bundle = _import("certinfer.export.probe:probe_bundle")
-            reports = probe_bundle(bundle)
-        except ImportError as e:
-            raise CLIError(f"inspect --probe needs the onnx package: pip install 'certinfer[dev]' ({e})") from e
-        for backend, r in reports.items():
-            typer.echo(f"probe       {backend}: {r['trials']} random patches, outputs outside affected() "
-                       f"bit-identical, batch-invariant")
+        _inspect_probe(loaded, trials)
+
+
+def _probe_line(backend: str, r: dict) -> str:
+    if r["status"] == "skipped":
+        return f"probe       {backend}: skipped ({r['reason']})"
+    if r["status"] == "failed":
+        return f"probe       {backend}: FAILED: {r['error']}"
+    checks = ", ".join(f"{name}{' (' + c['op'] + ' input)' if 'op' in c else ''}: {c['trials']} random patches"
+                       if "trials" in c else f"{name} skipped: {c['skipped']}" for name, c in r["checks"].items())
+    note = "" if r["listed_exact"] else "; not in probe.exact_backends: the runtime still treats it as unverified"
+    return f"probe       {backend}: passed ({checks}): outside affected() bit-identical, batch-invariant{note}"
+
+
+def _inspect_probe(loaded, trials: int) -> None:
+    """The receptive-field probe on every backend that can run the bundle here; exit 1 if any fails or none ran."""
+    reports = _import("certinfer.export.probe:probe_bundle")(loaded, trials=trials)
+    for backend, r in reports.items():
+        typer.echo(_probe_line(backend, r))
+    failed = {b: r["error"] for b, r in reports.items() if r["status"] == "failed"}
+    if failed:
+        raise CLIError("receptive-field probe failed on " + "; ".join(f"{b}: {e}" for b, e in failed.items()))
+    if not any(r["status"] == "passed" for r in reports.values()):
+        raise CLIError("receptive-field probe could not run on any backend here: "
+                       + "; ".join(f"{b}: {r['reason']}" for b, r in reports.items()))
 
 
 def _param(values: list[str]) -> dict[str, str]:

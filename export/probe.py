@@ -1,17 +1,23 @@
 """Receptive-field probe: perturb random patches of the real engine and check locality bit for bit.
 
 A certificate over ``Geometry.affected`` is only as good as the claim that a patch changes nothing
-else. The probe runs the engine's pre-threshold output (N, H', W', C) on an image and on copies with
-a random patch, and requires every output outside ``affected()`` to be bit-identical. It also checks
-that a frame's outputs do not depend on the batch it ran in (an attacker's frame may run alone).
+else, on the backend that computes it. The probe runs the engine's output (N, H', W', C) (pre-threshold
+where it can) on an image and on copies with a random patch, and requires every output outside
+``affected()`` to be bit-identical. It also checks that a frame's outputs do not depend on the batch it
+ran in (an attacker's frame may run alone). :func:`probe_bundle` runs it on every backend here that can
+run a bundle's engine.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from certinfer.runtime.bundle import Bundle, load_bundle
+from certinfer.runtime.engines import EngineError, load_engine
 from certinfer.runtime.geometry import Geometry
 
 
@@ -85,31 +91,88 @@ def probe(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, geometry:
             "patches_that_changed_outputs": changed_inside}
 
 
-def probe_bundle(bundle_path, trials: int = 64, seed: int = 0) -> dict:
-    """Re-run the probe on a bundle's own (hash-verified) ONNX engine, on every onnxruntime provider here.
+ONNX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt")
+TORCH_BACKENDS = ("torch-cpu", "torch-cuda", "torch-cuda-graphs")
 
-    Guards against a manifest whose geometry was edited after export: the geometry is checked against the
-    engine file itself. Inputs are random normalized images; patches use the bundle threat's rectangles.
-    """
+
+def candidate_backends(bundle: Bundle) -> list[str]:
+    """Every backend that could run one of the bundle's model engines (whether installed here or not)."""
+    formats = {e["format"] for e in bundle.engines("model")}
+    return [*(ONNX_BACKENDS if "onnx" in formats else ()), *(("tensorrt",) if "tensorrt" in formats else ()),
+            *(TORCH_BACKENDS if "torch" in formats else ())]
+
+
+def _preactivation_run(bundle: Bundle, backend: str, op: str, cache: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The ONNX engine with ``op``'s NCHW input exposed, on ``backend``'s provider: NCHW -> (N, H', W', C)."""
     import onnxruntime as ort
 
-    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.engines import engine_entry
+    from certinfer.runtime.engines.onnxruntime_engine import PROVIDERS, _providers
+
+    kind = backend.removeprefix("onnxruntime-")
+    entry = engine_entry(bundle, "onnx")
+    model = expose_input_of(bundle.read(entry), op)
+    # a cache folder of its own: the TensorRT provider builds an engine for this modified graph
+    fp16 = entry["precision"] == "fp16"  # as the runtime's engine would run it
+    session = ort.InferenceSession(model, providers=_providers(kind, model, entry, 0, fp16, cache))
+    if session.get_providers()[0] != PROVIDERS[kind]:
+        raise EngineError(f"the probe graph fell back from {PROVIDERS[kind]} to {session.get_providers()[0]}")
+    name = session.get_inputs()[0].name
+    return lambda b: session.run(["preactivation"], {name: b})[0].transpose(0, 2, 3, 1)
+
+
+def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, geometry: Geometry, rects: list[tuple[int, int]],
+                   trials: int, seed: int, builder: Callable | None, cache: Path) -> dict:
+    """One backend's report: skipped (it cannot run here), passed or failed (with the first error)."""
+    from certinfer.runtime.defenses import certifier_class
     from certinfer.threat import parse
 
-    bundle = load_bundle(bundle_path)
+    options = {"builder": builder} if builder is not None and backend.startswith("torch") else {}
+    try:
+        engine = load_engine(bundle, backend, **options)
+    except EngineError as err:
+        return {"status": "skipped", "reason": str(err)}
     m = bundle.manifest
-    if "geometry" not in m or "op" not in m.get("probe", {}):
-        raise ValueError(f"{bundle_path}: this bundle has no geometry to probe")
+    report: dict = {"status": "passed", "checks": {},
+                    "listed_exact": engine.name in m.get("probe", {}).get("exact_backends", [])}
+    try:
+        certifier = certifier_class(m["defense"]["kind"])(bundle, engine, parse(m["threat"]))
+        report["checks"]["outputs"] = probe(certifier.run_engine, x, geometry, rects, trials=trials, seed=seed)
+        op = m.get("probe", {}).get("op")
+        if op and backend in ONNX_BACKENDS:
+            try:  # an extra view where the graph allows it (needs the onnx package to edit the graph)
+                run = _preactivation_run(bundle, backend, op, cache)
+            except Exception as err:
+                report["checks"]["preactivation"] = {"skipped": f"{type(err).__name__}: {err}"}
+            else:
+                report["checks"]["preactivation"] = {"op": op, **probe(run, x, geometry, rects, trials, seed=seed)}
+    except Exception as err:  # ProbeError, or the engine failing while probed: either way not verified
+        return {**report, "status": "failed", "error": str(err) if isinstance(err, ProbeError)
+                else f"{type(err).__name__}: {err}"}
+    return report
+
+
+def probe_bundle(bundle: str | Path | Bundle, trials: int = 64, seed: int = 0, backends: list[str] | None = None,
+                 builder: Callable | None = None) -> dict[str, dict]:
+    """Re-run the probe on a bundle's own (hash-verified) engines, on every backend here that can run one.
+
+    Guards against a manifest whose geometry was edited after export, and against a backend whose kernels mix
+    pixels the geometry says they must not. ``backends``: default :func:`candidate_backends`; each gets a report
+    with ``status`` ``passed``, ``failed`` (``error``) or ``skipped`` (``reason``: not installed, no GPU, no
+    engine of its format, no model ``builder`` for torch). Checks on each backend: ``outputs``, what the
+    certifier reads (``Certifier.run_engine``, (N, H', W', C)); on onnxruntime also ``preactivation``, the NCHW
+    input of the manifest's ``probe.op`` (before a threshold: far more sensitive). Inputs are random normalized
+    images; patches use the bundle threat's rectangles and 1x1. One backend's failure does not stop the others.
+    """
+    from certinfer.threat import parse
+
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    m = loaded.manifest
+    if "geometry" not in m:
+        raise ValueError(f"{loaded.path}: this bundle has no geometry to probe")
     geometry = Geometry.from_dict(m["geometry"])
-    model = expose_input_of(bundle.read(bundle.engines("model")[0]), m["probe"]["op"])
     rects = sorted(set(parse(m["threat"], input_hw=geometry.input_hw).rects) | {(1, 1)})
     x = np.random.default_rng(seed).normal(size=(8, m["input"]["channels"]) + geometry.input_hw).astype(np.float32)
-    reports = {}
-    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
-        if provider not in ort.get_available_providers():
-            continue
-        session = ort.InferenceSession(model, providers=[provider])
-        name = "onnxruntime-" + provider.removesuffix("ExecutionProvider").lower()
-        reports[name] = probe(lambda b: session.run(["preactivation"], {"input": b})[0].transpose(0, 2, 3, 1),
-                              x, geometry, rects, trials=trials, seed=seed)
-    return reports
+    with tempfile.TemporaryDirectory(prefix="certinfer-probe-") as cache:
+        return {name: _probe_backend(loaded, name, x, geometry, rects, trials, seed, builder, Path(cache))
+                for name in (backends if backends is not None else candidate_backends(loaded))}

@@ -170,4 +170,6 @@ def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
     reseal(edited)  # whoever edited it rewrote the digest too: only the probe on the engine itself can tell
     with pytest.raises(SystemExit) as e:
         main(["inspect", "--probe", str(edited)])
-    assert e.value.code == 1 and "receptive field exceeds" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and "probe       onnxruntime-cpu: FAILED" in out
+    assert "receptive field exceeds" in err
