@@ -259,3 +259,22 @@ def test_margin_keys_and_json_safe_for_unbounded_gain():
     g, z = random_case(np.random.default_rng(1))
     cert = masking.certify(z, 0, g, parse("2x2"), threshold=1.0, clip=(0.0, masking.INF))
     assert not cert.certified and np.isfinite(cert.per_rect[rect_key((2, 2))].margin)
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8])
+def test_pruned_remaining_evidence_equals_every_window(monkeypatch, candidates):
+    """The candidate pruning of R_y(w) gives exactly the minimum over every window, whichever path it takes."""
+    from certinfer.runtime import sat
+
+    monkeypatch.setattr(masking, "_CANDIDATES", candidates)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        g, z = random_case(rng)
+        u = np.clip(z, 0, None)[None]
+        threat = parse("2x2,1x3", input_hw=g.input_hw)
+        detect = [masking.windows(g, r) for r in threat.rects]
+        ty = sat.table(u)[..., 0]
+        for attack in detect:
+            base = rng.normal(size=(1, len(attack[0][0]), len(attack[1][0]))) * 3
+            full = (base - masking._remaining_max(ty, attack, detect)).min(axis=(1, 2))
+            assert np.allclose(masking._masked_margin(base, ty, attack, detect), full, rtol=0, atol=1e-12)
