@@ -22,7 +22,8 @@ import typer
 from typer.core import TyperGroup
 
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
-TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli"}
+TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli",
+                         "cropping": "certinfer.train.cropping:cli"}
 EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
                           # any defense's bundle: a TensorRT plan, and backend parity against onnxruntime CPU
                           "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli"}

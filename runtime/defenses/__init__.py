@@ -10,6 +10,7 @@ from certinfer.runtime.certifier import Certifier
 _KINDS: dict[str, str] = {
     "bagcert": "certinfer.runtime.defenses.bagcert:BagCertCertifier",
     "masking": "certinfer.runtime.defenses.masking:MaskingCertifier",
+    "cropping": "certinfer.runtime.defenses.cropping:CroppingCertifier",
 }
 _CLASSES: dict[str, type[Certifier]] = {}
 

@@ -1,0 +1,291 @@
+"""Randomized cropping (Lin et al., ICLR 2021 submission): majority vote of a crop classifier over random crops.
+
+For each frame the runtime draws ``n`` crop locations (top-left corners of a ``ch x cw`` crop fully inside the
+model input) uniformly, with or without replacement, cuts every crop of a batch of frames with one gather,
+classifies them in one batched engine call and takes the majority vote. A patch can change only the crops it
+overlaps.
+
+Overlap (Eq. 2 to 4). Per axis, a crop of side k at c and a patch of side p at s overlap when
+``c <= s + p - 1`` and ``c + k - 1 >= s``; the patch position that overlaps the most crop positions gives
+``n_adv = min(p + k - 1, m - k + 1)`` per axis (computed here by direct maximisation over s), and
+``n_all = (m - k + 1)`` per axis; rows and columns multiply.
+
+Certificate (Eq. 5 and 6, with ties as flips). With n1 votes for the label and n2 for the runner-up, a patch
+that changes m crop predictions leaves at least n1 - m for the label and at most n2 + m for any rival; the
+rival ties or wins once ``m >= (n1 - n2) / 2``. The runtime's argmax may resolve a tie in the rival's favour
+(and an attacker picks the rival), so a tie is a flip: the patch must overlap ``need = ceil((n1 - n2) / 2)``
+crops, one fewer than the paper's ``floor((n1 - n2) / 2) + 1`` when n1 - n2 is even. ``p_c`` is the
+probability that fewer than ``need`` drawn crops overlap the worst-placed patch: a binomial tail with
+replacement, the exact hypergeometric tail without (Appendix C, summed exactly rather than bounded per draw).
+
+Exhaustive mode classifies every crop location once: no randomness, and a deterministic ``recovery``
+certificate: the vote gap must exceed twice the most crop locations one patch overlaps (ties as flips).
+
+The probabilistic statement holds only against an attacker who cannot predict the crops: locations come from
+numpy's default generator seeded from the OS's entropy. A fixed seed (:meth:`CroppingCertifier.fix_seed`) is
+for tests and reproducible benchmarks only.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from functools import lru_cache
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from certinfer.threat import Rect, Threat, rect_key
+from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.verdict import Certificate, RectCert
+
+MODES = ("sample", "exhaustive")
+DEFAULT_THRESHOLD = 0.95
+
+
+class WithoutReplacement(float):
+    """The per-crop overlap probability ``adv / total`` of a draw without replacement, carrying the counts.
+
+    It is a float (the marginal probability of each drawn crop), and :func:`certificate` uses its counts for
+    the exact hypergeometric tail.
+    """
+
+    adv: int
+    total: int
+
+    def __new__(cls, adv: int, total: int) -> WithoutReplacement:
+        if not 0 <= adv <= total or total < 1:
+            raise ValueError(f"need 0 <= adv <= total, total >= 1; got adv={adv}, total={total}")
+        p = super().__new__(cls, adv / total)
+        p.adv, p.total = int(adv), int(total)
+        return p
+
+
+def _axis_overlap(m: int, k: int, p: int) -> int:
+    """The most crop positions (side k, inside m) that one patch position (side p) overlaps on one axis."""
+    if not (1 <= k <= m and 1 <= p <= m):
+        raise ValueError(f"crop side {k} and patch side {p} must lie in [1, {m}]")
+    s = np.arange(m - p + 1)
+    return int((np.minimum(s + p - 1, m - k) - np.maximum(s - k + 1, 0) + 1).max())
+
+
+def crop_locations(input_hw: tuple[int, int], crop_hw: tuple[int, int]) -> int:
+    """n_all (Eq. 3): the number of crop positions fully inside the input."""
+    (m1, m2), (k1, k2) = input_hw, crop_hw
+    if not (1 <= k1 <= m1 and 1 <= k2 <= m2):
+        raise ValueError(f"crop {k1}x{k2} does not fit the {m1}x{m2} input")
+    return (m1 - k1 + 1) * (m2 - k2 + 1)
+
+
+def max_overlapped(input_hw: tuple[int, int], crop_hw: tuple[int, int], rect: Rect | Threat) -> int:
+    """n_adv (Eq. 2): the most crop positions one patch overlaps, over its positions (and a threat's rectangles)."""
+    rects = rect.rects if isinstance(rect, Threat) else (rect,)
+    return max(_axis_overlap(input_hw[0], crop_hw[0], r[0]) * _axis_overlap(input_hw[1], crop_hw[1], r[1])
+               for r in rects)
+
+
+def overlap_probability(input_hw: tuple[int, int], crop_hw: tuple[int, int], rect: Rect | Threat,
+                        replace: bool = True) -> float:
+    """p_a (Eq. 4) at the worst patch position (a threat: its worst rectangle; ``rot45:`` is its bounding box).
+
+    Each drawn crop overlaps the patch with probability n_adv / n_all, with or without replacement. Without
+    replacement the result is a :class:`WithoutReplacement` that also carries the counts, so
+    :func:`certificate` can sum the exact hypergeometric tail.
+    """
+    adv, total = max_overlapped(input_hw, crop_hw, rect), crop_locations(input_hw, crop_hw)
+    return adv / total if replace else WithoutReplacement(adv, total)
+
+
+def needed_overlaps(votes: np.ndarray) -> np.ndarray:
+    """ceil((n1 - n2) / 2) per row of vote counts (..., C): the crops a patch must change to tie or win."""
+    top2 = -np.sort(-np.asarray(votes), axis=-1)[..., :2]
+    gap = top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
+    return (gap + 1) // 2
+
+
+@lru_cache(maxsize=256)
+def _binomial_cdf(n: int, p: float) -> np.ndarray:
+    """P(X <= j) for X ~ Binomial(n, p), j = 0..n: exact integer sums of the float p, correctly rounded."""
+    a, d = p.as_integer_ratio()
+    b = d - a
+    terms = [math.comb(n, i) * a ** i * b ** (n - i) for i in range(n + 1)]
+    denom = d ** n
+    return np.array([c / denom for c in np.cumsum(np.array(terms, dtype=object))], dtype=np.float64)
+
+
+@lru_cache(maxsize=256)
+def _hypergeometric_cdf(n: int, adv: int, total: int) -> np.ndarray:
+    """P(X <= j) for X overlapping crops among n drawn without replacement from ``total`` (``adv`` overlap)."""
+    if n > total:
+        raise ValueError(f"cannot draw {n} crops without replacement from {total} locations")
+    terms = [math.comb(adv, i) * math.comb(total - adv, n - i) for i in range(n + 1)]
+    denom = math.comb(total, n)
+    return np.array([c / denom for c in np.cumsum(np.array(terms, dtype=object))], dtype=np.float64)
+
+
+def _cdf(n: int, p_overlap: float) -> np.ndarray:
+    if isinstance(p_overlap, WithoutReplacement):
+        return _hypergeometric_cdf(n, p_overlap.adv, p_overlap.total)
+    if not 0.0 <= p_overlap <= 1.0:
+        raise ValueError(f"overlap probability must lie in [0, 1], got {p_overlap}")
+    return _binomial_cdf(n, float(p_overlap))
+
+
+def certificate(votes: np.ndarray, n: int, p_overlap: float) -> np.ndarray:
+    """p_c (Eq. 6, ties as flips): the probability that the patch overlaps fewer than ceil((n1 - n2) / 2) crops.
+
+    ``votes``: counts per class (C,) or (N, C) summing to ``n``; ``p_overlap`` from :func:`overlap_probability`
+    (a :class:`WithoutReplacement` for the exact hypergeometric tail). Returns a float or an (N,) array.
+    """
+    v = np.asarray(votes)
+    if v.ndim not in (1, 2) or np.any(v.sum(axis=-1) != n):
+        raise ValueError(f"votes must be (C,) or (N, C) counts summing to n={n}")
+    need = needed_overlaps(v)
+    cdf = np.concatenate([[0.0], _cdf(int(n), p_overlap)])  # cdf[need] = P(X <= need - 1)
+    p = cdf[np.minimum(need, n + 1)]
+    return float(p) if v.ndim == 1 else p
+
+
+def overlap_bound(n: int, p_overlap: float, threshold: float) -> int:
+    """min{t : P(X <= t) >= threshold}: with probability >= threshold the patch overlaps at most t of n crops.
+
+    p_c = P(X <= need - 1) >= threshold exactly when need > t, i.e. when the vote gap exceeds 2 t.
+    """
+    return int(np.flatnonzero(_cdf(int(n), p_overlap) >= threshold)[0])
+
+
+def _certs(gap: np.ndarray, bound: dict[str, int], p: dict[str, np.ndarray] | None, threat: str,
+           kind: str) -> list[Certificate]:
+    """Certified for a rectangle when the vote gap exceeds twice its overlap bound; margin = that slack in votes."""
+    certs = []
+    for i in range(len(gap)):
+        per_rect = {k: RectCert(bool(gap[i] - 2 * t > 0), float(gap[i] - 2 * t)) for k, t in bound.items()}
+        pc = None if p is None else float(min(v[i] for v in p.values()))
+        certs.append(Certificate.from_rects(threat, per_rect, kind=kind, p=pc))
+    return certs
+
+
+def vote_certificates(votes: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
+                      replace: bool = True, threshold: float = DEFAULT_THRESHOLD,
+                      exhaustive: bool = False) -> list[Certificate]:
+    """Certificates for vote counts (N, C): ``probabilistic`` with p = min over rectangles of p_c, or (exhaustive)
+    ``recovery``. Per rectangle, ``margin`` is the vote gap minus twice the overlap bound (> 0 exactly when
+    certified: p_c >= threshold via :func:`overlap_bound`, or the exhaustive gap > 2 n_adv)."""
+    votes = np.asarray(votes)
+    n = int(votes[0].sum())
+    top2 = -np.sort(-votes, axis=-1)[:, :2]
+    gap = top2[:, 0] - top2[:, 1]
+    rects = {rect_key(r): r for r in threat.rects}
+    if exhaustive:
+        bound = {k: max_overlapped(input_hw, crop_hw, r) for k, r in rects.items()}
+        return _certs(gap, bound, None, str(threat), "recovery")
+    probs = {k: overlap_probability(input_hw, crop_hw, r, replace) for k, r in rects.items()}
+    bound = {k: overlap_bound(n, pa, threshold) for k, pa in probs.items()}
+    p = {k: certificate(votes, n, pa) for k, pa in probs.items()}
+    return _certs(gap, bound, p, str(threat), "probabilistic")
+
+
+def draw_locations(rng: np.random.Generator, frames: int, n: int, total: int, replace: bool) -> np.ndarray:
+    """(frames, n) flat crop-location indices in [0, total), uniform, with or without replacement per frame."""
+    if replace:
+        return rng.integers(0, total, size=(frames, n))
+    if n > total:
+        raise ValueError(f"cannot draw {n} crops without replacement from {total} locations")
+    return np.argsort(rng.random((frames, total)), axis=1)[:, :n]
+
+
+def cut(x: np.ndarray, crop_hw: tuple[int, int], flat: np.ndarray) -> np.ndarray:
+    """Engine input for every crop of every frame, one gather: x (N, 3, H, W), flat (N, n) -> (N * n, 5, ch, cw).
+
+    Channels 0-2: the normalized crop; 3 and 4: its top and left offset in pixels, as constant planes (the
+    engine graph takes one input; its positional encoding reads the location from these planes).
+    """
+    n_frames, n = flat.shape
+    width = x.shape[3] - crop_hw[1] + 1
+    top, left = np.divmod(flat, width)
+    windows = sliding_window_view(x, crop_hw, axis=(2, 3))  # (N, 3, H', W', ch, cw), a view
+    out = np.empty((n_frames, n, 5, *crop_hw), dtype=np.float32)
+    out[:, :, :3] = windows[np.arange(n_frames)[:, None], :, top, left]
+    out[:, :, 3] = top[..., None, None]
+    out[:, :, 4] = left[..., None, None]
+    return out.reshape(n_frames * n, 5, *crop_hw)
+
+
+def count_votes(predictions: np.ndarray, classes: int) -> np.ndarray:
+    """(N, n) crop labels -> (N, C) vote counts."""
+    n_frames = len(predictions)
+    offset = (np.arange(n_frames)[:, None] * classes + predictions).ravel()
+    return np.bincount(offset, minlength=n_frames * classes).reshape(n_frames, classes)
+
+
+class CroppingCertifier(Certifier):
+    """Randomized cropping from a bundle's ``defense.params``: ``crop`` [ch, cw], ``crops`` n, ``replace``,
+    ``mode`` (``sample`` or ``exhaustive``) and ``threshold`` (certified when p_c >= threshold).
+
+    The engine is the crop classifier: (N, 5, ch, cw) float32 (see :func:`cut`) -> (N, C) logits. All crops of a
+    batch of frames go to it in one call (chunked to its max batch). Outputs of :meth:`run_engine` are the
+    per-crop logits (N, n, C) and the drawn locations (N, n).
+    """
+
+    kind = "probabilistic"
+
+    def __init__(self, bundle, engine, threat: Threat):
+        super().__init__(bundle, engine, threat)
+        params = self.manifest["defense"]["params"]
+        self.crop_hw = tuple(int(v) for v in params["crop"])
+        self.locations = crop_locations(self.input_hw, self.crop_hw)
+        self.mode = params.get("mode", "sample")
+        if self.mode not in MODES:
+            raise ValueError(f"cropping bundle: mode must be one of {MODES}, got {self.mode!r}")
+        self.replace = bool(params.get("replace", True))
+        self.crops = self.locations if self.mode == "exhaustive" else int(params.get("crops", 128))
+        self.threshold = float(params.get("threshold", DEFAULT_THRESHOLD))
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"cropping bundle: threshold must lie in (0, 1], got {self.threshold}")
+        if not self.replace and self.crops > self.locations:
+            raise ValueError(f"cropping bundle: {self.crops} crops without replacement from {self.locations} locations")
+        if self.mode == "exhaustive":
+            self.kind = "recovery"
+        self.rng = np.random.default_rng()  # OS entropy: the crops must be unpredictable
+        self._rng_lock = threading.Lock()
+
+    def fix_seed(self, seed: int) -> None:
+        """Draw crops from a fixed seed: ONLY for tests and reproducible benchmarks. Whoever knows the seed
+        knows the crops, and the probabilistic certificate then no longer holds against them."""
+        with self._rng_lock:
+            self.rng = np.random.default_rng(seed)
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((len(self.classes),),)
+
+    def draw(self, frames: int) -> np.ndarray:
+        """(frames, n) flat crop locations for this call (every location once, in order, when exhaustive)."""
+        if self.mode == "exhaustive":
+            return np.broadcast_to(np.arange(self.locations), (frames, self.locations))
+        with self._rng_lock:
+            return draw_locations(self.rng, frames, self.crops, self.locations, self.replace)
+
+    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        flat = self.draw(len(x))
+        out = super().run_engine(cut(x, self.crop_hw, flat))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(len(x), flat.shape[1], -1), flat
+
+    def decide(self, x: np.ndarray, outputs, threat: Threat | None = None, threshold: float | None = None,
+               replace: bool | None = None, exhaustive: bool | None = None) -> list[Decision]:
+        """Majority vote and certificate; the keyword arguments override the bundle's (evaluation)."""
+        logits, _ = outputs
+        votes = count_votes(logits.argmax(axis=-1), logits.shape[-1])
+        return self.decide_votes(votes, threat, threshold, replace, exhaustive)
+
+    def decide_votes(self, votes: np.ndarray, threat: Threat | None = None, threshold: float | None = None,
+                     replace: bool | None = None, exhaustive: bool | None = None) -> list[Decision]:
+        """Decisions from vote counts (N, C) (argmax: the lowest class index wins a tie)."""
+        threat = self.threat if threat is None else threat.bind(self.input_hw)
+        certs = vote_certificates(votes, self.input_hw, self.crop_hw, threat,
+                                  self.replace if replace is None else replace,
+                                  self.threshold if threshold is None else threshold,
+                                  self.mode == "exhaustive" if exhaustive is None else exhaustive)
+        labels = votes.argmax(axis=-1)
+        return [Decision(label=int(labels[i]), certificate=certs[i], scores=votes[i].astype(float).tolist())
+                for i in range(len(votes))]

@@ -1,0 +1,155 @@
+"""Randomized cropping math: overlap counts by brute force, p_c against direct sums and Monte Carlo, ties as flips,
+the vectorized crop gather against a loop, and the exhaustive certificate."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from certinfer.runtime.defenses import cropping
+from certinfer.threat import parse
+
+
+def brute_force_overlaps(input_hw, crop_hw, rect) -> tuple[int, int]:
+    """(max over patch positions of the crop positions it overlaps, all crop positions), by counting."""
+    (m1, m2), (k1, k2), (p1, p2) = input_hw, crop_hw, rect
+    crops = [(r, c) for r in range(m1 - k1 + 1) for c in range(m2 - k2 + 1)]
+    best = 0
+    for s in range(m1 - p1 + 1):
+        for t in range(m2 - p2 + 1):
+            hit = sum(1 for r, c in crops if r <= s + p1 - 1 and r + k1 - 1 >= s and c <= t + p2 - 1 and c + k2 - 1 >= t)
+            best = max(best, hit)
+    return best, len(crops)
+
+
+@pytest.mark.parametrize("input_hw,crop_hw,rect", [
+    ((32, 32), (10, 10), (5, 5)), ((12, 9), (4, 3), (2, 5)), ((10, 10), (8, 8), (6, 1)), ((7, 11), (7, 2), (3, 3)),
+    ((9, 9), (1, 1), (9, 9)), ((16, 16), (12, 5), (3, 14)),
+])
+def test_overlap_probability_matches_brute_force_counting(input_hw, crop_hw, rect):
+    adv, total = brute_force_overlaps(input_hw, crop_hw, rect)
+    assert cropping.max_overlapped(input_hw, crop_hw, rect) == adv
+    assert cropping.overlap_probability(input_hw, crop_hw, rect) == adv / total
+    wor = cropping.overlap_probability(input_hw, crop_hw, rect, replace=False)
+    assert (wor.adv, wor.total) == (adv, total) and float(wor) == adv / total
+    # Eq. 2 in closed form, where the patch fits between two crop widths of border
+    (m1, m2), (k1, k2), (p1, p2) = input_hw, crop_hw, rect
+    assert adv == min(p1 + k1 - 1, m1 - k1 + 1) * min(p2 + k2 - 1, m2 - k2 + 1)
+
+
+def test_paper_setting_and_threat_worst_rectangle():
+    # CIFAR-10, 10x10 crops, 2.4% = 5x5: 14 x 14 of the 23 x 23 crop positions
+    assert cropping.overlap_probability((32, 32), (10, 10), parse("2.4%", (32, 32))) == 196 / 529
+    threat = parse("5x5,2x12,rot45:5x5", (32, 32))  # rot45:5x5 is its 8x8 bounding box
+    worst = max(cropping.overlap_probability((32, 32), (10, 10), r) for r in threat.rects)
+    assert cropping.overlap_probability((32, 32), (10, 10), threat) == worst == 17 * 17 / 529
+
+
+def binomial_sum(votes, n, p) -> float:
+    """Eq. 6 with ties as flips, summed directly in exact arithmetic."""
+    top = sorted(votes, reverse=True) + [0]
+    need = math.ceil((top[0] - top[1]) / 2)
+    p = Fraction(p)
+    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(need)))
+
+
+@pytest.mark.parametrize("votes,p", [([120, 8, 0], 196 / 529), ([64, 64], 0.3), ([100, 27, 1], 0.05),
+                                     ([128, 0], 0.37), ([70, 40, 18], 0.1), ([3, 2, 1, 0], 0.5)])
+def test_certificate_matches_a_direct_binomial_sum(votes, p):
+    n = sum(votes)
+    assert cropping.certificate(np.array(votes), n, p) == pytest.approx(binomial_sum(votes, n, p), rel=1e-12, abs=1e-300)
+
+
+def test_ties_count_as_flips():
+    n, p = 10, 0.2
+    # gap 4: the paper's floor(4/2) + 1 = 3 overlapped crops; but 2 changed crops already tie (4 vs 4): a flip
+    pc = cropping.certificate(np.array([7, 3]), n, p)
+    assert pc == pytest.approx(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(2)))
+    assert cropping.needed_overlaps(np.array([[7, 3], [6, 3], [5, 5], [10, 0]])).tolist() == [2, 2, 0, 5]
+    assert cropping.certificate(np.array([5, 5]), 10, 0.0) == 0.0  # a tie is never certified, even with p = 0
+    # batched form agrees with the single one
+    batch = np.array([[7, 3], [9, 1], [5, 5]])
+    assert cropping.certificate(batch, 10, p).tolist() == [cropping.certificate(v, 10, p) for v in batch]
+
+
+def test_threshold_rule_matches_p_c_and_margin_sign():
+    input_hw, crop_hw, threat = (32, 32), (10, 10), parse("5x5", (32, 32))
+    p = cropping.overlap_probability(input_hw, crop_hw, threat)
+    rng = np.random.default_rng(0)
+    firsts = rng.integers(64, 129, size=200)
+    votes = np.stack([firsts, 128 - firsts], axis=1)
+    for threshold in (0.93, 0.95, 0.99):
+        certs = cropping.vote_certificates(votes, input_hw, crop_hw, threat, threshold=threshold)
+        pc = cropping.certificate(votes, 128, p)
+        for c, v in zip(certs, pc):
+            assert c.kind == "probabilistic" and c.p == v
+            assert c.certified == (v >= threshold) == (c.per_rect["5x5"].margin > 0)
+
+
+def test_without_replacement_is_exact_and_agrees_with_monte_carlo():
+    input_hw, crop_hw, rect = (16, 16), (6, 6), (3, 3)
+    wor = cropping.overlap_probability(input_hw, crop_hw, rect, replace=False)
+    adv, total = wor.adv, wor.total
+    n, trials = 60, 40000
+    rng = np.random.default_rng(1)
+    overlapped = (cropping.draw_locations(rng, trials, n, total, replace=False) < adv).sum(axis=1)  # first adv overlap
+    tol = 4 * 0.5 / math.sqrt(trials)  # 4 sigma of a proportion
+    for votes in ([60, 0], [50, 10], [45, 15], [40, 20], [38, 22]):
+        need = cropping.needed_overlaps(np.array(votes))
+        exact = cropping.certificate(np.array(votes), n, wor)
+        estimate = float((overlapped < need).mean())
+        assert abs(exact - estimate) <= tol, (votes, exact, estimate)
+        assert exact >= estimate - tol  # never below the estimate by more than the tolerance
+        # the hypergeometric sum, directly
+        direct = sum(Fraction(math.comb(adv, i) * math.comb(total - adv, n - i), math.comb(total, n)) for i in range(need))
+        assert exact == pytest.approx(float(direct), rel=1e-12)
+    # drawing more crops than there are locations is impossible without replacement
+    with pytest.raises(ValueError):
+        cropping.certificate(np.array([total + 1, 0]), total + 1, wor)
+
+
+def test_without_replacement_at_large_n_pins_the_overlap_count():
+    # 512 of the 529 locations: between 512 - 333 = 179 and 196 of them overlap the worst 5x5 patch, surely
+    p_nr = cropping.overlap_probability((32, 32), (10, 10), (5, 5), replace=False)
+    assert cropping.certificate(np.array([400, 112]), 512, p_nr) == 0.0  # needs 144 <= 179: always reached
+    assert cropping.certificate(np.array([394, 118]), 512, p_nr) == 0.0
+    assert cropping.certificate(np.array([512, 0]), 512, p_nr) == 1.0  # needs 256 > 196: never reached
+    assert 0.0 < cropping.certificate(np.array([450, 62]), 512, p_nr) < 1.0  # needs 194
+
+
+def test_exhaustive_certificate_is_deterministic_gap_over_twice_the_overlaps():
+    input_hw, crop_hw, threat = (32, 32), (10, 10), parse("5x5", (32, 32))
+    k = cropping.max_overlapped(input_hw, crop_hw, threat)
+    assert (k, cropping.crop_locations(input_hw, crop_hw)) == (196, 529)
+    rows = np.array([[461, 68, 0], [460, 68, 1]])  # gaps 2k + 1 (certified) and 2k (a patch can force a tie)
+    certs = cropping.vote_certificates(rows, input_hw, crop_hw, threat, exhaustive=True)
+    assert [c.certified for c in certs] == [True, False]
+    assert [c.per_rect["5x5"].margin for c in certs] == [1.0, 0.0]
+    assert all(c.kind == "recovery" and c.p is None for c in certs)
+
+
+def test_cut_gathers_every_crop_like_a_loop():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 3, 12, 9)).astype(np.float32)
+    crop = (4, 3)
+    total = cropping.crop_locations((12, 9), crop)
+    flat = cropping.draw_locations(rng, 3, 7, total, replace=True)
+    out = cropping.cut(x, crop, flat).reshape(3, 7, 5, *crop)
+    for f in range(3):
+        for j in range(7):
+            top, left = divmod(int(flat[f, j]), 9 - 3 + 1)
+            assert np.array_equal(out[f, j, :3], x[f, :, top:top + 4, left:left + 3])
+            assert (out[f, j, 3] == top).all() and (out[f, j, 4] == left).all()
+
+
+def test_draws_are_uniform_and_without_replacement_distinct():
+    rng = np.random.default_rng(3)
+    flat = cropping.draw_locations(rng, 2000, 20, 25, replace=False)
+    assert all(len(set(row)) == 20 for row in flat)
+    counts = np.bincount(flat.ravel(), minlength=25)
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+    votes = cropping.count_votes(np.array([[0, 2, 2], [1, 1, 1]]), 3)
+    assert votes.tolist() == [[1, 0, 2], [0, 3, 0]]
