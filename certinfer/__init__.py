@@ -67,5 +67,5 @@ def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
     loaded = load_bundle(Path(bundle) if bundle is not None else default_bundle(), expect_sha256=expect_sha256)
     cls = certifier_class(loaded.manifest["defense"]["kind"])
     spec = loaded.manifest["threat"] if threat is None else threat
-    parsed = parse(spec) if isinstance(spec, str) else spec
+    parsed = parse(spec, input_hw=tuple(loaded.manifest["input"]["hw"])) if isinstance(spec, str) else spec
     return cls(loaded, load_engine(loaded, backend=backend), parsed)
