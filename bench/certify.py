@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import certinfer
 from certinfer.runtime.evaluate import evaluate_certifier, merge, shard_indices
 from certinfer.threat import parse
@@ -104,7 +106,8 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
     for key in ("data", "data_note", "bundle", "defense"):
         merged[key] = results[0].get(key)
     merged["shards"] = [r.get("shard") for r in results]
-    report(merged, out, plot, plot_variants if (merged.get("defense") or {}).get("kind") == "masking" else None)
+    plotters = {"masking": plot_variants, "cropping": plot_cropping}
+    report(merged, out, plot, plotters.get((merged.get("defense") or {}).get("kind")))
     return merged
 
 
@@ -167,6 +170,101 @@ def plot_variants(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     title = f"{result['defense']['kind']} on {result['data']}"
     ax.set_title(title + (f" ({result['data_note']})" if result.get("data_note") else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Randomized cropping (Lin et al.): the patch shapes of Table 4 at 2.4% of a 32x32 input (area >= 24.6 pixels):
+# aspect ratio r:1 as w = round(sqrt(A / r)), h = ceil(A / w); rot45: the bounding box of the rotated 5x5 square.
+CROPPING_SHAPES = {"1:1": "5x5", "2.7:1": "9x3", "6:1": "13x2", "1:2.7": "3x9", "1:6": "2x13", "rot45": "rot45:5x5"}
+
+
+def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
+    """Every cropping variant from the per-location predictions of one exhaustive engine pass.
+
+    A crop's prediction depends only on its pixels and location, so drawing n locations and reading their
+    predictions is the runtime's draw. Variants: ``r<n>`` / ``nr<n>`` (with / without replacement, n in
+    64..512, p_c >= 0.95), ``r128-p<t>`` (thresholds 0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
+    per rectangle; the whole threat is the worst case), ``exhaustive`` and ``exhaustive@shapes``.
+    """
+    from certinfer.runtime.defenses.cropping import count_votes, draw_locations
+
+    rng = np.random.default_rng(seed)
+    main, table4 = parse(threat, input_hw=c.input_hw), parse(shapes, input_hw=c.input_hw)
+
+    def sampled(n: int, replace: bool, bound, threshold: float = 0.95):
+        def decide(x, outputs):
+            pred = outputs[0].argmax(-1)
+            idx = draw_locations(rng, len(pred), n, pred.shape[1], replace)
+            votes = count_votes(np.take_along_axis(pred, idx, axis=1), outputs[0].shape[-1])
+            return c.decide_votes(votes, bound, threshold, replace, exhaustive=False)
+        return decide
+
+    def exhaustive(bound):
+        return lambda x, o: c.decide(x, o, threat=bound, exhaustive=True)
+
+    chosen = {f"{'r' if rep else 'nr'}{n}": sampled(n, rep, main) for rep in (True, False) for n in (64, 128, 256, 512)}
+    chosen |= {f"r128-p{t}": sampled(128, True, main, t) for t in (0.93, 0.97, 0.99)}
+    chosen |= {"r128@shapes": sampled(128, True, table4), "exhaustive": exhaustive(main),
+               "exhaustive@shapes": exhaustive(table4)}
+    return {"r128": chosen.pop("r128"), **chosen}
+
+
+def cropping(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
+             out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+    """Randomized cropping: every variant (crops, replacement, threshold, patch shape, exhaustive) from one pass
+    that classifies every crop location of every image once. ``-p seed=N`` seeds the benchmark's draws (default
+    0: reproducible numbers; a deployed certifier draws from the OS's entropy), ``-p shapes=...`` the Table 4 set.
+    """
+    seed = int(params.get("seed", 0))
+    shapes = params.get("shapes", ",".join(CROPPING_SHAPES.values()))
+
+    def variants(c):
+        c.mode, c.crops = "exhaustive", c.locations  # the engine pass: every crop location once
+        return cropping_variants(c, str(c.threat), shapes, seed)
+
+    result = run(bundle, data, threat, backend, batch, limit, shard, variants)
+    result.update({"shapes": shapes, "shape_names": CROPPING_SHAPES, "seed": seed,
+                   "note": "one engine pass over every crop location; each variant draws its own crops from it"})
+    report(result, out, plot, plot_cropping)
+    return result
+
+
+def plot_cropping(result: dict, path: Path) -> None:
+    """Paper Tables 3 to 5 as plots: certified accuracy against p_c threshold, number of crops (R / NR), shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = result["certified_accuracy"]
+    fig, (thr, crops, shape) = plt.subplots(1, 3, figsize=(14, 4))
+    ts = [0.93, 0.95, 0.97, 0.99]
+    thr.plot(ts, [acc["r128" if t == 0.95 else f"r128-p{t}"] for t in ts], marker="o")
+    thr.set_xlabel("p_c threshold (128 crops, with replacement)")
+    ns = [64, 128, 256, 512]
+    for prefix, label in (("r", "with replacement"), ("nr", "without replacement")):
+        crops.plot(ns, [acc[f"{prefix}{n}"] for n in ns], marker="o", label=f"certified, {label}")
+        crops.plot(ns, [result["clean_accuracy_per_variant"][f"{prefix}{n}"] for n in ns], linestyle=":",
+                   label=f"clean, {label}")
+    crops.axhline(acc["exhaustive"], color="black", linestyle="--", label="exhaustive (deterministic)")
+    crops.set_xscale("log", base=2)
+    crops.set_xlabel("crops per image")
+    crops.legend(fontsize=7)
+    per = result["certified_accuracy_per_rect"]["r128@shapes"]
+    names = list(per)
+    shape.bar(range(len(names)), [per[k] for k in names], 0.4, label="128 crops")
+    shape.bar([i + 0.4 for i in range(len(names))], [result["certified_accuracy_per_rect"]["exhaustive@shapes"][k]
+                                                     for k in names], 0.4, label="exhaustive")
+    shape.set_xticks([i + 0.2 for i in range(len(names))], names)
+    shape.set_xlabel("patch rectangle (rot45:5x5 is 8x8)")
+    shape.legend(fontsize=7)
+    for ax in (thr, crops, shape):
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+    title = f"randomized cropping on {result['data']} ({result['n']} images, threat {result['threat']})"
+    fig.suptitle(title + (f"; {result['data_note']}" if result.get("data_note") else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,12 +25,14 @@ from typer.core import TyperGroup
 TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli",
                          "cropping": "certinfer.train.cropping:cli"}
 EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
+                          "cropping": "certinfer.export.cropping:cli",
                           # any defense's bundle: a TensorRT plan, and backend parity against onnxruntime CPU
                           "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
-CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking"}
+CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking",
+                           "cropping": "certinfer.bench.certify:cropping"}
 
 _state = {"debug": False}
 
