@@ -177,6 +177,7 @@ def plot_variants(result: dict, path: Path) -> None:
 
 # Randomized cropping (Lin et al.): the patch shapes of Table 4 at 2.4% of a 32x32 input (area >= 24.6 pixels):
 # aspect ratio r:1 as w = round(sqrt(A / r)), h = ceil(A / w); rot45: the bounding box of the rotated 5x5 square.
+CROP_COUNTS = (64, 128, 256, 512)
 CROPPING_SHAPES = {"1:1": "5x5", "2.7:1": "9x3", "6:1": "13x2", "1:2.7": "3x9", "1:6": "2x13", "rot45": "rot45:5x5"}
 
 
@@ -185,7 +186,7 @@ def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
 
     A crop's prediction depends only on its pixels and location, so drawing n locations and reading their
     predictions is the runtime's draw. Variants: ``r<n>`` / ``nr<n>`` (with / without replacement, n in
-    64..512, p_c >= 0.95), ``r128-p<t>`` (thresholds 0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
+    64..512, p_c >= 0.95; without replacement up to the number of locations), ``r128-p<t>`` (thresholds 0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
     per rectangle; the whole threat is the worst case), ``exhaustive`` and ``exhaustive@shapes``.
     """
     from certinfer.runtime.defenses.cropping import count_votes, draw_locations
@@ -204,7 +205,8 @@ def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
     def exhaustive(bound):
         return lambda x, o: c.decide(x, o, threat=bound, exhaustive=True)
 
-    chosen = {f"{'r' if rep else 'nr'}{n}": sampled(n, rep, main) for rep in (True, False) for n in (64, 128, 256, 512)}
+    chosen = {f"{'r' if rep else 'nr'}{n}": sampled(n, rep, main) for rep in (True, False) for n in CROP_COUNTS
+              if rep or n <= c.locations}  # without replacement: at most every location once
     chosen |= {f"r128-p{t}": sampled(128, True, main, t) for t in (0.93, 0.97, 0.99)}
     chosen |= {"r128@shapes": sampled(128, True, table4), "exhaustive": exhaustive(main),
                "exhaustive@shapes": exhaustive(table4)}
@@ -243,8 +245,8 @@ def plot_cropping(result: dict, path: Path) -> None:
     ts = [0.93, 0.95, 0.97, 0.99]
     thr.plot(ts, [acc["r128" if t == 0.95 else f"r128-p{t}"] for t in ts], marker="o")
     thr.set_xlabel("p_c threshold (128 crops, with replacement)")
-    ns = [64, 128, 256, 512]
     for prefix, label in (("r", "with replacement"), ("nr", "without replacement")):
+        ns = [n for n in CROP_COUNTS if f"{prefix}{n}" in acc]
         crops.plot(ns, [acc[f"{prefix}{n}"] for n in ns], marker="o", label=f"certified, {label}")
         crops.plot(ns, [result["clean_accuracy_per_variant"][f"{prefix}{n}"] for n in ns], linestyle=":",
                    label=f"clean, {label}")
