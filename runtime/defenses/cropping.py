@@ -232,6 +232,8 @@ class CroppingCertifier(Certifier):
     def __init__(self, bundle, engine, threat: Threat):
         super().__init__(bundle, engine, threat)
         params = self.manifest["defense"]["params"]
+        if "crop" not in params:
+            raise ValueError("cropping bundle: defense.params.crop (the crop's [height, width]) is missing")
         self.crop_hw = tuple(int(v) for v in params["crop"])
         self.locations = crop_locations(self.input_hw, self.crop_hw)
         self.mode = params.get("mode", "sample")
