@@ -238,7 +238,7 @@ def _train_epoch(model, opt, xs, ys, mean, std, keep, cfg: TrainConfig, d: Dist,
         opt.step()
         losses.append(loss.item())
         step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
     return step, float(np.mean(losses)) if losses else float("nan")
 
 
