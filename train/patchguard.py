@@ -37,7 +37,7 @@ from certinfer.train import data as datasets
 from certinfer.train.bagcert import _track_split
 from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, photometric, save_checkpoint,
                                   seed_everything, setup_distributed, teardown_distributed, to_nchw)
-from certinfer.train.models.bagnet import bagnet_kernels, bagnet_loss, build_bagnet
+from certinfer.train.models.bagnet import bagnet_kernels, bagnet_loss, build_bagnet, masked_evidence_loss
 from certinfer.train.models.drs import RESNET18, build_drs
 
 NETWORKS = ("bagnet", "drs")
@@ -72,7 +72,8 @@ class TrainConfig:
     input_hw: tuple[int, int] = (32, 32)  # model input; a dataset with smaller images is upsampled per batch
     upsample: str = "bicubic"  # F.interpolate mode for that upsampling
     ablation: dict = field(default_factory=lambda: dict(_COLUMNS_4))  # drs only
-    eval_threat: str = "5x5"  # drs only: the vote-gap certificate in the trainer's metrics
+    eval_threat: str = "5x5"  # drs: the vote-gap certificate in the trainer's metrics; bagnet: mask_loss's window
+    mask_loss: float = 0.0  # bagnet: weight of the robust-masking surrogate (models.bagnet.masked_evidence_loss)
     eval_every: int = 5
     limit: int = 0  # > 0: at most this many images per split (smoke tests)
 
@@ -94,6 +95,10 @@ PRESETS: dict[str, TrainConfig] = {
     "bagnet-gtsrb-cpu": TrainConfig(jitter=0.4, epochs=14),
     # The same network on CIFAR-10 (our copy is JPEG-compressed), flips on.
     "bagnet-cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=10),
+    # The same networks trained for robust masking as well (half the loss on the masking surrogate, see
+    # models.bagnet.masked_evidence_loss): plain BagNet training concentrates a sign's evidence in one window.
+    "bagnet-gtsrb-cpu-masked": TrainConfig(jitter=0.4, epochs=10, mask_loss=0.5),
+    "bagnet-cifar10-cpu-masked": TrainConfig(dataset="cifar10", flips=True, epochs=8, mask_loss=0.5),
     # DRS base classifier, columns of 4 at stride 1 (35 bands on 32 columns), small ResNet (28 M MACs/image).
     "drs-gtsrb-cpu": TrainConfig(network="drs", model={}, jitter=0.4, epochs=30),
     "drs-cifar10-cpu": TrainConfig(network="drs", dataset="cifar10", model={}, flips=True, epochs=25),
@@ -213,7 +218,13 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, mean, std, cfg: TrainConfig, d
     return drs_metrics(drs_logits(model, x, cfg, device), y, ablation_geometry(cfg), cfg.eval_threat)
 
 
-def _train_epoch(model, opt, xs, ys, mean, std, keep, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
+def mask_window(geometry: Geometry, threat: str) -> tuple[int, int]:
+    """The most feature rows and columns one patch of ``threat`` reaches (masked_evidence_loss's window)."""
+    spans = [geometry.affected_ranges(r) for r in parse(threat, input_hw=geometry.input_hw).rects]
+    return (max(int((r1 - r0).max()) for (r0, r1), _ in spans), max(int((c1 - c0).max()) for _, (c0, c1) in spans))
+
+
+def _train_epoch(model, opt, xs, ys, mean, std, keep, window, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
                  warmup: int, desc: str) -> tuple[int, float]:
     model.train()
     batches = epoch_batches(len(ys), cfg.batch_size, rng, d)
@@ -232,7 +243,12 @@ def _train_epoch(model, opt, xs, ys, mean, std, keep, cfg: TrainConfig, d: Dist,
         target = ys[idx].to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             z = model(inp)
-        loss = bagnet_loss(z, target) if cfg.network == "bagnet" else F.cross_entropy(z.float(), target)
+        if cfg.network == "drs":
+            loss = F.cross_entropy(z.float(), target)
+        elif cfg.mask_loss:
+            loss = masked_evidence_loss(z, target, window, cfg.mask_loss)
+        else:
+            loss = bagnet_loss(z, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -268,6 +284,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     geometry = model_geometry(cfg, net)
     keep = torch.from_numpy(np.array(ablation.masks(ablation_geometry(cfg)))).to(d.device) \
         if cfg.network == "drs" else None
+    window = mask_window(geometry, cfg.eval_threat) if cfg.network == "bagnet" else None
     model = DistributedDataParallel(net) if d.world > 1 else net
     if cfg.optimizer == "adam":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay \
@@ -280,7 +297,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     step, t0, history = 0, time.time(), []
     for epoch in range(cfg.epochs):
         te = time.time()
-        step, loss = _train_epoch(model, opt, xs, ys, mean, std, keep, cfg, d, rng, step, total, warmup,
+        step, loss = _train_epoch(model, opt, xs, ys, mean, std, keep, window, cfg, d, rng, step, total, warmup,
                                   f"epoch {epoch + 1}/{cfg.epochs}")
         row = {"epoch": epoch + 1, "loss": loss, "epoch_seconds": time.time() - te}
         if d.main and (epoch % cfg.eval_every == cfg.eval_every - 1 or epoch == cfg.epochs - 1):

@@ -47,6 +47,25 @@ def bagnet_loss(local_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(local_logits.float().mean(dim=(2, 3)), y)
 
 
+def masked_evidence_loss(local_logits: torch.Tensor, y: torch.Tensor, window: tuple[int, int],
+                         weight: float) -> torch.Tensor:
+    """BagNet's loss mixed with a robust-masking surrogate (our addition; the paper trains plain BagNet).
+
+    With T = 0 the certificate needs the true class's clipped evidence, less what the attacker's window and
+    masking can take (at most two of its largest windows), to beat every other class's whole evidence. The
+    surrogate is cross-entropy on exactly those scores, so training spreads the evidence a sign leaves.
+    ``window`` is the largest number of feature rows and columns one patch reaches.
+    """
+    z = local_logits.float()
+    u = torch.relu(z)
+    kh, kw = window
+    windows = F.avg_pool2d(F.pad(u, (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw), stride=1) * (kh * kw)
+    top = windows.amax(dim=(2, 3))
+    worst = u.sum(dim=(2, 3)) - 2 * top * F.one_hot(y, u.shape[1])
+    cells = u.shape[2] * u.shape[3]
+    return (1 - weight) * F.cross_entropy(z.mean(dim=(2, 3)), y) + weight * F.cross_entropy(worst / cells, y)
+
+
 class LocalLogits(nn.Module):
     """Export wrapper: normalized (N, 3, H, W) -> float32 local logits (N, H', W', C), channels last."""
 
