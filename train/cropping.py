@@ -70,9 +70,9 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # CPU presets, one thread each, at most about 30 minutes on one core here (epoch times in the README).
-    "gtsrb-cpu": TrainConfig(jitter=0.4, epochs=50),
+    "gtsrb-cpu": TrainConfig(jitter=0.4, epochs=30),
     # CIFAR-10 (our copy is JPEG-compressed), flips on.
-    "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=40),
+    "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=30),
     # The paper's setting (Sec. 4): ResNet9 without final pooling on 10x10 CIFAR-10 crops, 30 epochs. A GPU job.
     "paper": TrainConfig(dataset="cifar10", flips=True, epochs=30, batch_size=512, lr=1e-3,
                          model=dict(_PAPER_NET)),
