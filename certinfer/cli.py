@@ -26,9 +26,11 @@ TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard":
                          "cropping": "certinfer.train.cropping:cli"}
 EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
                           "cropping": "certinfer.export.cropping:cli",
-                          # any defense's bundle: a TensorRT plan, and backend parity against onnxruntime CPU
-                          "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli"}
-BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "soak": "certinfer.bench.soak:cli",
+                          # any defense's bundle: a TensorRT plan, backend parity against onnxruntime CPU, a torch engine
+                          "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli",
+                          "torch": "certinfer.export.torch_weights:cli"}
+BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
+                         "soak": "certinfer.bench.soak:cli",
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
 CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking",
@@ -85,7 +87,8 @@ app = typer.Typer(name="certinfer", add_completion=False, no_args_is_help=True, 
 train_app = typer.Typer(cls=_plugin_group(TRAIN), no_args_is_help=True, help="Train a defense: certinfer train DEFENSE ...")
 export_app = typer.Typer(cls=_plugin_group(EXPORT), no_args_is_help=True,
                          help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...; "
-                              "add a TensorRT plan to any bundle: certinfer export trt BUNDLE")
+                              "add a TensorRT plan to any bundle: certinfer export trt BUNDLE; a torch engine: "
+                              "certinfer export torch BUNDLE CHECKPOINT")
 bench_app = typer.Typer(cls=_plugin_group(BENCH, "benchmark"), no_args_is_help=True, help="Latency and accuracy benchmarks.")
 app.add_typer(train_app, name="train")
 app.add_typer(export_app, name="export")

@@ -23,25 +23,16 @@ from certinfer.export.bundle_writer import write_bundle
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.parity import backend_parity, parity_problems
 from certinfer.export.probe import expose_input_of, probe
+from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import build_scorer
+from certinfer.train import models
 from certinfer.train.loop import load_checkpoint, normalize, to_nchw
-from certinfer.train.models.bagcert import RegionScorer
+from certinfer.train.models.bagcert import CodeMap, RegionScorer
 
 PARITY_EPS = 1e-4  # cells whose fp32 pre-activation is this close to 0 may legitimately differ between backends
-
-
-class CodeMap(torch.nn.Module):
-    def __init__(self, scorer: RegionScorer, tolerance: float):
-        super().__init__()
-        self.scorer, self.tolerance = scorer, tolerance
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.scorer(x)
-        code = (z >= 0).to(torch.uint8) + 2 * (z.abs() < self.tolerance).to(torch.uint8)
-        return code.permute(0, 2, 3, 1)
 
 
 def load_scorer(checkpoint: Path) -> tuple[RegionScorer, dict]:
@@ -49,6 +40,17 @@ def load_scorer(checkpoint: Path) -> tuple[RegionScorer, dict]:
     scorer = build_scorer(meta["num_classes"], meta["config"]["model"])
     scorer.load_state_dict(state)
     return scorer.eval(), meta
+
+
+def _torch_config(meta: dict, tolerance: float) -> dict:
+    return models.config("bagcert-code-map", meta["num_classes"], meta["config"]["model"], (3, *meta["input_hw"]),
+                         tolerance=tolerance)
+
+
+def code_map(checkpoint: Path, tolerance: float) -> tuple[CodeMap, dict]:
+    """The module a BagCert bundle's ONNX is exported from, and its torch engine config."""
+    scorer, meta = load_scorer(Path(checkpoint))
+    return CodeMap(scorer, tolerance).eval(), _torch_config(meta, tolerance)
 
 
 def _session(model: bytes) -> ort.InferenceSession:
@@ -89,7 +91,10 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
     parse(threat, input_hw=hw)  # fail early on a threat that does not fit
     test = datasets.load(eval_data or meta["dataset"]["test"], data_dir)
     x = normalize(to_nchw(test.x[:256]), meta["mean"], meta["std"]).numpy()
-    model = export_onnx(CodeMap(scorer, tolerance), (torch.from_numpy(x[:2]),), ["input"], ["scores"])
+    module = CodeMap(scorer, tolerance).eval()
+    model = export_onnx(module, (torch.from_numpy(x[:2]),), ["input"], ["scores"])
+    torch_entry, weights = torch_engine(module, _torch_config(meta, tolerance), max_batch)
+    files = {"model.onnx": model, "model.safetensors": weights}
     session = _session(expose_input_of(model, "GreaterOrEqual"))
     parity_report = parity(scorer, session, x)
     rects = list(parse(threat, input_hw=hw).rects) + [(1, 1)]
@@ -103,20 +108,20 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
         "geometry": geometry.to_dict(),
         "threat": threat,
         "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}],
+                     "batch": [1, max_batch]}, torch_entry],
         "probe": {"backend": "onnxruntime-cpu", "op": "GreaterOrEqual", **probe_report,
                   "exact_backends": ["onnxruntime-cpu"]},
         "parity": {"torch_vs_onnxruntime-cpu": parity_report},
         "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
                       | {"train_metrics": meta.get("metrics", {})},
     }
-    write_bundle(out, manifest, {"model.onnx": model})
+    write_bundle(out, manifest, files)
     manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
     # every other backend installed here against onnxruntime CPU (GPU backends where they exist)
     manifest["parity"]["backends"] = backend_parity(load_bundle(out), test.x[:256], source=test.name)
     if problems := parity_problems(manifest["parity"]["backends"]):
         raise AssertionError(f"a backend installed here breaks the certificate policy: {'; '.join(problems)}")
-    write_bundle(out, manifest, {"model.onnx": model})
+    write_bundle(out, manifest, files)
     return manifest
 
 

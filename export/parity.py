@@ -54,7 +54,10 @@ def _certifier(bundle, engine):
     from certinfer.runtime.defenses import certifier_class
     from certinfer.threat import parse
 
-    return certifier_class(bundle.manifest["defense"]["kind"])(bundle, engine, parse(bundle.manifest["threat"]))
+    certifier = certifier_class(bundle.manifest["defense"]["kind"])(bundle, engine, parse(bundle.manifest["threat"]))
+    if hasattr(certifier, "fix_seed"):  # randomized defenses: every backend sees the same draws (comparison only)
+        certifier.fix_seed(0)
+    return certifier
 
 
 class _Recorder:

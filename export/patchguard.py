@@ -25,12 +25,14 @@ import typer
 from certinfer.export.bundle_writer import write_bundle
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, _bits, probe
+from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime import ablation
 from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.masking import TANH, VARIANTS
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
 from certinfer.train import data as datasets
+from certinfer.train import models
 from certinfer.train.loop import load_checkpoint
 from certinfer.train.models.bagnet import LocalLogits
 from certinfer.train.patchguard import TrainConfig, build
@@ -50,6 +52,19 @@ def load_network(checkpoint: Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
     model = build(cfg, meta["num_classes"])
     model.load_state_dict(state)
     return model.eval(), meta, cfg
+
+
+def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
+    if cfg.network == "bagnet":
+        return models.config("bagnet-local-logits", meta["num_classes"], cfg.model, (3, *cfg.input_hw))
+    return models.config("drs", meta["num_classes"], cfg.model, (4, *cfg.input_hw))
+
+
+def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """The module a masking bundle's ONNX is exported from (BagNet under LocalLogits, or the DRS base
+    classifier), and its torch engine config."""
+    model, meta, cfg = load_network(Path(checkpoint))
+    return (LocalLogits(model) if cfg.network == "bagnet" else model).eval(), _torch_config(meta, cfg)
 
 
 def parse_clip(spec: str) -> list | str:
@@ -180,7 +195,8 @@ def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, t
     # the images exactly as the runtime prepares them: bilinear resize to the input size, /255, normalized
     x01 = (resize(test.x[:256], hw).astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
     if cfg.network == "bagnet":
-        mean, std = np.float32(meta["mean"]).reshape(1, 3, 1, 1), np.float32(meta["std"]).reshape(1, 3, 1, 1)
+        input_mean, input_std = meta["mean"], meta["std"]  # the checkpoint's values, written to the manifest as is
+        mean, std = np.float32(input_mean).reshape(1, 3, 1, 1), np.float32(input_std).reshape(1, 3, 1, 1)
         x = ((x01 - mean) / std).astype(np.float32)
         wrapper, output = LocalLogits(model), "local_logits"
         onnx_model = export_onnx(wrapper, (torch.from_numpy(x[:2]),), ["input"], [output])
@@ -194,7 +210,7 @@ def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, t
         if sum(n.op_type == "Transpose" for n in onnx.load_from_string(onnx_model).graph.node) == 1:
             probe_report["op"] = "Transpose"
     else:
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        input_mean, input_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # the base classifier takes [0, 1] pixels
         rows = ablation.batch(x01[:8], geometry)
         wrapper, output = model, "logits"
         onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], [output])
@@ -204,23 +220,25 @@ def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, t
                         **ablation_probe(lambda b: session.run([output], {"input": b})[0], x01, geometry,
                                          trials=probe_trials)}
     probe_report["exact_backends"] = ["onnxruntime-cpu"]
+    torch_entry, weights = torch_engine(wrapper, _torch_config(meta, cfg), max_batch)
+    files = {"model.onnx": onnx_model, "model.safetensors": weights}
     manifest = {
         "schema": 1,
         "defense": {"kind": "masking", "params": params},
-        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in np.ravel(mean)],
-                  "std": [float(v) for v in np.ravel(std)], "classes": meta["classes"], "resize": "bilinear"},
+        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in input_mean],
+                  "std": [float(v) for v in input_std], "classes": meta["classes"], "resize": "bilinear"},
         "geometry": geometry.to_dict(),
         "threat": threat,
         "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}],
+                     "batch": [1, max_batch]}, torch_entry],
         "probe": probe_report,
         "parity": {"torch_vs_onnxruntime-cpu": parity_report},
         "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
                       | {"network": cfg.network, "train_metrics": meta.get("metrics", {})},
     }
-    write_bundle(out, manifest, {"model.onnx": onnx_model})
+    write_bundle(out, manifest, files)
     manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
-    write_bundle(out, manifest, {"model.onnx": onnx_model})
+    write_bundle(out, manifest, files)
     return manifest
 
 

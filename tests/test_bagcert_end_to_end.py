@@ -158,6 +158,7 @@ def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
         main(["inspect", "--probe", str(trained["bundle"])])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "probe       onnxruntime-cpu" in out
+    assert "probe       torch-cpu: passed" in out  # the exported torch engine, rebuilt by train.models.build
     edited = tmp_path / "edited"
     shutil.copytree(trained["bundle"], edited)
     manifest = json.loads((edited / "manifest.json").read_text())
@@ -173,3 +174,21 @@ def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 1 and "probe       onnxruntime-cpu: FAILED" in out
     assert "receptive field exceeds" in err
+
+
+@pytest.mark.slow
+def test_torch_cpu_backend_matches_onnxruntime_cpu(trained):
+    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.engines import load_engine
+
+    bundle = load_bundle(trained["bundle"])
+    assert [e["format"] for e in bundle.manifest["engines"]] == ["onnx", "torch"]
+    assert trained["manifest"]["parity"]["backends"]["compared"]["torch-cpu"]["unflagged_flips"] == 0
+    cert = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
+    x = cert.prepare(trained["test"].x[:64])
+    ref = load_engine(bundle, "onnxruntime-cpu").run(x)
+    got = load_engine(bundle, "torch-cpu").run(x)  # default builder: certinfer.train.models.build
+    assert got.dtype == np.uint8 and got.shape == ref.shape
+    near = ((ref | got) >> 1) & 1
+    assert np.array_equal((ref & 1)[near == 0], (got & 1)[near == 0])  # binary maps equal off the threshold
+    assert (ref != got).mean() < 1e-3

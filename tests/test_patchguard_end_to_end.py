@@ -119,3 +119,16 @@ def test_certify_cli_reports_every_variant_and_threat(bundles, models, tmp_path,
     assert set(r["certified_accuracy"]) == {"mask-bn@2x2", "mask-bn@5x5", "cbn@2x2", "cbn@5x5"}
     assert all(r["certified_accuracy"][k] <= r["clean_accuracy_per_variant"][k] for k in r["certified_accuracy"])
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mask-bn", "mask-ds"])
+def test_torch_cpu_backend_matches_onnxruntime_cpu(bundles, models, variant):
+    split = datasets.load(models["data"])
+    ref = certinfer.load(bundles[variant], backend="onnxruntime-cpu")
+    got = certinfer.load(bundles[variant], backend="torch-cpu")  # default builder: certinfer.train.models.build
+    x = ref.prepare(split.x[:24])
+    a, b = ref.run_engine(x), got.run_engine(x)  # local logits, or every ablation's logits
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+    assert [v.label for v in ref(split.x[:24])] == [v.label for v in got(split.x[:24])]
+    assert got.trusted == (variant == "mask-ds")  # local logits: torch-cpu is not in probe.exact_backends

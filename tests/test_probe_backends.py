@@ -30,9 +30,13 @@ def inspect_probe(capsys, bundle: Path, *extra: str) -> tuple[int, str, str]:
     return e.value.code, out, err
 
 
-def test_default_bundle_is_probed_on_every_onnxruntime_provider():
+def test_default_bundle_is_probed_on_every_onnxruntime_provider_and_torch():
     reports = probe_bundle(certinfer.default_bundle(), trials=16)
-    assert list(reports) == list(ONNX_BACKENDS) == candidate_backends(load_bundle(certinfer.default_bundle()))
+    assert list(reports) == [*ONNX_BACKENDS, *TORCH_BACKENDS] == \
+        candidate_backends(load_bundle(certinfer.default_bundle()))
+    torch_cpu = reports["torch-cpu"]  # its torch engine, rebuilt by certinfer.train.models.build where torch is
+    assert torch_cpu["status"] == "passed" or "torch" in torch_cpu.get("reason", ""), torch_cpu
+    assert not torch_cpu.get("listed_exact")
     cpu = reports["onnxruntime-cpu"]
     assert cpu["status"] == "passed" and cpu["listed_exact"]
     assert cpu["checks"]["outputs"]["trials"] == 16 and cpu["checks"]["preactivation"]["op"] == "GreaterOrEqual"
@@ -134,7 +138,8 @@ def test_torch_backends_are_probed_where_the_bundle_has_a_torch_engine(two_engin
     assert set(torch_cpu["checks"]) == {"outputs"} and not torch_cpu["listed_exact"]
     if not torch.cuda.is_available():
         assert all(reports[b]["status"] == "skipped" and "CUDA" in reports[b]["reason"] for b in TORCH_BACKENDS[1:])
-    without = probe_bundle(two_engine_bundle, trials=4, backends=["torch-cpu"])  # no model builder here
+    # the default builder (certinfer.train.models.build) needs a config naming its module; TINY has none
+    without = probe_bundle(two_engine_bundle, trials=4, backends=["torch-cpu"])
     assert without["torch-cpu"]["status"] == "skipped" and "builder" in without["torch-cpu"]["reason"]
 
 

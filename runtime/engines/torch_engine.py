@@ -2,7 +2,8 @@
 
 A ``format: "torch"`` engine entry is a safetensors file of weights (never a pickle). The module is rebuilt by
 a builder called with the model config (the entry's ``config``, else ``provenance.config``); by default
-``certinfer.train.models.build``. torch and safetensors are imported only when this backend is chosen.
+``certinfer.train.models.build``. The config's ``input_shape`` (per sample) is the engine's input shape, else
+the manifest input's (channels, H, W). torch and safetensors are imported only when this backend is chosen.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class TorchEngine(ChunkedEngine):
         config = entry.get("config", bundle.manifest["provenance"].get("config"))
         if config is None:
             raise EngineError(f"{entry['file']}: no model config (engine entry 'config' or provenance.config)")
-        module = (builder or _default_builder())(config)
+        try:
+            module = (builder or _default_builder())(config)
+        except (ValueError, TypeError, KeyError) as err:
+            raise EngineError(f"{entry['file']}: the model builder cannot rebuild the module from its config: "
+                              f"{type(err).__name__}: {err}") from None
         try:
             module.load_state_dict(load_safetensors(bundle.read(entry)), strict=True)  # bytes hashed as read
         except RuntimeError as err:
@@ -62,7 +67,11 @@ class TorchEngine(ChunkedEngine):
         self.min_batch, self.max_batch = 1, entry["batch"][1]
         inp = bundle.manifest["input"]
         self.input_dtype = np.dtype(np.float32)
-        self.input_shape = (inp["channels"], *inp["hw"]) if entry["role"] == "model" else None
+        shape = config.get("input_shape") if isinstance(config, dict) else None  # DRS (4, H, W), crops (5, ch, cw)
+        if shape:
+            self.input_shape = tuple(int(v) for v in shape)
+        else:
+            self.input_shape = (inp["channels"], *inp["hw"]) if entry["role"] == "model" else None
 
     def _capture(self, x):
         """One CUDA graph for this batch size, over a static input buffer (warmed up on a side stream first)."""

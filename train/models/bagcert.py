@@ -144,6 +144,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class CodeMap(nn.Module):
+    """Export wrapper: normalized (N, 3, H, W) -> uint8 code map (N, H', W', C): bit 0 the Heaviside score,
+    bit 1 set where |pre-activation| < ``tolerance`` (cells a backend that is not bit-exact may get wrong)."""
+
+    def __init__(self, scorer: RegionScorer, tolerance: float):
+        super().__init__()
+        self.scorer, self.tolerance = scorer, tolerance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scorer(x)
+        code = (z >= 0).to(torch.uint8) + 2 * (z.abs() < self.tolerance).to(torch.uint8)
+        return code.permute(0, 2, 3, 1)
+
+
 def rf_kernels(rf: int, imagenet: bool = False) -> tuple[int, ...]:
     """Block kernels of the paper's RF tables (A.1.1 CIFAR: RF 5..13; A.1.2 ImageNet-style: RF 17, 25, 29)."""
     table = {
