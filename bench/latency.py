@@ -7,12 +7,15 @@ where the bundle has a torch entry; the others are recorded as skipped with the 
   from ``Verdict.timings_ms``) and of the wall time of the whole call;
 * throughput at several batch sizes and the best of them, with the per-frame stage split;
 * certification overhead as a share of engine time (batch 1 and best batch), and the process's peak RSS;
+* for defenses that turn a frame into many engine inputs (randomized cropping's crops, DRS ablations), the time
+  to build them against the engine's time on them (:func:`expansion`);
 * dataset certification throughput (images/s through :func:`certinfer.runtime.evaluate.evaluate_certifier`)
   on a dataset split, when one is given.
 
 Once per bundle, on the same engine outputs: the vectorized certification math against the plain reference
-written from the paper (:mod:`certinfer.bench.reference`), its speed-up factor, and a check that both give
-identical certificates (certified flag and margin for every rectangle); a mismatch fails the benchmark.
+written from the paper (:mod:`certinfer.bench.reference` for BagCert, ``masking_reference`` for PatchGuard,
+``cropping_reference`` for randomized cropping), its speed-up factor, and a check that both give identical
+certificates (certified flag and margin for every rectangle); a mismatch fails the benchmark.
 
 Results go to ``<out_dir>/<name>-<machine>.json`` (machine, versions, git commit, date) and a ``.png`` plot.
 Nothing here imports torch unless a torch backend is asked for and the bundle has a torch engine.
@@ -46,6 +49,7 @@ DEFAULT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt
 DEFAULT_BATCHES = (1, 8, 32, 128, 512)
 # issue 7's targets
 TARGET_OVERHEAD = 0.05  # certification at most 5% of the engine's time (BagCert, PatchGuard)
+TARGET_PREP = 0.10  # building crops (and ablations, occlusions) at most 10% of the engine's time
 TARGET_SPEEDUP = 100.0  # vectorized certifiers at least 100x faster than the plain references
 TARGET_FPS = 200.0  # default bundle on the CPU: at least 200 certified frames/s at the best batch ...
 TARGET_P99_MS = 20.0  # ... and p99 below 20 ms at batch 1
@@ -384,8 +388,85 @@ def masking_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference: 
     }
 
 
+def cropping_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference: int,
+                  progress: Callable[[int], None] | None = None, repeats: int = 3) -> dict:
+    """Randomized cropping: vote counting + ``cropping.vote_certificates`` vs the loop reference on the same crop
+    logits (one engine pass; crops drawn from a fixed seed, which is for benchmarks only)."""
+    from certinfer.bench.cropping_reference import certify_reference
+
+    n_reference = min(n_reference, n_vectorized)
+    certifier.fix_seed(0)
+    x = certifier.prepare(take(frames, n_vectorized))
+    outputs = certifier.run_engine(x)
+    logits = outputs[0]
+    exhaustive = certifier.mode == "exhaustive"
+
+    def vectorized():
+        return [d.certificate for d in certifier.decide(x, outputs)]
+
+    def one_by_one():
+        return [certifier.decide(x[i:i + 1], (logits[i:i + 1], outputs[1][i:i + 1]))[0].certificate
+                for i in range(len(logits))]
+
+    t_batched, fast = _best_of(vectorized, repeats)
+    t_single, single = _best_of(one_by_one, repeats)
+    slow, t_ref = [], 0.0
+    for i in range(n_reference):
+        t0 = time.perf_counter()
+        slow.append(certify_reference(logits[i], certifier.input_hw, certifier.crop_hw, certifier.threat,
+                                      certifier.replace, certifier.threshold, exhaustive))
+        t_ref += time.perf_counter() - t0
+        if progress:
+            progress(1)
+    mismatches = []
+    for i in range(n_reference):
+        mismatches += [f"frame {i}: {d}" for d in compare_certificates(fast[i], slow[i])]
+        mismatches += [f"frame {i} (one by one): {d}" for d in compare_certificates(single[i], fast[i])]
+    if mismatches:
+        raise AssertionError("vectorized and reference cropping certificates differ: " + "; ".join(mismatches[:5]))
+    ms = {"vectorized_batched": t_batched * 1e3 / n_vectorized,
+          "vectorized_one_frame_per_call": t_single * 1e3 / n_vectorized,
+          "reference": t_ref * 1e3 / max(n_reference, 1)}
+    return {
+        "defense": "cropping", "params": certifier.manifest["defense"].get("params", {}), "threat": str(certifier.threat),
+        "rects": list(certifier.threat.keys), "maps_from_backend": certifier.engine.name,
+        "map_shape": list(logits.shape[1:]),
+        "reference": "certinfer.bench.cropping_reference.certify_reference: loops over crops, classes, patch and crop "
+                     "positions, and the terms of the overlap tail",
+        "frames_vectorized": n_vectorized, "frames_reference": n_reference, "repeats_vectorized": repeats,
+        "ms_per_frame": ms,
+        "speedup": _ratio(ms["reference"], ms["vectorized_one_frame_per_call"]),
+        "speedup_batched": _ratio(ms["reference"], ms["vectorized_batched"]),
+        "identical_certificates": True, "frames_compared": n_reference,
+        "certified_among_compared": int(sum(c.certified for c in fast[:n_reference])),
+    }
+
+
 # defense kind -> its math-vs-reference function
-MATH: dict[str, Callable] = {"bagcert": bagcert_math, "masking": masking_math}
+MATH: dict[str, Callable] = {"bagcert": bagcert_math, "masking": masking_math, "cropping": cropping_math}
+
+
+def expansion(certifier, frames: np.ndarray, n: int, repeats: int = 3) -> dict | None:
+    """Defenses that turn a frame into many engine inputs (crops; DRS ablations): the time to build them against
+    the engine's time on them, per frame. ``Verdict.timings_ms`` counts that building as engine time, because it
+    happens inside ``run_engine``; this separates it. None for defenses with one engine input per frame."""
+    from certinfer.runtime import ablation
+    from certinfer.runtime.defenses import cropping
+
+    x = certifier.prepare(take(frames, n))
+    if certifier.manifest["defense"]["kind"] == "cropping":
+        certifier.fix_seed(0)
+        flat = certifier.draw(len(x))
+        what, build = "crops (one gather)", lambda: cropping.cut(x, certifier.crop_hw, flat)
+    elif getattr(certifier, "source", None) == "ablation":
+        what, build = "ablations", lambda: ablation.batch(x, certifier.geometry)
+    else:
+        return None
+    t_build, rows = _best_of(build, repeats)
+    t_engine, _ = _best_of(lambda: certifier.engine.run(rows), 1)
+    return {"inputs": what, "frames": n, "engine_inputs_per_frame": len(rows) // n,
+            "build_ms_per_frame": t_build * 1e3 / n, "engine_ms_per_frame": t_engine * 1e3 / n,
+            "build_over_engine": _ratio(t_build, t_engine), "backend": certifier.engine.name}
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -416,17 +497,23 @@ def _is_default(path: Path) -> bool:
         return False
 
 
-def _targets(backends: dict, math: dict | None, default_bundle: bool) -> list[dict]:
+def _targets(kind: str, backends: dict, math: dict | None, default_bundle: bool) -> list[dict]:
     out = []
     for name, b in backends.items():
         if "skipped" in b:
             continue
-        over = b["best_batch"]["certify_over_engine"]
-        out.append({"target": "certification overhead <= 5% of engine time (best batch)", "backend": name,
-                    "value": over, "met": over is not None and over <= TARGET_OVERHEAD})
-        over1 = b["batch1"]["certify_over_engine"]
-        out.append({"target": "certification overhead <= 5% of engine time (batch 1, p50)", "backend": name,
-                    "value": over1, "met": over1 is not None and over1 <= TARGET_OVERHEAD})
+        if kind in ("bagcert", "masking"):
+            over = b["best_batch"]["certify_over_engine"]
+            out.append({"target": "certification overhead <= 5% of engine time (best batch)", "backend": name,
+                        "value": over, "met": over is not None and over <= TARGET_OVERHEAD})
+            over1 = b["batch1"]["certify_over_engine"]
+            out.append({"target": "certification overhead <= 5% of engine time (batch 1, p50)", "backend": name,
+                        "value": over1, "met": over1 is not None and over1 <= TARGET_OVERHEAD})
+        if b.get("expansion"):
+            e = b["expansion"]
+            out.append({"target": f"{e['inputs']} preparation <= 10% of engine time", "backend": name,
+                        "value": e["build_over_engine"],
+                        "met": e["build_over_engine"] is not None and e["build_over_engine"] <= TARGET_PREP})
         if default_bundle and not b["engine"].startswith(("torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt",
                                                           "tensorrt")):
             fps = b["best_batch"]["frames_per_second"]
@@ -446,8 +533,11 @@ def run_latency(bundle: Path | None = None, backends: tuple[str, ...] | list[str
                 frames: int = 200, batches: tuple[int, ...] | list[int] = DEFAULT_BATCHES, seconds: float = 2.0,
                 threat: str | None = None, threads: int | None = None, vectorized_frames: int = 300,
                 reference_frames: int = 5, data: str | None = None, limit: int | None = None,
-                data_batch: int | None = None, warmup: int = 5, progress: bool = True) -> dict:
-    """Every measurement of this module for one bundle; returns the JSON-ready result."""
+                data_batch: int | None = None, warmup: int = 5, progress: bool = True, note: str = "",
+                data_backend: str | None = None) -> dict:
+    """Every measurement of this module for one bundle; returns the JSON-ready result. ``note``: the conditions
+    of the run (e.g. other jobs on the CPU), recorded as ``conditions`` next to the load average.
+    ``data_backend``: the one backend that certifies ``data`` (default: every backend)."""
     import certinfer
     from certinfer.runtime.bundle import load_bundle
     from certinfer.runtime.engines import BACKENDS, EngineError
@@ -473,8 +563,10 @@ def run_latency(bundle: Path | None = None, backends: tuple[str, ...] | list[str
                    "commit": manifest.get("provenance", {}).get("commit")},
         "settings": {"frames": frames, "batches": list(batches), "seconds_per_batch": seconds, "warmup": warmup,
                      "threads": threads, "vectorized_frames": vectorized_frames, "reference_frames": reference_frames,
-                     "data": data, "limit": limit, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "note": GPU_NOTE if info["gpus"] else CPU_NOTE,
+                     "data": data, "limit": limit, "data_backend": data_backend,
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "note": GPU_NOTE if info["gpus"] else CPU_NOTE, "conditions": note,
+        "load_average": {"start": list(os.getloadavg())},  # 1, 5 and 15 minutes: other work on the machine
         "backends": {}, "math_vs_reference": None, "dataset": {},
     }
     hw = (int(manifest["input"]["hw"][0]), int(manifest["input"]["hw"][1]))
@@ -500,8 +592,9 @@ def run_latency(bundle: Path | None = None, backends: tuple[str, ...] | list[str
             best = max(points, key=lambda p: p["frames_per_second"])
             entry = {"engine": certifier.engine.name, "engine_max_batch": certifier.engine.max_batch,
                      "frames": frames_note, "batch1": b1, "batches": points, "best_batch": best,
+                     "expansion": expansion(certifier, src_frames, min(32, vectorized_frames)),
                      "peak_rss_mib": peak_rss_mib()}
-            if split is not None:
+            if split is not None and data_backend in (None, name):
                 def bar_for(total, name=name):
                     t = bar.add_task(f"{name}: {data}", total=total)
                     return lambda k: bar.advance(t, k)
@@ -522,7 +615,8 @@ def run_latency(bundle: Path | None = None, backends: tuple[str, ...] | list[str
     if kind not in MATH:
         result["math_vs_reference"] = {"skipped": f"no plain reference for defense {kind!r} yet"}
     result["dataset"] = {k: v["dataset"] for k, v in measured.items() if "dataset" in v}
-    result["targets"] = _targets(result["backends"], result["math_vs_reference"]
+    result["load_average"]["end"] = list(os.getloadavg())
+    result["targets"] = _targets(kind, result["backends"], result["math_vs_reference"]
                                  if "skipped" not in (result["math_vs_reference"] or {}) else None, default)
     result["peak_rss_mib"] = peak_rss_mib()
     return result
@@ -548,6 +642,11 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"  {'':22s} best batch {best['batch']}: {best['frames_per_second']:.0f} frames/s"
                      + (f"  certify/engine {over:.1%}" if over is not None else "")
                      + f"  peak RSS {b['peak_rss_mib']:.0f} MiB")
+        if b.get("expansion"):
+            e = b["expansion"]
+            lines.append(f"  {'':22s} {e['inputs']}: {e['engine_inputs_per_frame']} engine inputs per frame, built in "
+                         f"{e['build_ms_per_frame']:.3f} ms/frame vs engine {e['engine_ms_per_frame']:.3f} ms/frame "
+                         f"({e['build_over_engine']:.1%})")
         if "dataset" in b:
             d = b["dataset"]
             lines.append(f"  {'':22s} {d['data']} ({d['n']} images, batch {d['batch']}): {d['images_per_second']:.0f} "
@@ -566,11 +665,23 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def defense_label(result: dict) -> str:
+    """``bagcert``, ``masking mask-ds``, ``cropping sample`` ...: the defense kind and its variant or mode."""
+    d = result["bundle"]["defense"]
+    extra = d.get("params", {}).get("variant") or d.get("params", {}).get("mode")
+    return f"{d['kind']} {extra}" if extra else d["kind"]
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per measured backend of each result: the table the README shows (with the machine of each row)."""
-    rows = ["| bundle | machine | backend | p50 / p99 ms (batch 1) | certify / engine (batch 1) | best batch: frames/s "
-            "| certify / engine (best) | math speed-up (1 frame / batched) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| bundle | defense | machine | backend | p50 / p99 ms (batch 1) | prepare / engine / certify ms (batch 1 "
+            "p50) | certify / engine (batch 1 / best) | best batch: frames/s | crops or ablations built / engine "
+            "| peak RSS MiB | math speed-up (1 frame / batched) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.get("math_vs_reference") or {}
         speed = (f"{m['speedup']:.0f}x / {m['speedup_batched']:.0f}x" if m.get("speedup") else "n/a")
@@ -578,11 +689,14 @@ def markdown_table(results: list[dict]) -> str:
         for b in r["backends"].values():
             if "skipped" in b:
                 continue
-            st, best = b["batch1"]["stages_ms"]["total"], b["best_batch"]
-            o1, ob = b["batch1"]["certify_over_engine"], best["certify_over_engine"]
-            rows.append(f"| {Path(r['bundle']['path']).name} | {machine} | {b['engine']} | {st['p50']:.2f} / {st['p99']:.2f} "
-                        f"| {'n/a' if o1 is None else f'{o1:.0%}'} | {best['frames_per_second']:.0f} (batch {best['batch']}) "
-                        f"| {'n/a' if ob is None else f'{ob:.0%}'} | {speed} |")
+            st, best = b["batch1"]["stages_ms"], b["best_batch"]
+            split = " / ".join(f"{st[k]['p50']:.2f}" for k in ("prepare", "engine", "certify"))
+            over = f"{_pct(b['batch1']['certify_over_engine'])} / {_pct(best['certify_over_engine'])}"
+            built = _pct(b["expansion"]["build_over_engine"]) if b.get("expansion") else "none"
+            rows.append(f"| {Path(r['bundle']['path']).name} | {defense_label(r)} | {machine} | {b['engine']} "
+                        f"| {st['total']['p50']:.2f} / {st['total']['p99']:.2f} | {split} | {over} "
+                        f"| {best['frames_per_second']:.0f} (batch {best['batch']}) | {built} "
+                        f"| {b['peak_rss_mib']:.0f} | {speed} |")
     return "\n".join(rows)
 
 
@@ -613,7 +727,7 @@ def plot_result(result: dict, path: Path) -> Path:
         bottom += rows_a[:, k]
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("ms per frame")
-    ax.set_title(f"{result['bundle']['defense']['kind']}: latency by stage")
+    ax.set_title(f"{defense_label(result)}: latency by stage")
     ax.legend()
     if has_math:
         ax = axes[0, 1]
@@ -683,10 +797,13 @@ def latency_command(
     name: Optional[str] = typer.Option(None, help="File name stem [default: latency-DEFENSE-BUNDLE]"),
     machine: Optional[str] = typer.Option(None, help="Machine tag in the file name [default: GPU or CPU model]"),
     plot: bool = typer.Option(True, help="Write the plot"),
+    data_backend: Optional[str] = typer.Option(None, help="Certify --data on this backend only [default: every one]"),
+    note: str = typer.Option("", help="Conditions of the run to record, e.g. 'CPU shared with 4 training jobs'"),
 ) -> None:
     """Latency and throughput per backend, certification math vs the plain reference, dataset throughput."""
     result = run_latency(bundle, tuple(backend) or DEFAULT_BACKENDS, frames, _batches(batches), seconds, threat,
-                         threads, vectorized_frames, reference_frames, data, limit, data_batch)
+                         threads, vectorized_frames, reference_frames, data, limit, data_batch, note=note,
+                         data_backend=data_backend)
     label = "default" if bundle is None else bundle.name.removesuffix(".tar")
     paths = write_result(result, out_dir, name or f"latency-{result['bundle']['defense']['kind']}-{label}", machine,
                          plot)

@@ -120,7 +120,56 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     assert "math (3x3,2x2)" in captured.err
     from certinfer.bench.latency import markdown_table
 
-    assert "| tinybag |" in markdown_table([r]).splitlines()[2]
+    assert "| tinybag | bagcert |" in markdown_table([r]).splitlines()[2]
+    certify = {"bundle": str(bagcert_bundle), "data": "folder:x", "n": 5, "threat": "3x3",
+               "certified_accuracy": {"3.2": 0.4, "3.3": 0.2}}
+    (out / "bagcert-tiny.json").write_text(json.dumps(certify))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "summary", "--results", str(out)])
+    captured = capsys.readouterr()
+    assert e.value.code == 0, captured.err
+    assert "tinybag: certified accuracy 0.400 (3.2, folder:x, bagcert-tiny.json)" in captured.out
+    for png in json.loads(captured.out.strip().splitlines()[-1]):
+        assert Path(png).stat().st_size > 1000
+
+
+def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
+    """Randomized cropping with a torch engine: both backends measured, crop building timed apart from the engine,
+    and the loop reference gives identical certificates."""
+    torch = pytest.importorskip("torch")
+    from certinfer.bench.latency import run_latency
+    from certinfer.export.bundle_writer import write_bundle
+    from certinfer.export.onnx_export import export_onnx
+    from certinfer.export.torch_weights import torch_engine
+    from certinfer.train import models
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = models.config("cropnet", len(CLASSES), dict(input_hw=(16, 16), crop_hw=(8, 8), widths=(4, 4, 8, 8)),
+                           (5, 8, 8))
+    net = models.build(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = export_onnx(net, (torch.zeros(2, 5, 8, 8),), ["input"], ["logits"])
+    entry, weights = torch_engine(net, config, 256)
+    manifest = {
+        "defense": {"kind": "cropping", "params": {"crop": [8, 8], "crops": 16, "replace": True, "mode": "sample",
+                                                   "threshold": 0.95}},
+        "input": {"hw": [16, 16], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": CLASSES},
+        "threat": "1x1",
+        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "batch": [1, 256]}, entry],
+        "provenance": {"commit": "test"},
+    }
+    bundle = write_bundle(tmp_path / "tinycrop", manifest, {"model.onnx": model, "model.safetensors": weights})
+    r = run_latency(bundle, ("onnxruntime-cpu", "torch-cpu"), frames=3, batches=(1, 4), seconds=0.0, threads=1,
+                    vectorized_frames=4, reference_frames=2, progress=False, note="test")
+    assert {r["backends"][b]["engine"] for b in ("onnxruntime-cpu", "torch-cpu")} == {"onnxruntime-cpu", "torch-cpu"}
+    e = r["backends"]["torch-cpu"]["expansion"]
+    assert e["engine_inputs_per_frame"] == 16 and e["build_over_engine"] > 0
+    m = r["math_vs_reference"]
+    assert m["defense"] == "cropping" and m["identical_certificates"] and m["frames_compared"] == 2
+    assert any("crops (one gather) preparation" in t["target"] for t in r["targets"])
+    assert r["conditions"] == "test" and len(r["load_average"]["end"]) == 3
 
 
 def test_latency_cli_rejects_unknown_backends_and_bad_batches(bagcert_bundle: Path, tmp_path: Path, capsys):

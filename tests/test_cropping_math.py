@@ -153,3 +153,21 @@ def test_draws_are_uniform_and_without_replacement_distinct():
     assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
     votes = cropping.count_votes(np.array([[0, 2, 2], [1, 1, 1]]), 3)
     assert votes.tolist() == [[1, 0, 2], [0, 3, 0]]
+
+
+@pytest.mark.parametrize("replace,exhaustive", [(True, False), (False, False), (True, True)])
+def test_plain_reference_gives_identical_certificates(replace, exhaustive):
+    from certinfer.bench.cropping_reference import certify_reference
+
+    rng = np.random.default_rng(int(replace) + 2 * int(exhaustive))
+    hw, crop = (24, 24), (8, 8)
+    threat = parse("2x2,1x3", input_hw=hw)
+    n = cropping.crop_locations(hw, crop) if exhaustive else 48
+    logits = rng.normal(size=(6, n, 4))
+    logits[:, :, 0] += np.linspace(0, 6, 6)[:, None]  # some frames with wide vote gaps, some without
+    votes = cropping.count_votes(logits.argmax(-1), 4)
+    fast = cropping.vote_certificates(votes, hw, crop, threat, replace, 0.9, exhaustive)
+    for i in range(len(logits)):
+        slow = certify_reference(logits[i], hw, crop, threat, replace, 0.9, exhaustive)
+        assert slow.per_rect == fast[i].per_rect and slow.certified == fast[i].certified and slow.kind == fast[i].kind
+    assert any(c.certified for c in fast) and not all(c.certified for c in fast)

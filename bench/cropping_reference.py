@@ -1,0 +1,76 @@
+"""Plain reference for randomized cropping (Lin et al. 2021, Eq. 2 to 6), written with loops.
+
+For one frame: the vote of every crop (its logits' argmax, lowest class on ties) counted crop by crop; the top
+two counts n1, n2 found class by class; per rectangle, n_adv (Eq. 2) as the most crop positions one patch
+position overlaps, by looping over every patch position and every crop position on each axis; then the tail of
+the overlap count X (binomial with replacement, hypergeometric without; Eq. 4 to 6) summed term by term in exact
+fractions until it reaches the threshold, which gives the overlap bound t. Certified for a rectangle when
+n1 - n2 > 2 t (ties as flips), exhaustive mode when n1 - n2 > 2 n_adv; margins in the units of
+``cropping.vote_certificates`` (votes), so certificates compare number for number. ``certinfer bench latency``
+times this against the vectorized runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from certinfer.runtime.verdict import Certificate, RectCert
+from certinfer.threat import Threat, rect_key
+
+
+def votes_reference(logits: np.ndarray) -> list[int]:
+    """Votes per class of one frame's crop logits (n, C)."""
+    counts = [0] * logits.shape[1]
+    for row in logits:
+        best = 0
+        for c in range(1, len(row)):
+            if row[c] > row[best]:
+                best = c
+        counts[best] += 1
+    return counts
+
+
+def axis_overlaps(m: int, k: int, p: int) -> int:
+    """The most crop positions (side k) that one patch position (side p) overlaps on an axis of length m."""
+    most = 0
+    for s in range(m - p + 1):
+        hits = sum(1 for c in range(m - k + 1) if c <= s + p - 1 and c + k - 1 >= s)
+        most = max(most, hits)
+    return most
+
+
+def overlap_bound_reference(n: int, adv: int, total: int, replace: bool, threshold: float) -> int:
+    """The least t with P(X <= t) >= threshold, X the crops among n drawn that overlap the patch."""
+    cdf = Fraction(0)
+    for t in range(n + 1):
+        if replace:
+            p = Fraction(adv / total)  # the float probability n_adv / n_all, exactly as the runtime holds it
+            cdf += math.comb(n, t) * p ** t * (1 - p) ** (n - t)
+        else:
+            cdf += Fraction(math.comb(adv, t) * math.comb(total - adv, n - t), math.comb(total, n))
+        if float(cdf) >= threshold:
+            return t
+    return n
+
+
+def certify_reference(logits: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
+                      replace: bool, threshold: float, exhaustive: bool) -> Certificate:
+    """One frame's certificate from its crop logits (n, C)."""
+    votes = votes_reference(logits)
+    n1 = n2 = -1
+    for v in votes:
+        if v > n1:
+            n1, n2 = v, n1
+        elif v > n2:
+            n2 = v
+    gap = n1 - max(n2, 0)
+    total = (input_hw[0] - crop_hw[0] + 1) * (input_hw[1] - crop_hw[1] + 1)
+    per_rect = {}
+    for rect in threat.rects:
+        adv = axis_overlaps(input_hw[0], crop_hw[0], rect[0]) * axis_overlaps(input_hw[1], crop_hw[1], rect[1])
+        t = adv if exhaustive else overlap_bound_reference(len(logits), adv, total, replace, threshold)
+        per_rect[rect_key(rect)] = RectCert(gap - 2 * t > 0, float(gap - 2 * t))
+    return Certificate.from_rects(str(threat), per_rect, kind="recovery" if exhaustive else "probabilistic")

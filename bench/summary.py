@@ -1,0 +1,160 @@
+"""``certinfer bench summary``: every defense's latency results side by side, and certified accuracy vs latency.
+
+Reads the ``certinfer bench latency`` results (``latency-*.json``) and the ``certinfer certify`` results (any other
+JSON with ``certified_accuracy`` and ``bundle``) in a folder; writes two plots (latency by defense and backend;
+certified accuracy vs per-frame latency) and prints the README's markdown table. A certify result belongs to a
+latency result when their bundle folders have the same name (benchmarks may run on a copy of a bundle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from certinfer.bench.latency import defense_label, machine_slug, markdown_table
+
+
+def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(latency results, certify results) among the JSON files of ``folder``."""
+    latency, certify = [], []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(r, dict):
+            continue
+        if r.get("benchmark") == "latency":
+            latency.append(r)
+        elif "certified_accuracy" in r and "bundle" in r:
+            certify.append({**r, "file": path.name})
+    return latency, certify
+
+
+def certify_key(latency: dict) -> list[str]:
+    """The keys under which ``certinfer certify`` reports the bundle's own decision rule, best first."""
+    d, threat = latency["bundle"]["defense"], latency["bundle"]["threat"]
+    params = d.get("params", {})
+    if d["kind"] == "bagcert":
+        return [params.get("condition", "3.2")]
+    if d["kind"] == "masking":
+        return [f"{params.get('variant')}@{threat}"]
+    if d["kind"] == "cropping":
+        if params.get("mode") == "exhaustive":
+            return ["exhaustive"]
+        return [f"{'r' if params.get('replace', True) else 'nr'}{params.get('crops')}"]
+    return ["default"]
+
+
+def certified_accuracy(latency: dict, certify: list[dict]) -> dict | None:
+    """The bundle's certified accuracy from the certify result of the same bundle folder (largest dataset)."""
+    name = Path(latency["bundle"]["path"]).name
+    found = []
+    for c in certify:
+        if Path(c["bundle"]).name != name:
+            continue
+        for key in certify_key(latency):
+            if key in c["certified_accuracy"]:
+                found.append({"value": c["certified_accuracy"][key], "key": key, "data": c.get("data"),
+                              "n": c.get("n"), "threat": c.get("threat"), "file": c["file"]})
+    return max(found, key=lambda f: f["n"] or 0) if found else None
+
+
+def _measured(r: dict) -> dict:
+    return {k: b for k, b in r["backends"].items() if "skipped" not in b}
+
+
+def plot_latency(results: list[dict], path: Path) -> Path:
+    """Per-frame ms by defense (one group each) and backend: batch-1 p50 and the best batch (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    backends = sorted({b["engine"] for r in results for b in _measured(r).values()})
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(results)), 4.5))
+    width = 0.8 / max(1, 2 * len(backends))
+    for j, engine in enumerate(backends):
+        for k, (what, hatch) in enumerate((("batch 1 p50", ""), ("best batch", "//"))):
+            xs, ys = [], []
+            for i, r in enumerate(results):
+                b = next((b for b in _measured(r).values() if b["engine"] == engine), None)
+                if b is not None:
+                    xs.append(i + (2 * j + k - len(backends) + 0.5) * width)
+                    ys.append(b["batch1"]["stages_ms"]["total"]["p50"] if k == 0
+                              else b["best_batch"]["per_frame_ms"]["total"])
+            ax.bar(xs, ys, width, label=f"{engine}, {what}", color=f"C{j}", hatch=hatch, edgecolor="white")
+    ax.set_xticks(np.arange(len(results)), [f"{defense_label(r)}\n{Path(r['bundle']['path']).name}" for r in results],
+                  fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per certified frame (log scale)")
+    ax.set_title("latency by defense and backend")
+    ax.legend(fontsize=7)
+    fig.suptitle(_machine_line(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_latency(results: list[dict], certify: list[dict], path: Path) -> Path:
+    """Certified accuracy (from certify results) against per-frame latency, one point per bundle and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(results):
+        acc = certified_accuracy(r, certify)
+        if acc is None:
+            continue
+        for b in _measured(r).values():
+            ms = b["batch1"]["stages_ms"]["total"]["p50"]
+            marker = "o" if b["engine"].startswith("onnxruntime") else "s"
+            ax.scatter([ms], [acc["value"]], color=f"C{i}", marker=marker)
+            ax.annotate(f"{defense_label(r)} ({acc['data']}, {r['bundle']['threat']})\n{b['engine']}", (ms, acc["value"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per frame at batch 1 (p50, log scale)")
+    ax.set_ylabel("certified accuracy (certinfer certify)")
+    ax.set_title("certified accuracy vs latency")
+    fig.suptitle(_machine_line(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _machine_line(results: list[dict]) -> str:
+    machines = {f"{r['machine']['cpu']}, {r['machine']['cores']} cores"
+                + (f", {r['machine']['gpus'][0]['name']}" if r["machine"]["gpus"] else " (no GPU)") for r in results}
+    return "; ".join(sorted(machines))
+
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command("summary")
+def summary_command(
+    results: Path = typer.Option(Path("bench/results"), help="Folder of latency and certify result JSON files"),
+    out_dir: Path = typer.Option(None, help="Folder for the plots [default: --results]"),
+) -> None:
+    """Plots of every latency result (by defense and backend; certified accuracy vs latency) and the table."""
+    latency, certify = load_results(results)
+    if not latency:
+        raise ValueError(f"no latency results (latency-*.json) in {results}")
+    out = Path(out_dir or results)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = machine_slug(latency[0]["machine"])
+    paths = [plot_latency(latency, out / f"summary-latency-{tag}.png"),
+             plot_accuracy_vs_latency(latency, certify, out / f"summary-accuracy-vs-latency-{tag}.png")]
+    typer.echo(markdown_table(latency))
+    for r in latency:
+        acc = certified_accuracy(r, certify)
+        typer.echo(f"{Path(r['bundle']['path']).name}: certified accuracy "
+                   + (f"{acc['value']:.3f} ({acc['key']}, {acc['data']}, {acc['file']})" if acc else "n/a"))
+    typer.echo(json.dumps([str(p) for p in paths]))
