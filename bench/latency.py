@@ -660,7 +660,7 @@ def summary_lines(result: dict) -> list[str]:
                      f"on {m['frames_compared']} frames")
     for t in result.get("targets", []):
         value = t["value"]
-        shown = "n/a" if value is None else (f"{value:.1%}" if "overhead" in t["target"] else f"{value:.1f}")
+        shown = "n/a" if value is None else (f"{value:.1%}" if "%" in t["target"] else f"{value:.1f}")
         lines.append(f"  target {'met' if t['met'] else 'MISSED':6s} {t['target']} [{t['backend']}]: {shown}")
     return lines
 

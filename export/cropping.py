@@ -21,11 +21,13 @@ import typer
 
 from certinfer.export.bundle_writer import write_bundle
 from certinfer.export.onnx_export import export_onnx
+from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, crop_locations
 from certinfer.threat import parse
 from certinfer.train import data as datasets
 from certinfer.train.cropping import TrainConfig, normalized, random_crops
+from certinfer.train import models
 from certinfer.train.loop import load_checkpoint
 from certinfer.train.models.cropnet import build_cropnet
 
@@ -41,6 +43,16 @@ def load_network(checkpoint: Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
     model = build_cropnet(meta["num_classes"], cfg.model)
     model.load_state_dict(state)
     return model.eval(), meta, cfg
+
+
+def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
+    return models.config("cropnet", meta["num_classes"], cfg.model, (5, *cfg.crop_hw))
+
+
+def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """The crop classifier a cropping bundle's ONNX is exported from, and its torch engine config."""
+    model, meta, cfg = load_network(Path(checkpoint))
+    return model, _torch_config(meta, cfg)
 
 
 def defense_params(crop_hw: tuple[int, int], input_hw: tuple[int, int], crops: int, replace: bool, mode: str,
@@ -104,6 +116,8 @@ def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: in
     rows = random_crops(x, crop_hw, np.random.default_rng(0), per_image=8)
     onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits"])
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
+    files = {"model.onnx": onnx_model, "model.safetensors": weights}
     manifest = {
         "schema": 1,
         "defense": {"kind": "cropping", "params": params},
@@ -111,14 +125,14 @@ def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: in
                   "std": [float(v) for v in meta["std"]], "classes": meta["classes"], "resize": "bilinear"},
         "threat": threat,
         "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}],
+                     "batch": [1, max_batch]}, torch_entry],
         "parity": {"torch_vs_onnxruntime-cpu": parity(model, session, rows)},
         "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
                       | {"train_metrics": meta.get("metrics", {})},
     }
-    write_bundle(out, manifest, {"model.onnx": onnx_model})
+    write_bundle(out, manifest, files)
     manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
-    write_bundle(out, manifest, {"model.onnx": onnx_model})
+    write_bundle(out, manifest, files)
     return manifest
 
 

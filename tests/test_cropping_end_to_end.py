@@ -117,3 +117,21 @@ def test_certify_cli_reports_every_variant(bundles, model, tmp_path, capsys):
     assert all(acc[k] <= r["clean_accuracy_per_variant"][k] for k in acc)
     assert "nr512" not in acc  # 512 crops without replacement do not exist among 289 locations
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_torch_cpu_backend_matches_onnxruntime_cpu(model, bundles):
+    split = datasets.load(model[1])
+    for mode in ("sample", "exhaustive"):
+        ref = certinfer.load(bundles[mode], backend="onnxruntime-cpu")
+        got = certinfer.load(bundles[mode], backend="torch-cpu")  # default builder: certinfer.train.models.build
+        assert got.engine.name == "torch-cpu"
+        ref.fix_seed(3)
+        got.fix_seed(3)
+        x = ref.prepare(split.x[:16])
+        (a, flat_a), (b, flat_b) = ref.run_engine(x), got.run_engine(x)  # the same crops on both backends
+        assert np.array_equal(flat_a, flat_b)
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+        ref.fix_seed(3)
+        got.fix_seed(3)
+        assert [(v.label, v.scores) for v in ref(split.x[:16])] == [(v.label, v.scores) for v in got(split.x[:16])]
