@@ -180,7 +180,8 @@ def load_certifier(bundle: Path, backend: str, threat: str | None = None, thread
     if threads and backend.startswith("torch") and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     spec = loaded.manifest["threat"] if threat is None else threat
-    return certifier_class(loaded.manifest["defense"]["kind"])(loaded, engine, parse(spec))
+    threat = parse(spec, input_hw=tuple(loaded.manifest["input"]["hw"]))  # a percentage threat needs the input size
+    return certifier_class(loaded.manifest["defense"]["kind"])(loaded, engine, threat)
 
 
 def stream_latency(certifier, frames: np.ndarray, n: int, warmup: int = 5,

@@ -54,7 +54,9 @@ def _certifier(bundle, engine):
     from certinfer.runtime.defenses import certifier_class
     from certinfer.threat import parse
 
-    certifier = certifier_class(bundle.manifest["defense"]["kind"])(bundle, engine, parse(bundle.manifest["threat"]))
+    m = bundle.manifest
+    threat = parse(m["threat"], input_hw=tuple(m["input"]["hw"]))  # a percentage threat needs the input size
+    certifier = certifier_class(m["defense"]["kind"])(bundle, engine, threat)
     if hasattr(certifier, "fix_seed"):  # randomized defenses: every backend sees the same draws (comparison only)
         certifier.fix_seed(0)
     return certifier

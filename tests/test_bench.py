@@ -156,7 +156,7 @@ def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
         "defense": {"kind": "cropping", "params": {"crop": [8, 8], "crops": 16, "replace": True, "mode": "sample",
                                                    "threshold": 0.95}},
         "input": {"hw": [16, 16], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": CLASSES},
-        "threat": "1x1",
+        "threat": "2.4%",  # a percentage: parsed against the input size (a 3x3 patch here)
         "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "batch": [1, 256]}, entry],
         "provenance": {"commit": "test"},
     }
@@ -169,7 +169,13 @@ def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
     m = r["math_vs_reference"]
     assert m["defense"] == "cropping" and m["identical_certificates"] and m["frames_compared"] == 2
     assert any("crops (one gather) preparation" in t["target"] for t in r["targets"])
-    assert r["conditions"] == "test" and len(r["load_average"]["end"]) == 3
+    assert r["conditions"] == "test" and len(r["load_average"]["end"]) == 3 and m["rects"] == ["3x3"]
+    from certinfer.export.parity import backend_parity
+    from certinfer.runtime.bundle import load_bundle
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    parity = backend_parity(load_bundle(bundle), frames, backends=("torch-cpu",))["compared"]["torch-cpu"]
+    assert parity["argmax_agreement"] == 1.0 and parity["max_abs_error"] < 1e-4  # same seeded crops on both
 
 
 def test_latency_cli_rejects_unknown_backends_and_bad_batches(bagcert_bundle: Path, tmp_path: Path, capsys):
