@@ -99,8 +99,8 @@ PRESETS: dict[str, TrainConfig] = {
     "bagnet-cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=10),
     # The same networks trained for robust masking as well (half the loss on the masking surrogate, see
     # models.bagnet.masked_evidence_loss): plain BagNet training concentrates a sign's evidence in one window.
-    "bagnet-gtsrb-cpu-masked": TrainConfig(jitter=0.4, epochs=10, mask_loss=0.5),
-    "bagnet-cifar10-cpu-masked": TrainConfig(dataset="cifar10", flips=True, epochs=8, mask_loss=0.5),
+    "bagnet-gtsrb-cpu-masked": TrainConfig(jitter=0.4, epochs=8, mask_loss=0.5),
+    "bagnet-cifar10-cpu-masked": TrainConfig(dataset="cifar10", flips=True, epochs=6, mask_loss=0.5),
     # DRS base classifier, columns of 4 at stride 1 (35 bands on 32 columns), small ResNet (28 M MACs/image).
     "drs-gtsrb-cpu": TrainConfig(network="drs", model={}, jitter=0.4, epochs=30),
     "drs-cifar10-cpu": TrainConfig(network="drs", dataset="cifar10", model={}, flips=True, epochs=25),

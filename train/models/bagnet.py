@@ -49,21 +49,23 @@ def bagnet_loss(local_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def masked_evidence_loss(local_logits: torch.Tensor, y: torch.Tensor, window: tuple[int, int],
                          weight: float) -> torch.Tensor:
-    """BagNet's loss mixed with a robust-masking surrogate (our addition; the paper trains plain BagNet).
+    """Cross-entropy on what robust masking aggregates (our addition; the paper trains plain BagNet).
 
-    With T = 0 the certificate needs the true class's clipped evidence, less what the attacker's window and
-    masking can take (at most two of its largest windows), to beat every other class's whole evidence. The
-    surrogate is cross-entropy on exactly those scores, so training spreads the evidence a sign leaves.
-    ``window`` is the largest number of feature rows and columns one patch reaches.
+    Both terms see clipped evidence (ReLU of the local logits), as masking does: a plain-logit term lets the
+    network decide with negative logits that clipping then throws away. With T = 0 the certificate needs the
+    true class's evidence, less what the attacker's window and masking can take (at most two of its largest
+    windows), to beat every other class's whole evidence; the second term is cross-entropy on exactly those
+    scores, so training spreads the evidence a sign leaves. ``window`` is the most feature rows and columns
+    one patch reaches.
     """
-    z = local_logits.float()
-    u = torch.relu(z)
+    u = torch.relu(local_logits.float())
     kh, kw = window
     windows = F.avg_pool2d(F.pad(u, (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw), stride=1) * (kh * kw)
     top = windows.amax(dim=(2, 3))
-    worst = u.sum(dim=(2, 3)) - 2 * top * F.one_hot(y, u.shape[1])
+    total = u.sum(dim=(2, 3))
+    worst = total - 2 * top * F.one_hot(y, u.shape[1])
     cells = u.shape[2] * u.shape[3]
-    return (1 - weight) * F.cross_entropy(z.mean(dim=(2, 3)), y) + weight * F.cross_entropy(worst / cells, y)
+    return (1 - weight) * F.cross_entropy(total / cells, y) + weight * F.cross_entropy(worst / cells, y)
 
 
 class LocalLogits(nn.Module):
