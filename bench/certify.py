@@ -105,6 +105,9 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
     merged = merge(results)
     for key in ("data", "data_note", "bundle", "defense"):
         merged[key] = results[0].get(key)
+    for key in ("shapes", "shape_names", "seed", "note"):  # a defense's own settings, where it records them
+        if key in results[0]:
+            merged[key] = results[0][key]
     merged["shards"] = [r.get("shard") for r in results]
     plotters = {"masking": plot_variants, "cropping": plot_cropping}
     report(merged, out, plot, plotters.get((merged.get("defense") or {}).get("kind")))
