@@ -134,6 +134,10 @@ def _cdf(n: int, p_overlap: float) -> np.ndarray:
 def certificate(votes: np.ndarray, n: int, p_overlap: float) -> np.ndarray:
     """p_c (Eq. 6, ties as flips): the probability that the patch overlaps fewer than ceil((n1 - n2) / 2) crops.
 
+    Why ties are flips: a patch that changes m crop predictions leaves n1 - m for the label and gives a rival up
+    to n2 + m; at m = ceil((n1 - n2) / 2) the rival ties or wins, and a tie may be resolved in its favour. The
+    paper's floor((n1 - n2) / 2) + 1 asks for one crop more when n1 - n2 is even, i.e. treats a tie as safe.
+
     ``votes``: counts per class (C,) or (N, C) summing to ``n``; ``p_overlap`` from :func:`overlap_probability`
     (a :class:`WithoutReplacement` for the exact hypergeometric tail). Returns a float or an (N,) array.
     """
