@@ -15,6 +15,9 @@ import typer
 
 from certinfer.bench.latency import defense_label, machine_slug, markdown_table
 
+MARKERS = {"onnxruntime-cpu": "o", "torch-cpu": "s", "onnxruntime-cuda": "D", "torch-cuda": "v",
+           "torch-cuda-graphs": "P", "tensorrt": "*"}
+
 
 def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
     """(latency results, certify results) among the JSON files of ``folder``."""
@@ -29,7 +32,7 @@ def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
         if r.get("benchmark") == "latency":
             latency.append(r)
         elif "certified_accuracy" in r and "bundle" in r:
-            certify.append({**r, "file": path.name})
+            certify.append({**r, "file": path.name, "mtime": path.stat().st_mtime})
     return latency, certify
 
 
@@ -48,18 +51,33 @@ def certify_key(latency: dict) -> list[str]:
     return ["default"]
 
 
+def _value(c: dict, key: str, threat: str, rect_keys: list[str]) -> float | None:
+    """Certified accuracy under ``key`` against the bundle's threat: the whole entry when certify used that
+    threat, else the entry's per-rectangle value where the bundle's threat is one rectangle."""
+    if c.get("threat") == threat and key in c["certified_accuracy"]:
+        return c["certified_accuracy"][key]
+    per = c.get("certified_accuracy_per_rect", {}).get(key, {})
+    return per.get(rect_keys[0]) if len(rect_keys) == 1 else None
+
+
 def certified_accuracy(latency: dict, certify: list[dict]) -> dict | None:
-    """The bundle's certified accuracy from the certify result of the same bundle folder (largest dataset)."""
-    name = Path(latency["bundle"]["path"]).name
+    """The bundle's certified accuracy against its own threat, from the certify results of the same bundle
+    folder: the largest dataset, then the newest file."""
+    from certinfer.threat import parse, rect_key
+
+    b = latency["bundle"]
+    threat = b["threat"]
+    rect_keys = [rect_key(r) for r in parse(threat, input_hw=tuple(b["input_hw"])).rects]
     found = []
     for c in certify:
-        if Path(c["bundle"]).name != name:
+        if Path(c["bundle"]).name != Path(b["path"]).name:
             continue
         for key in certify_key(latency):
-            if key in c["certified_accuracy"]:
-                found.append({"value": c["certified_accuracy"][key], "key": key, "data": c.get("data"),
-                              "n": c.get("n"), "threat": c.get("threat"), "file": c["file"]})
-    return max(found, key=lambda f: f["n"] or 0) if found else None
+            value = _value(c, key, threat, rect_keys)
+            if value is not None:
+                found.append({"value": value, "key": key, "data": c.get("data"), "n": c.get("n") or 0,
+                              "threat": threat, "file": c["file"], "mtime": c["mtime"]})
+    return max(found, key=lambda f: (f["n"], f["mtime"])) if found else None
 
 
 def _measured(r: dict) -> dict:
@@ -108,17 +126,22 @@ def plot_accuracy_vs_latency(results: list[dict], certify: list[dict], path: Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = False
     for i, r in enumerate(results):
         acc = certified_accuracy(r, certify)
         if acc is None:
             continue
-        for b in _measured(r).values():
-            ms = b["batch1"]["stages_ms"]["total"]["p50"]
-            marker = "o" if b["engine"].startswith("onnxruntime") else "s"
-            ax.scatter([ms], [acc["value"]], color=f"C{i}", marker=marker)
-            ax.annotate(f"{defense_label(r)} ({acc['data']}, {r['bundle']['threat']})\n{b['engine']}", (ms, acc["value"]),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
+        plotted = True
+        points = [(b["batch1"]["stages_ms"]["total"]["p50"], b["engine"]) for b in _measured(r).values()]
+        for ms, engine in points:
+            ax.scatter([ms], [acc["value"]], color=f"C{i}", marker=MARKERS.get(engine, "^"))
+        ax.annotate(f"{defense_label(r)} ({acc['data']}, {r['bundle']['threat']})", (min(points)[0], acc["value"]),
+                    fontsize=7, xytext=(0, 6), textcoords="offset points")
+    for engine, marker in MARKERS.items():
+        ax.scatter([], [], color="gray", marker=marker, label=engine)
+    ax.legend(fontsize=7)
+    if plotted:
+        ax.set_xscale("log")
     ax.set_xlabel("ms per frame at batch 1 (p50, log scale)")
     ax.set_ylabel("certified accuracy (certinfer certify)")
     ax.set_title("certified accuracy vs latency")

@@ -121,7 +121,7 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     from certinfer.bench.latency import markdown_table
 
     assert "| tinybag | bagcert |" in markdown_table([r]).splitlines()[2]
-    certify = {"bundle": str(bagcert_bundle), "data": "folder:x", "n": 5, "threat": "3x3",
+    certify = {"bundle": str(bagcert_bundle), "data": "folder:x", "n": 5, "threat": "3x3,2x2",
                "certified_accuracy": {"3.2": 0.4, "3.3": 0.2}}
     (out / "bagcert-tiny.json").write_text(json.dumps(certify))
     with pytest.raises(SystemExit) as e:
