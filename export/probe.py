@@ -131,7 +131,7 @@ def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, geometry: Geomet
     try:
         engine = load_engine(bundle, backend, **options)
     except EngineError as err:
-        return {"status": "skipped", "reason": str(err)}
+        return {"status": "skipped", "reason": str(err), "listed_exact": False}
     m = bundle.manifest
     report: dict = {"status": "passed", "checks": {},
                     "listed_exact": engine.name in m.get("probe", {}).get("exact_backends", [])}
