@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +20,9 @@ from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.losses import bagcert_loss
 from certinfer.provenance import git_commit
-from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, normalize, photometric, save_checkpoint,
-                                  seed_everything, setup_distributed, teardown_distributed, to_nchw)
+from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, normalize, photometric,
+                                  preset_config, save_checkpoint, seed_everything, setup_distributed,
+                                  teardown_distributed, to_nchw)
 from certinfer.train.models.bagcert import RegionScorer, RegionScorerConfig, heaviside, rf_kernels
 
 # RF 5 at output stride 2: a 5x5 patch touches at most 5x5 of the 16x16 cells (9.8% of the votes).
@@ -202,9 +203,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
 
 
 def config_for(preset: str, **overrides) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown BagCert preset {preset!r}: choose from {sorted(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    return preset_config(PRESETS, preset, "BagCert", **overrides)
 
 
 cli = typer.Typer(add_completion=False)
@@ -223,9 +222,7 @@ def train_command(
     """Train a BagCert region scorer (launch with torchrun for DistributedDataParallel)."""
     if threads:
         torch.set_num_threads(threads)
-    command = " ".join(["certinfer train bagcert", f"--preset {preset}"]
-                       + [f"--{k} {v}" for k, v in (("epochs", epochs), ("seed", seed), ("threads", threads)) if v]
-                       + [f"--out {out}"])
+    command = command_line("bagcert", preset, out, epochs=epochs, seed=seed, threads=threads)
     metrics = train(config_for(preset, epochs=epochs, seed=seed), out, data_dir, device, preset, command)
     if metrics:
         typer.echo(json.dumps(metrics["test"]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +28,8 @@ from certinfer.runtime.defenses import cropping
 from certinfer.threat import parse
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, photometric, save_checkpoint,
-                                  seed_everything, setup_distributed, teardown_distributed, to_nchw)
+from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, photometric, preset_config,
+                                  save_checkpoint, seed_everything, setup_distributed, teardown_distributed, to_nchw)
 from certinfer.train.models.cropnet import build_cropnet
 
 # ResNet9 at half the paper's widths: about 8 M multiply-adds per 10x10 crop (the paper's: 32 M).
@@ -204,9 +204,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
 
 
 def config_for(preset: str, **overrides) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown cropping preset {preset!r}: choose from {sorted(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    return preset_config(PRESETS, preset, "cropping", **overrides)
 
 
 cli = typer.Typer(add_completion=False)
@@ -226,10 +224,7 @@ def train_command(
     """Train a randomized-cropping crop classifier (ResNet9-style, positional encoding at the first layer)."""
     if threads:
         torch.set_num_threads(threads)
-    command = " ".join(["certinfer train cropping", f"--preset {preset}"]
-                       + [f"--{k} {v}" for k, v in (("epochs", epochs), ("seed", seed), ("limit", limit),
-                                                    ("threads", threads)) if v]
-                       + [f"--out {out}"])
+    command = command_line("cropping", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads)
     metrics = train(config_for(preset, epochs=epochs, seed=seed, limit=limit), out, data_dir, device, preset,
                     command)
     if metrics:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +113,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def preset_config(presets: dict, preset: str, defense: str, **overrides):
+    """The named preset's config, with the overrides that are not None applied."""
+    if preset not in presets:
+        raise ValueError(f"unknown {defense} preset {preset!r}: choose from {sorted(presets)}")
+    return replace(presets[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def command_line(defense: str, preset: str, out: Path, **options) -> str:
+    """The ``certinfer train`` command that reproduces a run (recorded in its checkpoint); unset options left out."""
+    return " ".join([f"certinfer train {defense}", f"--preset {preset}"]
+                    + [f"--{k} {v}" for k, v in options.items() if v] + [f"--out {out}"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +35,8 @@ from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, cosine_lr, epoch_batches, photometric, save_checkpoint,
-                                  seed_everything, setup_distributed, teardown_distributed, to_nchw)
+from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, photometric, preset_config,
+                                  save_checkpoint, seed_everything, setup_distributed, teardown_distributed, to_nchw)
 from certinfer.train.models.bagnet import bagnet_kernels, bagnet_loss, build_bagnet, masked_evidence_loss
 from certinfer.train.models.drs import RESNET18, build_drs
 
@@ -335,9 +335,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
 
 
 def config_for(preset: str, **overrides) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown PatchGuard preset {preset!r}: choose from {sorted(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    return preset_config(PRESETS, preset, "PatchGuard", **overrides)
 
 
 cli = typer.Typer(add_completion=False)
@@ -357,10 +355,7 @@ def train_command(
     """Train a PatchGuard network: BagNet local logits or a DRS base classifier (the preset says which)."""
     if threads:
         torch.set_num_threads(threads)
-    command = " ".join(["certinfer train patchguard", f"--preset {preset}"]
-                       + [f"--{k} {v}" for k, v in (("epochs", epochs), ("seed", seed), ("limit", limit),
-                                                    ("threads", threads)) if v]
-                       + [f"--out {out}"])
+    command = command_line("patchguard", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads)
     metrics = train(config_for(preset, epochs=epochs, seed=seed, limit=limit), out, data_dir, device, preset,
                     command)
     if metrics:
