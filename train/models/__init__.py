@@ -8,6 +8,7 @@ exported from, so a ``format: "torch"`` engine entry (a safetensors state dict) 
 * ``bagnet-local-logits``: :class:`bagnet.LocalLogits` over a BagNet: float32 (N, H', W', C).
 * ``drs``: the de-randomized smoothing base classifier: (N, 4, H, W) -> (N, C).
 * ``cropnet``: the randomized-cropping crop classifier: (N, 5, ch, cw) -> (N, C).
+* ``scalecert``: the ScaleCert SIN network: (N, 4, H, W) frame + occlusion mask -> ((N, C), (N, H, W)).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 
 from torch import nn
 
-MODULES = ("bagcert-code-map", "bagnet-local-logits", "drs", "cropnet")
+MODULES = ("bagcert-code-map", "bagnet-local-logits", "drs", "cropnet", "scalecert")
 
 
 def build(config: dict) -> nn.Module:
@@ -25,6 +26,7 @@ def build(config: dict) -> nn.Module:
     from certinfer.train.models.bagnet import LocalLogits
     from certinfer.train.models.cropnet import build_cropnet
     from certinfer.train.models.drs import build_drs
+    from certinfer.train.models.scalecert import build_scalecert
 
     kind = config.get("module") if isinstance(config, dict) else None
     if kind not in MODULES:
@@ -36,6 +38,8 @@ def build(config: dict) -> nn.Module:
         module = LocalLogits(RegionScorer(RegionScorerConfig(num_classes=n, **model)))
     elif kind == "drs":
         module = build_drs(n, model)
+    elif kind == "scalecert":
+        module = build_scalecert(n, model)
     else:
         module = build_cropnet(n, model)
     return module.eval()

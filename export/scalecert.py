@@ -1,0 +1,191 @@
+"""Export a ScaleCert network (``certinfer train scalecert``) to a verified certified-detection bundle.
+
+The graph is the whole SIN network: (N, 4, H, W) float32, the normalized frame plus its occlusion mask ->
+logits (N, C) and winners (N, H, W). Checks before the bundle is written:
+
+* parity with torch (logits within PARITY_RTOL, winner masks equal) on real test images, with and without
+  occlusion windows;
+* receptive-field probe of the superficial layer on onnxruntime CPU: the graph's superficial features (the input of
+  its single ReduceSum, the SIN channel sum) must stay bit-identical outside ``Geometry.affected`` of random
+  patches that change the frame AND the mask channel, and must not depend on the batch;
+* batch invariance of the whole graph's outputs (a frame's logits and winners do not depend on its batch).
+
+Then the bundle's accuracy is measured through the runtime itself (``certinfer.load`` + ``evaluate_certifier``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import typer
+
+from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.onnx_export import export_onnx
+from certinfer.export.probe import ProbeError, _bits, expose_input_of, probe
+from certinfer.export.torch_weights import torch_engine
+from certinfer.runtime.certifier import resize
+from certinfer.runtime.defenses.scalecert import family, group_size, window_side
+from certinfer.runtime.geometry import Geometry
+from certinfer.threat import parse
+from certinfer.train import data as datasets
+from certinfer.train import models
+from certinfer.train.loop import load_checkpoint
+from certinfer.train.models.scalecert import SINNet, build_scalecert
+from certinfer.train.scalecert import TrainConfig
+
+PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
+SUPERFICIAL_OP = "ReduceSum"  # the SIN layer's channel sum: its input is the superficial feature map
+
+
+def load_network(checkpoint: Path) -> tuple[SINNet, dict, TrainConfig]:
+    state, meta = load_checkpoint(Path(checkpoint))
+    if meta.get("defense") != "scalecert":
+        raise ValueError(f"{checkpoint}: not a ScaleCert checkpoint (defense {meta.get('defense')!r})")
+    cfg = TrainConfig(**meta["config"])
+    model = build_scalecert(meta["num_classes"], cfg.model)
+    model.load_state_dict(state)
+    model.sparse = True
+    return model.eval(), meta, cfg
+
+
+def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
+    return models.config("scalecert", meta["num_classes"], cfg.model, (4, *cfg.input_hw))
+
+
+def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """The SIN network a ScaleCert bundle's ONNX is exported from, and its torch engine config."""
+    model, meta, cfg = load_network(Path(checkpoint))
+    return model, _torch_config(meta, cfg)
+
+
+def defense_params(r: int, tau: float, model: SINNet) -> dict:
+    """The manifest's ``defense.params``, checked the way the certifier reads them."""
+    group_size(window_side(1, r, min(model.cfg.input_hw)), tau)
+    return {"r": int(r), "tau": float(tau), "top_k": float(model.cfg.top_k), "winners": int(model.cfg.winners),
+            "fill": 0.0, "engine_input": "normalized frame (C channels) + occlusion mask (1 channel, 1 = occluded)"}
+
+
+def _rows(x: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, masks[:, None]], axis=1).astype(np.float32)
+
+
+def parity(model: SINNet, session: ort.InferenceSession, rows: np.ndarray) -> dict:
+    """fp32 torch vs the ONNX engine on the same rows: logits within PARITY_RTOL, winner masks identical."""
+    with torch.no_grad():
+        ref, ref_keep = (t.numpy() for t in model(torch.from_numpy(rows)))
+    got, keep = session.run(["logits", "keep"], {"input": rows})
+    scale = max(1.0, float(np.abs(ref).max()))
+    error = float(np.abs(got - ref).max())
+    report = {"inputs": len(rows), "max_abs_error": error, "scale": scale, "rtol": PARITY_RTOL,
+              "argmax_disagreements": int((ref.argmax(1) != got.argmax(1)).sum()),
+              "winner_mismatches": int((ref_keep != keep).sum())}
+    if error > PARITY_RTOL * scale or report["winner_mismatches"]:
+        raise AssertionError(f"ONNX engine disagrees with torch: {json.dumps(report)}")
+    return report
+
+
+def batch_invariance(session: ort.InferenceSession, rows: np.ndarray) -> dict:
+    """Each row's outputs alone equal its outputs inside the batch, bit for bit."""
+    full = session.run(["logits", "keep"], {"input": rows})
+    for i in range(len(rows)):
+        alone = session.run(["logits", "keep"], {"input": rows[i:i + 1]})
+        if any(not np.array_equal(_bits(a[0]), _bits(b[i])) for a, b in zip(alone, full)):
+            raise ProbeError("the engine's outputs depend on the batch a frame runs in: not bit-exact")
+    return {"rows": len(rows), "batch_invariant": True}
+
+
+def superficial_probe(onnx_model: bytes, rows: np.ndarray, geometry: Geometry, rects: list, trials: int) -> dict:
+    """The receptive-field probe on the superficial features of the real graph (frame and mask channels patched)."""
+    session = ort.InferenceSession(expose_input_of(onnx_model, SUPERFICIAL_OP, "superficial"),
+                                   providers=["CPUExecutionProvider"])
+    run = lambda b: session.run(["superficial"], {"input": b})[0].transpose(0, 2, 3, 1)  # noqa: E731
+    return {"op": SUPERFICIAL_OP, **probe(run, rows, geometry, rects, trials=trials)}
+
+
+def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
+    """Accuracy measured through the runtime (bundle loaded and verified, onnxruntime CPU engine)."""
+    from certinfer.runtime.evaluate import evaluate_certifier
+    import certinfer
+
+    result = evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y,
+                                batch=32)
+    return {**result, "data": split.name, "data_note": split.note}
+
+
+def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
+    test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
+    if eval_limit and eval_limit < len(test.y):
+        test = datasets.Split(test.x[:eval_limit], test.y[:eval_limit], test.classes, test.name,
+                              f"{test.note + '; ' if test.note else ''}first {eval_limit} images")
+    return test
+
+
+def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int | None = None,
+                     tau: float | None = None, probe_trials: int = 96, max_batch: int = 1024,
+                     data_dir: str | None = None, eval_limit: int | None = 500) -> dict:
+    """Write a ScaleCert bundle to ``out``; returns its manifest. ``r`` and ``tau`` default to the training's."""
+    model, meta, cfg = load_network(Path(checkpoint))
+    r, tau = cfg.r if r is None else r, cfg.tau if tau is None else tau
+    params = defense_params(r, tau, model)
+    hw = tuple(cfg.input_hw)
+    geometry = Geometry.from_dict(meta["geometry"])
+    rects = list(parse(threat, input_hw=hw).rects)  # fails early on a threat that does not fit
+    test = _test_images(meta, cfg, data_dir, eval_limit)
+    # frames exactly as the runtime prepares them, unoccluded and under the threat's own windows
+    mean, std = np.float32(meta["mean"]).reshape(1, 3, 1, 1), np.float32(meta["std"]).reshape(1, 3, 1, 1)
+    x = ((resize(test.x[:64], hw).astype(np.float32) / 255.0).transpose(0, 3, 1, 2) - mean) / std
+    windows = family(hw, tuple(rects[0]), r, tau).masks
+    pick = np.random.default_rng(0).integers(0, len(windows), len(x))
+    rows = np.concatenate([_rows(x, np.zeros((len(x), *hw), np.float32)), _rows(x, windows[pick])])
+    onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits", "keep"])
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    probe_report = {"backend": "onnxruntime-cpu",
+                    **superficial_probe(onnx_model, rows, geometry, rects + [(1, 1)], probe_trials),
+                    "outputs": batch_invariance(session, rows[::8]), "exact_backends": ["onnxruntime-cpu"]}
+    torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
+    files = {"model.onnx": onnx_model, "model.safetensors": weights}
+    manifest = {
+        "schema": 1,
+        "defense": {"kind": "scalecert", "params": params},
+        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in meta["mean"]],
+                  "std": [float(v) for v in meta["std"]], "classes": meta["classes"], "resize": "bilinear"},
+        "geometry": geometry.to_dict(),
+        "threat": threat,
+        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
+                     "batch": [1, max_batch]}, torch_entry],
+        "probe": probe_report,
+        "parity": {"torch_vs_onnxruntime-cpu": parity(model, session, rows)},
+        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
+                      | {"train_metrics": meta.get("metrics", {})},
+    }
+    write_bundle(out, manifest, files)
+    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    write_bundle(out, manifest, files)
+    return manifest
+
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command("scalecert")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train scalecert"),
+    out: Path = typer.Argument(..., help="Bundle folder to write"),
+    threat: str = typer.Option("2.4%", help="The bundle's default threat"),
+    r: Optional[int] = typer.Option(None, help="Window side = patch + r - 1 [default: the training's, 3]"),
+    tau: Optional[float] = typer.Option(None, help="Window merge overlap ratio [default: the training's, 0.3]"),
+    probe_trials: int = typer.Option(96, help="Random patches for the superficial layer's locality probe"),
+    max_batch: int = typer.Option(1024, help="The engine's largest batch (occluded copies are chunked to it)"),
+    eval_limit: Optional[int] = typer.Option(500, help="Measure accuracy on the first N test images"),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder for parity images and the accuracy check"),
+) -> None:
+    """Export to ONNX, check parity and locality, measure accuracy through the runtime, write the bundle."""
+    manifest = export_scalecert(checkpoint, out, threat, r, tau, probe_trials, max_batch, data_dir, eval_limit)
+    m = manifest["provenance"]["metrics"]
+    typer.echo(json.dumps({"bundle": str(out), "defense": manifest["defense"]["params"],
+                           "clean": m["clean_accuracy"], "certified": m["certified_accuracy"]}))
