@@ -44,8 +44,8 @@ _PAPER_NET = dict(stem=64, widths=(64, 128, 256, 512), strides=(1, 2, 2, 2), blo
 class TrainConfig:
     dataset: str = "gtsrb"
     model: dict = field(default_factory=lambda: dict(_CPU_NET))
-    epochs: int = 14
-    dense_epochs: int = 4  # of ``epochs``: the dense warm-up before SIN fine-tuning
+    epochs: int = 24
+    dense_epochs: int = 6  # of ``epochs``: the dense warm-up before SIN fine-tuning
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4  # AdamW
@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     input_hw: tuple[int, int] = (32, 32)
     eval_images: int = 2000
-    eval_every: int = 2
+    eval_every: int = 4
     limit: int = 0  # > 0: at most this many images per split (smoke tests)
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ PRESETS: dict[str, TrainConfig] = {
     # CPU presets, one thread: about 25 minutes on one core here (times in the README).
     "gtsrb-cpu": TrainConfig(jitter=0.4),
     # CIFAR-10 (our copy is JPEG-compressed), flips on.
-    "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=10, dense_epochs=3),
+    "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=20, dense_epochs=5),
     # The paper's setting: ResNet-18 on CIFAR-10, SIN after the first layer, top 20%. A GPU job.
     "paper": TrainConfig(dataset="cifar10", flips=True, crop_pad=4, epochs=200, dense_epochs=100, lr=1e-3,
                          batch_size=256, model=dict(_PAPER_NET)),
