@@ -23,10 +23,11 @@ from typer.core import TyperGroup
 
 # Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
 TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli",
-                         "cropping": "certinfer.train.cropping:cli",
+                         "cropping": "certinfer.train.cropping:cli", "ibp": "certinfer.train.ibp:cli",
                          "scalecert": "certinfer.train.scalecert:cli"}
 EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
                           "cropping": "certinfer.export.cropping:cli",
+                          "ibp": "certinfer.export.ibp:cli",
                           "scalecert": "certinfer.export.scalecert:cli",
                           # any defense's bundle: a TensorRT plan, backend parity against onnxruntime CPU, a torch engine
                           "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli",
@@ -36,7 +37,7 @@ BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "c
                          "soundness": "certinfer.bench.soundness:cli"}
 # defense kind -> "module:function"; called with the certify command's options as keyword arguments.
 CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking",
-                           "cropping": "certinfer.bench.certify:cropping",
+                           "cropping": "certinfer.bench.certify:cropping", "ibp": "certinfer.bench.certify:ibp",
                            "scalecert": "certinfer.bench.certify:scalecert"}
 
 _state = {"debug": False}

@@ -11,6 +11,7 @@ _KINDS: dict[str, str] = {
     "bagcert": "certinfer.runtime.defenses.bagcert:BagCertCertifier",
     "masking": "certinfer.runtime.defenses.masking:MaskingCertifier",
     "cropping": "certinfer.runtime.defenses.cropping:CroppingCertifier",
+    "ibp": "certinfer.runtime.defenses.ibp:IBPCertifier",
     "scalecert": "certinfer.runtime.defenses.scalecert:ScaleCertCertifier",
 }
 _CLASSES: dict[str, type[Certifier]] = {}

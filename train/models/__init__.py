@@ -9,6 +9,8 @@ exported from, so a ``format: "torch"`` engine entry (a safetensors state dict) 
 * ``drs``: the de-randomized smoothing base classifier: (N, 4, H, W) -> (N, C).
 * ``cropnet``: the randomized-cropping crop classifier: (N, 5, ch, cw) -> (N, C).
 * ``scalecert``: the ScaleCert SIN network: (N, 4, H, W) frame + occlusion mask -> ((N, C), (N, H, W)).
+* ``ibp-logits``: the IBP network: (N, C, H, W) -> (N, K) logits.
+* ``ibp-bounds``: the same weights as its bounds graph: (N, 2C, H, W) lower/upper image -> (N, K, K) lower bounds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 
 from torch import nn
 
-MODULES = ("bagcert-code-map", "bagnet-local-logits", "drs", "cropnet", "scalecert")
+MODULES = ("bagcert-code-map", "bagnet-local-logits", "drs", "cropnet", "ibp-logits", "ibp-bounds", "scalecert")
 
 
 def build(config: dict) -> nn.Module:
@@ -27,6 +29,7 @@ def build(config: dict) -> nn.Module:
     from certinfer.train.models.cropnet import build_cropnet
     from certinfer.train.models.drs import build_drs
     from certinfer.train.models.scalecert import build_scalecert
+    from certinfer.train.models.ibp import IBPBounds, IBPNet
 
     kind = config.get("module") if isinstance(config, dict) else None
     if kind not in MODULES:
@@ -38,6 +41,10 @@ def build(config: dict) -> nn.Module:
         module = LocalLogits(RegionScorer(RegionScorerConfig(num_classes=n, **model)))
     elif kind == "drs":
         module = build_drs(n, model)
+    elif kind == "ibp-logits":
+        module = IBPNet(n, model)
+    elif kind == "ibp-bounds":
+        module = IBPBounds(n, model)
     elif kind == "scalecert":
         module = build_scalecert(n, model)
     else:

@@ -1,0 +1,175 @@
+"""IBP certified patch defense (Chiang et al., ICLR 2020): interval bounds for every patch location.
+
+For a patch rectangle at one location the set of patched inputs is a box: pixels inside the patch range over
+[0, 1] before normalization, i.e. [(0 - mean) / std, (1 - mean) / std] per channel after it; every other pixel
+is fixed at the frame's value. The bundle's ``bounds`` graph propagates such boxes through the network (interval
+arithmetic, last layer merged with (e_i - e_j)) and returns lower bounds of z_i - z_j for every class pair.
+The label y (from the ``model`` graph) is certified against a rectangle when, at every location,
+``min_{j != y} lower(z_y - z_j) > tolerance`` (Eq. 9 and 11).
+
+Soundness. In exact arithmetic the IBP bounds contain every reachable logit difference, and the clean frame
+lies in every box, so a positive bound proves the label at every location and with every patch content. A
+patch partly outside the input covers a subset of some patch inside it (for rectangles that fit), so the
+locations fully inside suffice. Both graphs run in float32: the rounding of the bounds graph and of the model
+graph can each move a margin by a little. The tolerance (``defense.params.tolerance``, logit units) absorbs
+them: export measures both errors against float64 on real frames at every location and refuses a bundle whose
+measured error exceeds a tenth of the tolerance. That check was made on the backends in
+``defense.params.verified_backends``; a bounds engine on any other backend (e.g. a GPU kernel using TF32) gives
+no certificates. Bounds engines must be fp32: a bundle with an fp16 or int8 bounds engine is refused.
+
+Engine input: one array (N, 2C, H, W), the lower image's channels then the upper image's (one input keeps the
+engine contract of every backend). Every location of every threat rectangle of a batch of frames is sent to
+the bounds engine in chunks of ``chunk`` boxes, built chunk by chunk (a 32x32 frame has 961 2x2 locations,
+24 MB of boxes), and reduced to the minimum over locations as they come back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from certinfer.runtime.certifier import Certifier, Decision, EngineRunError
+from certinfer.runtime.verdict import Certificate, RectCert
+from certinfer.threat import Rect, Threat, rect_key
+
+DEFAULT_TOLERANCE = 1e-3
+DEFAULT_CHUNK = 1024
+VERIFIED_DEFAULT = ("onnxruntime-cpu", "torch-cpu")
+
+
+def patch_interval(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (C,) bounds of a patch pixel in model space: pixel values 0 and 1 normalized exactly as
+    :meth:`Certifier.prepare` normalizes frames (float32), so every prepared patch value lies between them."""
+    mean, std = np.asarray(mean, np.float32).ravel(), np.asarray(std, np.float32).ravel()
+    return (np.float32(0.0) - mean) / std, (np.float32(1.0) - mean) / std
+
+
+def location_masks(input_hw: tuple[int, int], rect: Rect) -> np.ndarray:
+    """(L, H, W) bool: the pixels a ``rect`` patch covers at each location fully inside the input, row-major
+    over top-left corners (the order of ``certinfer.bench.attacks.locations``)."""
+    (height, width), (h, w) = input_hw, rect
+    if not (1 <= h <= height and 1 <= w <= width):
+        raise ValueError(f"patch {h}x{w} does not fit the {height}x{width} input")
+    rows = np.arange(height - h + 1)[:, None] <= np.arange(height)[None]
+    rows &= np.arange(height)[None] < np.arange(height - h + 1)[:, None] + h  # (T, H)
+    cols = np.arange(width - w + 1)[:, None] <= np.arange(width)[None]
+    cols &= np.arange(width)[None] < np.arange(width - w + 1)[:, None] + w  # (S, W)
+    return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(-1, height, width)
+
+
+def interval_inputs(x: np.ndarray, masks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bounds-engine input for patch boxes: frames ``x`` (B, C, H, W) with masks (B, H, W) -> (B, 2C, H, W).
+
+    Inside the mask: [lo, hi] per channel; elsewhere both bounds are the frame's value.
+    """
+    m = masks[:, None]
+    lower = np.where(m, lo[None, :, None, None], x)
+    upper = np.where(m, hi[None, :, None, None], x)
+    return np.ascontiguousarray(np.concatenate([lower, upper], axis=1), dtype=np.float32)
+
+
+def certify(min_margins: dict[str, np.ndarray], labels: np.ndarray, threat: str,
+            tolerance: float = DEFAULT_TOLERANCE) -> list[Certificate]:
+    """Certificates from lower bounds of z_i - z_j minimized over locations, one (N, K, K) array per rectangle.
+
+    For label y the deciding quantity is ``min_{j != y} lower(z_y - z_j)``; ``margin`` is it minus the
+    tolerance, > 0 exactly when certified. Returns one Certificate (kind ``recovery``) per frame.
+    """
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance}")
+    labels = np.asarray(labels)
+    worst = {}
+    for key, m in min_margins.items():
+        rows = np.array(m[np.arange(len(labels)), labels], dtype=np.float64)  # (N, K)
+        rows[np.arange(len(labels)), labels] = np.inf
+        worst[key] = rows.min(axis=1) - tolerance
+    return [Certificate.from_rects(threat, {k: RectCert(bool(w[i] > 0), float(w[i])) for k, w in worst.items()})
+            for i in range(len(labels))]
+
+
+class IBPCertifier(Certifier):
+    """IBP from a bundle's ``defense.params``: ``tolerance`` (logit units), ``verified_backends`` and ``chunk``.
+
+    Two engines: the ``model`` engine (normalized frames -> logits, the label) and the ``bounds`` engine (see the
+    module docstring), loaded on the model engine's backend. :meth:`run_engine` returns the logits (N, K) and,
+    per rectangle key, the lower bounds minimized over locations (N, K, K).
+    """
+
+    kind = "recovery"
+
+    def __init__(self, bundle, engine, threat: Threat, bounds_engine=None):
+        super().__init__(bundle, engine, threat)
+        params = self.manifest["defense"]["params"]
+        self.tolerance = float(params.get("tolerance", DEFAULT_TOLERANCE))
+        if not self.tolerance > 0:
+            raise ValueError(f"ibp bundle: tolerance must be positive, got {self.tolerance}")
+        self.chunk = int(params.get("chunk", DEFAULT_CHUNK))
+        self.verified = tuple(params.get("verified_backends", VERIFIED_DEFAULT))
+        if len(self.classes) < 2:
+            raise ValueError("ibp bundle: needs at least two classes")
+        entries = bundle.engines("bounds")
+        if not entries:
+            raise ValueError("ibp bundle: no engine for role 'bounds'")
+        if any(e["precision"] != "fp32" for e in entries):
+            raise ValueError("ibp bundle: bounds engines must be fp32 (reduced precision breaks the interval "
+                             "bounds' tolerance); remove the fp16/int8 bounds plan")
+        self.bounds = bounds_engine if bounds_engine is not None else self._load_bounds(bundle, engine)
+        self.patch_lo, self.patch_hi = patch_interval(self._mean, self._std)
+
+    @staticmethod
+    def _load_bounds(bundle, engine):
+        from certinfer.runtime.engines import BACKENDS, load_engine
+
+        return load_engine(bundle, backend=engine.name if engine.name in BACKENDS else "auto", role="bounds")
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((len(self.classes),),)
+
+    def _bounds_chunk(self, packed: np.ndarray) -> np.ndarray:
+        k = len(self.classes)
+        try:
+            with self._lock:
+                out = self.bounds.run(packed)
+        except Exception as e:
+            raise EngineRunError(f"bounds engine failed: {type(e).__name__}: {e}") from e
+        out = out[0] if isinstance(out, tuple) else out
+        if not isinstance(out, np.ndarray) or out.shape != (len(packed), k, k):
+            raise EngineRunError(f"bounds engine output has shape {getattr(out, 'shape', None)}, "
+                                 f"expected ({len(packed)}, {k}, {k})")
+        if not np.isfinite(out).all():
+            raise EngineRunError("bounds engine output has NaN or inf values")
+        return out
+
+    def min_margins(self, x: np.ndarray, threat: Threat | None = None) -> dict[str, np.ndarray]:
+        """Per rectangle key: lower bounds of z_i - z_j minimized over every location, (N, K, K)."""
+        threat = self.threat if threat is None else threat.bind(self.input_hw)
+        k = len(self.classes)
+        out = {}
+        for rect in threat.rects:
+            masks = location_masks(self.input_hw, rect)
+            frames, locs = np.divmod(np.arange(len(x) * len(masks)), len(masks))  # frame-major rows
+            best = np.full((len(x), k, k), np.inf, dtype=np.float32)
+            for start in range(0, len(frames), self.chunk):
+                f, l = frames[start:start + self.chunk], locs[start:start + self.chunk]
+                bounds = self._bounds_chunk(interval_inputs(x[f], masks[l], self.patch_lo, self.patch_hi))
+                cuts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # contiguous rows per frame
+                best[f[cuts]] = np.minimum(best[f[cuts]], np.minimum.reduceat(bounds, cuts, axis=0))
+            out[rect_key(rect)] = best
+        return out
+
+    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        logits = super().run_engine(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return logits, self.min_margins(x)
+
+    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
+        logits, margins = outputs
+        labels = logits.argmax(axis=-1)
+        certs = certify(margins, labels, str(self.threat), self.tolerance)
+        reason = ""
+        if self.bounds.name not in self.verified:
+            reason = (f"bounds engine {self.bounds.name} was not verified against float64 at export "
+                      f"(verified: {', '.join(self.verified)}): no certificate")
+            certs = [Certificate.from_rects(c.threat, {k: RectCert(False, min(r.margin, -self.tolerance))
+                                                       for k, r in c.per_rect.items()}) for c in certs]
+        return [Decision(label=int(labels[i]), certificate=certs[i], scores=logits[i].astype(float).tolist(),
+                         reason=reason) for i in range(len(labels))]
