@@ -116,8 +116,9 @@ def attack_certified(cert, surrogate: Surrogate, frames: np.ndarray, images: int
     chosen = [i for i, v in enumerate(verdicts) if v.status == "certified"][:images]
     lo, hi = x_all.min(axis=(0, 2, 3)), x_all.max(axis=(0, 2, 3))
 
-    def decide(batch: np.ndarray) -> np.ndarray:
-        return np.array([d.label for d in cert.decide(batch, cert.run_engine(batch))])
+    def decide(batch: np.ndarray, label: int) -> np.ndarray:
+        # detection defenses (ScaleCert): an alert is the certificate holding, never a flip
+        return np.array([label if d.status == "alert" else d.label for d in cert.decide(batch, cert.run_engine(batch))])
 
     flips = {"random": 0, "solid": 0, "copied": 0, "pgd": 0}
     evaluated, t0 = 0, time.perf_counter()
@@ -132,7 +133,7 @@ def attack_certified(cert, surrogate: Surrogate, frames: np.ndarray, images: int
                             "copied": copied_contents(other, rect, locs),
                             "pgd": pgd_contents(surrogate(label, rect, locs), x, rect, locs, lo, hi, steps=pgd_steps)}
                 for kind, c in contents.items():
-                    flips[kind] += count_flips(decide, x, label, rect, locs, c, chunk=chunk)
+                    flips[kind] += count_flips(lambda b: decide(b, label), x, label, rect, locs, c, chunk=chunk)
                     evaluated += len(locs)
     return {"threat": str(cert.threat), "certified_frames_attacked": len(chosen), "patched_frames_evaluated": evaluated,
             "pgd_steps": pgd_steps, "flips": flips, "total_flips": sum(flips.values()),
@@ -193,7 +194,63 @@ def cropping_soundness(bundle: Path, checkpoint: Path, data: str, images: int, t
             "budget": budget, **report}
 
 
-SOUNDNESS = {"bagcert": bagcert_soundness, "masking": masking_soundness, "cropping": cropping_soundness}
+def scalecert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,
+                        seed: int = 0) -> dict:
+    """ScaleCert (certified detection): a certified frame's label may only stay or turn into an alert. PGD pushes
+    the unoccluded frame's prediction (Algorithm 1's label) to the best rival through the SIN network."""
+    from certinfer.export.scalecert import load_network
+
+    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    model, _, _ = load_network(checkpoint)
+
+    def surrogate(label, rect, locs):
+        def objective(adv: torch.Tensor) -> torch.Tensor:
+            logits, _ = model(torch.cat([adv, torch.zeros_like(adv[:, :1])], dim=1))
+            return _rival_gap(logits, label)
+        return objective
+
+    report = attack_certified(cert, surrogate, datasets.load(data).x[:2000], images, pgd_steps, seed, chunk=64)
+    return {"defense": "scalecert", "params": cert.manifest["defense"]["params"], "bundle": str(bundle), "data": data,
+            **report}
+
+
+class _IBPLabels:
+    """An IBP certifier as ``attack_certified`` sees it: clean frames get the full certifier's verdicts; a patched
+    frame needs only its label, the model engine's argmax (the certifier's label), so its bounds are skipped."""
+
+    def __init__(self, cert):
+        self.cert, self.threat, self.input_hw, self.engine = cert, cert.threat, cert.input_hw, cert.engine
+
+    def __call__(self, frames: np.ndarray):
+        return self.cert(frames)
+
+    def prepare(self, frames: np.ndarray) -> np.ndarray:
+        return self.cert.prepare(frames)
+
+    def run_engine(self, x: np.ndarray) -> np.ndarray:
+        return self.cert.logits(x)
+
+    def decide(self, x: np.ndarray, logits: np.ndarray) -> list:
+        from certinfer.runtime.certifier import Decision
+
+        return [Decision(label=int(label), certificate=None) for label in logits.argmax(axis=1)]
+
+
+def ibp_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,
+                  seed: int = 0) -> dict:
+    """IBP: PGD pushes the best rival's logit above the label's on the torch network the bundle was exported from."""
+    from certinfer.export.ibp import load_network
+
+    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    net, _, _ = load_network(checkpoint)
+    report = attack_certified(_IBPLabels(cert), lambda label, rect, locs: (lambda adv: _rival_gap(net(adv), label)),
+                              datasets.load(data).x[:2000], images, pgd_steps, seed)
+    return {"defense": "ibp", "params": cert.manifest["defense"]["params"], "bundle": str(bundle), "data": data,
+            **report}
+
+
+SOUNDNESS = {"bagcert": bagcert_soundness, "masking": masking_soundness, "cropping": cropping_soundness,
+             "scalecert": scalecert_soundness, "ibp": ibp_soundness}
 
 
 cli = typer.Typer(add_completion=False)
