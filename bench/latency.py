@@ -443,8 +443,70 @@ def cropping_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference:
     }
 
 
+def scalecert_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference: int,
+                   progress: Callable[[int], None] | None = None, repeats: int = 3) -> dict:
+    """ScaleCert: the runtime's window selection + Algorithms 1 and 2 (``decide`` on one run_engine's outputs) vs the
+    loop reference (pixel-by-pixel R, window by window) fed the same engine outputs from a lookup table, so both
+    time the math only. A window the reference evaluates that the runtime did not is a KeyError (a mismatch)."""
+    from certinfer.bench import scalecert_reference as ref
+
+    n_reference = min(n_reference, n_vectorized)
+    x = certifier.prepare(take(frames, n_vectorized))
+    outputs = certifier.run_engine(x)
+    logits0, keep, occ = outputs
+    (key, fam), = certifier.families().items()  # the reference takes one rectangle
+    rect = fam.rect
+
+    def vectorized():
+        return certifier.decide(x, outputs)
+
+    def one_by_one():
+        return [certifier.decide(x[i:i + 1], (logits0[i:i + 1], keep[i:i + 1],
+                                              {k: (s[i:i + 1], z[i:i + 1]) for k, (s, z) in occ.items()}))[0]
+                for i in range(len(x))]
+
+    def table(i: int):
+        rows = {fam.masks[f].tobytes(): occ[key][1][i, f] for f in np.flatnonzero(occ[key][0][i])}
+        empty = np.zeros(certifier.input_hw, np.float32).tobytes()
+        return lambda b: ((logits0[i:i + 1], keep[i:i + 1]) if b[0, -1].tobytes() == empty
+                          else (rows[b[0, -1].tobytes()][None], None))
+
+    t_batched, fast = _best_of(vectorized, repeats)
+    t_single, single = _best_of(one_by_one, repeats)
+    mismatches, t_ref = [], 0.0
+    for i in range(n_reference):
+        t0 = time.perf_counter()
+        cert = ref.certify_reference(table(i), x[i], certifier.geometry, rect, certifier.r, certifier.tau)
+        alert = ref.detect_reference(table(i), x[i], certifier.geometry, rect, certifier.r, certifier.tau) == "alert"
+        t_ref += time.perf_counter() - t0
+        if (cert, alert) != (fast[i].certificate.certified, fast[i].status == "alert") or \
+                (single[i].label, single[i].status) != (fast[i].label, fast[i].status):
+            mismatches.append(f"frame {i}: reference ({cert}, alert {alert}) vs vectorized "
+                              f"({fast[i].certificate.certified}, {fast[i].status or 'label'})")
+        if progress:
+            progress(1)
+    if mismatches:
+        raise AssertionError("vectorized and reference ScaleCert decisions differ: " + "; ".join(mismatches[:5]))
+    ms = {"vectorized_batched": t_batched * 1e3 / n_vectorized,
+          "vectorized_one_frame_per_call": t_single * 1e3 / n_vectorized,
+          "reference": t_ref * 1e3 / max(n_reference, 1)}
+    return {
+        "defense": "scalecert", "params": certifier.manifest["defense"].get("params", {}), "threat": str(certifier.threat),
+        "rects": [key], "maps_from_backend": certifier.engine.name, "map_shape": list(keep.shape[1:]),
+        "reference": "certinfer.bench.scalecert_reference: loops over winners and pixels (R), windows and patch "
+                     "positions; engine outputs looked up from the runtime's own pass",
+        "frames_vectorized": n_vectorized, "frames_reference": n_reference, "repeats_vectorized": repeats,
+        "ms_per_frame": ms,
+        "speedup": _ratio(ms["reference"], ms["vectorized_one_frame_per_call"]),
+        "speedup_batched": _ratio(ms["reference"], ms["vectorized_batched"]),
+        "identical_certificates": True, "frames_compared": n_reference,
+        "certified_among_compared": int(sum(d.certificate.certified for d in fast[:n_reference])),
+    }
+
+
 # defense kind -> its math-vs-reference function
-MATH: dict[str, Callable] = {"bagcert": bagcert_math, "masking": masking_math, "cropping": cropping_math}
+MATH: dict[str, Callable] = {"bagcert": bagcert_math, "masking": masking_math, "cropping": cropping_math,
+                             "scalecert": scalecert_math}
 
 
 def expansion(certifier, frames: np.ndarray, n: int, repeats: int = 3) -> dict | None:
