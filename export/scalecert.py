@@ -8,7 +8,9 @@ logits (N, C) and winners (N, H, W). Checks before the bundle is written:
 * receptive-field probe of the superficial layer on onnxruntime CPU: the graph's superficial features (the input of
   its single ReduceSum, the SIN channel sum) must stay bit-identical outside ``Geometry.affected`` of random
   patches that change the frame AND the mask channel, and must not depend on the batch;
-* batch invariance of the whole graph's outputs (a frame's logits and winners do not depend on its batch).
+* batch invariance of the whole graph's outputs (a frame's logits and winners do not depend on its batch);
+* the soundness argument's step (A) on the real graph: every window of the threat's family that misses R(x)
+  leaves the logits and winners bit-identical.
 
 Then the bundle's accuracy is measured through the runtime itself (``certinfer.load`` + ``evaluate_certifier``).
 """
@@ -29,7 +31,7 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, _bits, expose_input_of, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.certifier import resize
-from certinfer.runtime.defenses.scalecert import family, group_size, window_side
+from certinfer.runtime.defenses.scalecert import family, group_size, meets_region, window_side
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
 from certinfer.train import data as datasets
@@ -99,6 +101,18 @@ def batch_invariance(session: ort.InferenceSession, rows: np.ndarray) -> dict:
     return {"rows": len(rows), "batch_invariant": True}
 
 
+def outside_region_check(session: ort.InferenceSession, x: np.ndarray, geometry: Geometry, windows) -> dict:
+    """Step (A) on the real graph: occluding a family window that misses R(x) changes no output bit."""
+    hw = x.shape[2:]
+    logits0, keep = session.run(["logits", "keep"], {"input": _rows(x, np.zeros((len(x), *hw), np.float32))})
+    n, w = np.nonzero(~meets_region(keep, windows, geometry))
+    if len(n):
+        z, k = session.run(["logits", "keep"], {"input": _rows(x[n], windows.masks[w])})
+        if not (np.array_equal(_bits(z), _bits(logits0[n])) and np.array_equal(k, keep[n])):
+            raise ProbeError("occluding a window outside the candidate region changed the outputs")
+    return {"frames": len(x), "windows_outside_region": int(len(n)), "bit_identical": True}
+
+
 def superficial_probe(onnx_model: bytes, rows: np.ndarray, geometry: Geometry, rects: list, trials: int) -> dict:
     """The receptive-field probe on the superficial features of the real graph (frame and mask channels patched)."""
     session = ort.InferenceSession(expose_input_of(onnx_model, SUPERFICIAL_OP, "superficial"),
@@ -139,14 +153,16 @@ def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int |
     # frames exactly as the runtime prepares them, unoccluded and under the threat's own windows
     mean, std = np.float32(meta["mean"]).reshape(1, 3, 1, 1), np.float32(meta["std"]).reshape(1, 3, 1, 1)
     x = ((resize(test.x[:64], hw).astype(np.float32) / 255.0).transpose(0, 3, 1, 2) - mean) / std
-    windows = family(hw, tuple(rects[0]), r, tau).masks
-    pick = np.random.default_rng(0).integers(0, len(windows), len(x))
-    rows = np.concatenate([_rows(x, np.zeros((len(x), *hw), np.float32)), _rows(x, windows[pick])])
+    windows = family(hw, tuple(rects[0]), r, tau)
+    pick = np.random.default_rng(0).integers(0, windows.size, len(x))
+    rows = np.concatenate([_rows(x, np.zeros((len(x), *hw), np.float32)), _rows(x, windows.masks[pick])])
     onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits", "keep"])
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     probe_report = {"backend": "onnxruntime-cpu",
                     **superficial_probe(onnx_model, rows, geometry, rects + [(1, 1)], probe_trials),
-                    "outputs": batch_invariance(session, rows[::8]), "exact_backends": ["onnxruntime-cpu"]}
+                    "outputs": batch_invariance(session, rows[::8]),
+                    "outside_region": outside_region_check(session, x, geometry, windows),
+                    "exact_backends": ["onnxruntime-cpu"]}
     torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
     files = {"model.onnx": onnx_model, "model.safetensors": weights}
     manifest = {
