@@ -32,7 +32,7 @@ import typer
 from tqdm import tqdm
 
 from certinfer.provenance import git_commit
-from certinfer.runtime.defenses.ibp import location_masks
+from certinfer.runtime.defenses.ibp import patch_locations
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import _track_split
 from certinfer.train.loop import (Dist, augment, command_line, epoch_batches, normalize, photometric, preset_config,
@@ -129,7 +129,10 @@ class PatchBoxes:
     patch range, and the boxes of chosen locations scaled by eps."""
 
     def __init__(self, input_hw: tuple[int, int], patch: int, mean, std, device):
-        self.masks = torch.from_numpy(location_masks(tuple(input_hw), (patch, patch))).to(device)
+        (top, left), (h, w) = patch_locations(tuple(input_hw), (patch, patch)).T, input_hw
+        rows = (top[:, None] <= np.arange(h)) & (np.arange(h) < top[:, None] + patch)  # (L, H)
+        cols = (left[:, None] <= np.arange(w)) & (np.arange(w) < left[:, None] + patch)  # (L, W)
+        self.masks = torch.from_numpy(rows[:, :, None] & cols[:, None, :]).to(device)  # (L, H, W)
         self.grid = (input_hw[0] - patch + 1, input_hw[1] - patch + 1)
         m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.lo, self.hi = ((0 - m) / s).to(device), ((1 - m) / s).to(device)

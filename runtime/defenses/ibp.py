@@ -43,28 +43,30 @@ def patch_interval(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.nd
     return (np.float32(0.0) - mean) / std, (np.float32(1.0) - mean) / std
 
 
-def location_masks(input_hw: tuple[int, int], rect: Rect) -> np.ndarray:
-    """(L, H, W) bool: the pixels a ``rect`` patch covers at each location fully inside the input, row-major
-    over top-left corners (the order of ``certinfer.bench.attacks.locations``)."""
+def patch_locations(input_hw: tuple[int, int], rect: Rect) -> np.ndarray:
+    """(L, 2) top-left corners of a ``rect`` patch at every location fully inside the input, row-major (the order
+    of ``certinfer.bench.attacks.locations``)."""
     (height, width), (h, w) = input_hw, rect
     if not (1 <= h <= height and 1 <= w <= width):
         raise ValueError(f"patch {h}x{w} does not fit the {height}x{width} input")
-    rows = np.arange(height - h + 1)[:, None] <= np.arange(height)[None]
-    rows &= np.arange(height)[None] < np.arange(height - h + 1)[:, None] + h  # (T, H)
-    cols = np.arange(width - w + 1)[:, None] <= np.arange(width)[None]
-    cols &= np.arange(width)[None] < np.arange(width - w + 1)[:, None] + w  # (S, W)
-    return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(-1, height, width)
+    tops, lefts = np.divmod(np.arange((height - h + 1) * (width - w + 1)), width - w + 1)
+    return np.stack([tops, lefts], axis=1)
 
 
-def interval_inputs(x: np.ndarray, masks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Bounds-engine input for patch boxes: frames ``x`` (B, C, H, W) with masks (B, H, W) -> (B, 2C, H, W).
-
-    Inside the mask: [lo, hi] per channel; elsewhere both bounds are the frame's value.
-    """
-    m = masks[:, None]
-    lower = np.where(m, lo[None, :, None, None], x)
-    upper = np.where(m, hi[None, :, None, None], x)
-    return np.ascontiguousarray(np.concatenate([lower, upper], axis=1), dtype=np.float32)
+def interval_inputs(x: np.ndarray, rect: Rect, corners: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bounds-engine input for patch boxes: frames ``x`` (B, C, H, W), one ``rect`` patch per frame at ``corners``
+    (B, 2) -> (B, 2C, H, W). Inside the patch: [lo, hi] per channel; elsewhere both bounds are the frame's value."""
+    b, c = x.shape[:2]
+    h, w = rect
+    out = np.empty((b, 2 * c, *x.shape[2:]), dtype=np.float32)
+    out[:, :c] = x
+    out[:, c:] = x
+    rows = (corners[:, 0, None] + np.arange(h))[:, None, :, None]
+    cols = (corners[:, 1, None] + np.arange(w))[:, None, None, :]
+    frames, channels = np.arange(b)[:, None, None, None], np.arange(c)[None, :, None, None]
+    out[frames, channels, rows, cols] = lo[None, :, None, None]
+    out[frames, channels + c, rows, cols] = hi[None, :, None, None]
+    return out
 
 
 def certify(min_margins: dict[str, np.ndarray], labels: np.ndarray, threat: str,
@@ -145,21 +147,24 @@ class IBPCertifier(Certifier):
         k = len(self.classes)
         out = {}
         for rect in threat.rects:
-            masks = location_masks(self.input_hw, rect)
-            frames, locs = np.divmod(np.arange(len(x) * len(masks)), len(masks))  # frame-major rows
+            corners = patch_locations(self.input_hw, rect)
+            frames, locs = np.divmod(np.arange(len(x) * len(corners)), len(corners))  # frame-major rows
             best = np.full((len(x), k, k), np.inf, dtype=np.float32)
             for start in range(0, len(frames), self.chunk):
                 f, l = frames[start:start + self.chunk], locs[start:start + self.chunk]
-                bounds = self._bounds_chunk(interval_inputs(x[f], masks[l], self.patch_lo, self.patch_hi))
+                bounds = self._bounds_chunk(interval_inputs(x[f], rect, corners[l], self.patch_lo, self.patch_hi))
                 cuts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # contiguous rows per frame
                 best[f[cuts]] = np.minimum(best[f[cuts]], np.minimum.reduceat(bounds, cuts, axis=0))
             out[rect_key(rect)] = best
         return out
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The model engine's logits (N, K) for prepared frames; their argmax is the certifier's label."""
+        out = super().run_engine(x)
+        return out[0] if isinstance(out, tuple) else out
+
     def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        logits = super().run_engine(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits, self.min_margins(x)
+        return self.logits(x), self.min_margins(x)
 
     def decide(self, x: np.ndarray, outputs) -> list[Decision]:
         logits, margins = outputs

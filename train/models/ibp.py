@@ -17,6 +17,7 @@ Architectures (paper Appendix A.1, as in its code's CROWN-IBP model definitions)
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,13 +74,12 @@ def propagate(layers, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _pair_index(k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs i < j of k classes, and for every (i, j) the column of its pair (the diagonal: the last, zero)."""
-    i, j = torch.triu_indices(k, k, 1, device=device)
-    index = torch.full((k, k), len(i), dtype=torch.long, device=device)
-    pair = torch.arange(len(i), device=device)
-    index[i, j] = pair
-    index[j, i] = pair
-    return i, j, index.flatten()
+    """Pairs i < j of k classes, and for every (i, j) the column of its pair (the diagonal: the last, zero).
+    Built in numpy, so ONNX export records them as constants."""
+    i, j = np.triu_indices(k, 1)
+    index = np.full((k, k), len(i), dtype=np.int64)
+    index[i, j] = index[j, i] = np.arange(len(i))
+    return tuple(torch.from_numpy(a.astype(np.int64)).to(device) for a in (i, j, index.ravel()))
 
 
 def margin_lower(net: IBPNet, lo: torch.Tensor, hi: torch.Tensor,
