@@ -18,6 +18,10 @@ CASES = [
      torch.float32),
     (models.config("cropnet", 3, dict(input_hw=(16, 16), crop_hw=(8, 8), widths=(4, 4, 8, 8)), (5, 8, 8)), (3,),
      torch.float32),
+    (models.config("ibp-logits", 3, dict(convs=[[4, 4, 2, 1]], fcs=[8], input_hw=[16, 16]), (3, 16, 16)), (3,),
+     torch.float32),
+    (models.config("ibp-bounds", 3, dict(convs=[[4, 4, 2, 1]], fcs=[8], input_hw=[16, 16]), (6, 16, 16)), (3, 3),
+     torch.float32),
 ]
 
 
