@@ -504,9 +504,70 @@ def scalecert_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference
     }
 
 
+def ibp_math(certifier, frames: np.ndarray, n_vectorized: int, n_reference: int,
+             progress: Callable[[int], None] | None = None, repeats: int = 3) -> dict:
+    """IBP: the runtime's whole certificate (patch boxes, bounds engine, minimum over locations, ``ibp.certify``:
+    ``run_engine`` + ``decide``) vs the plain float64 reference (loops over locations, pixels, convolution windows
+    and class pairs; ``bench/ibp_reference.py``) on the bundle's weights, on one reference frame (minutes
+    each). The bounds are the math here, so the engine's time is counted; margins agree to float32 rounding."""
+    from safetensors.torch import load
+
+    from certinfer.bench import ibp_reference as ref
+    from certinfer.runtime.verdict import Certificate, RectCert
+    from certinfer.train.models import build
+
+    n_reference = min(n_reference, n_vectorized, 1)
+    entry = next(e for e in certifier.bundle.engines("bounds") if e["format"] == "torch")
+    net = build(entry["config"])
+    net.load_state_dict(load(certifier.bundle.read(entry)))
+    layers = ref.layers_of(net)
+    x = certifier.prepare(take(frames, n_vectorized))
+
+    def vectorized():
+        return [d.certificate for d in certifier.decide(x, certifier.run_engine(x))]
+
+    def one_by_one():
+        return [certifier.decide(x[i:i + 1], certifier.run_engine(x[i:i + 1]))[0].certificate for i in range(len(x))]
+
+    t_batched, fast = _best_of(vectorized, repeats)
+    t_single, _ = _best_of(one_by_one, 1)
+    labels = certifier.logits(x).argmax(axis=1)
+    mismatches, t_ref = [], 0.0
+    for i in range(n_reference):
+        t0 = time.perf_counter()
+        per_rect = {}
+        for rect in certifier.threat.rects:
+            m = ref.min_margins_reference(layers, x[i], rect, certifier.patch_lo, certifier.patch_hi)
+            per_rect[f"{rect[0]}x{rect[1]}"] = RectCert(*ref.certificate_reference(m, int(labels[i]),
+                                                                                   certifier.tolerance))
+        t_ref += time.perf_counter() - t0
+        mismatches += [f"frame {i}: {d}" for d in compare_certificates(
+            fast[i], Certificate.from_rects(str(certifier.threat), per_rect), rtol=1e-3)]
+        if progress:
+            progress(1)
+    if mismatches:
+        raise AssertionError("runtime and reference IBP certificates differ: " + "; ".join(mismatches[:5]))
+    ms = {"vectorized_batched": t_batched * 1e3 / n_vectorized,
+          "vectorized_one_frame_per_call": t_single * 1e3 / n_vectorized,
+          "reference": t_ref * 1e3 / max(n_reference, 1)}
+    return {
+        "defense": "ibp", "params": certifier.manifest["defense"].get("params", {}), "threat": str(certifier.threat),
+        "rects": list(certifier.threat.keys), "maps_from_backend": certifier.bounds.name,
+        "map_shape": [len(certifier.classes)] * 2,
+        "reference": "certinfer.bench.ibp_reference: float64 interval bounds with loops over locations, pixels, "
+                     "convolution windows and class pairs (the runtime's time includes its bounds engine)",
+        "frames_vectorized": n_vectorized, "frames_reference": n_reference, "repeats_vectorized": repeats,
+        "ms_per_frame": ms,
+        "speedup": _ratio(ms["reference"], ms["vectorized_one_frame_per_call"]),
+        "speedup_batched": _ratio(ms["reference"], ms["vectorized_batched"]),
+        "identical_certificates": True, "margin_rtol": 1e-3, "frames_compared": n_reference,
+        "certified_among_compared": int(sum(c.certified for c in fast[:n_reference])),
+    }
+
+
 # defense kind -> its math-vs-reference function
 MATH: dict[str, Callable] = {"bagcert": bagcert_math, "masking": masking_math, "cropping": cropping_math,
-                             "scalecert": scalecert_math}
+                             "scalecert": scalecert_math, "ibp": ibp_math}
 
 
 def expansion(certifier, frames: np.ndarray, n: int, repeats: int = 3) -> dict | None:
