@@ -283,13 +283,17 @@ def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: 
               out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
     """ScaleCert: clean accuracy (Algorithm 1 returns the true label), certified detection accuracy (Algorithm 2),
     evaluated windows per image and time, per threat (default ``2.4%;0.4%``, ``-p threats=...``). Each threat is
-    its own run (its windows, hence pass 2, differ); the variant ``<threat>`` holds its counts."""
+    its own run (its windows, hence pass 2, differ); the variant ``<threat>`` holds its counts. ``-p tau=T`` and
+    ``-p r=R`` evaluate other window settings than the bundle's (a certificate holds for the detector that runs
+    with the same windows)."""
     threats = (threat or params.get("threats", "2.4%;0.4%")).split(";")
     results, windows = {}, {}
     for t in threats:
         counted: list[int] = []
 
         def variants(c, t=t, counted=counted):
+            c.tau, c.r = float(params.get("tau", c.tau)), int(params.get("r", c.r))
+
             def decide(x, outputs):
                 counted.extend(np.sum([sel.sum(axis=1) for sel, _ in outputs[2].values()], axis=0).tolist())
                 return c.decide(x, outputs)
@@ -302,6 +306,8 @@ def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: 
                 "variants": {t: results[t]["variants"][t] for t in threats},
                 "seconds": {k: sum(r["seconds"][k] for r in results.values()) for k in first["seconds"]}}
     result = summarize(combined) | {k: first[k] for k in ("data", "data_note", "shard", "bundle", "defense")}
+    result["windows"] = {"tau": float(params.get("tau", result["defense"]["params"]["tau"])),
+                         "r": int(params.get("r", result["defense"]["params"]["r"]))}
     result["scalecert"] = {t: {"windows_per_image": windows[t], "seconds": results[t]["seconds"],
                                "ms_per_image": 1e3 * sum(results[t]["seconds"].values()) / max(1, results[t]["n"]),
                                "alerts": results[t]["variants"][t]["alert"]} for t in threats}

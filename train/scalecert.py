@@ -29,8 +29,8 @@ from certinfer.runtime.defenses.scalecert import DEFAULT_R, DEFAULT_TAU, family
 from certinfer.threat import parse
 from certinfer.train import data as datasets
 from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, normalize, photometric,
-                                  preset_config, save_checkpoint, seed_everything, setup_distributed,
+from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
+                                  photometric, preset_config, save_checkpoint, seed_everything, setup_distributed,
                                   teardown_distributed, to_nchw)
 from certinfer.train.models.scalecert import build_scalecert
 
@@ -54,6 +54,8 @@ class TrainConfig:
     flips: bool = False  # off for traffic signs
     jitter: float = 0.0
     occlude: float = 0.5  # share of images occluded by a random family window during fine-tuning
+    worst_of: int = 1  # > 1: try this many windows per image and train on the one with the highest loss
+    init: str = ""  # a ScaleCert checkpoint to start from (fine-tuning; its weights only)
     occlusion_threat: str = "2.4%,0.4%"
     r: int = DEFAULT_R
     tau: float = DEFAULT_TAU
@@ -74,6 +76,9 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
+    # SIN fine-tuning of a trained checkpoint (--init) against the worst of 4 windows per image, every image occluded.
+    "gtsrb-cpu-finetune": TrainConfig(jitter=0.4, epochs=10, dense_epochs=0, lr=5e-4, warmup_epochs=0.2, occlude=1.0,
+                                      worst_of=4),
     # CPU presets, one thread: about 25 minutes on one core here (times in the README).
     "gtsrb-cpu": TrainConfig(jitter=0.4),
     # CIFAR-10 (our copy is JPEG-compressed), flips on.
@@ -117,6 +122,18 @@ def accuracy(net, x_uint8: np.ndarray, y: np.ndarray, mean, std, device, windows
     return correct / max(1, len(y))
 
 
+@torch.no_grad()
+def worst_masks(net, x: torch.Tensor, y: torch.Tensor, windows: torch.Tensor, tries: int, p: float,
+                rng: np.random.Generator) -> torch.Tensor:
+    """Per image, the one of ``tries`` random masks with the highest loss (eval mode: BN statistics untouched)."""
+    net.eval()
+    masks = torch.stack([random_masks(windows, len(x), p, rng) for _ in range(tries)])  # (tries, n, H, W)
+    losses = torch.stack([F.cross_entropy(net(engine_batch(x, m).to(y.device))[0], y, reduction="none")
+                          for m in masks])
+    net.train()
+    return masks[losses.argmax(0).cpu(), torch.arange(len(x))]
+
+
 def _train_epoch(model, net, opt, xs, ys, mean, std, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
                  warmup: int, windows: torch.Tensor, desc: str) -> tuple[int, float]:
     model.train()
@@ -128,9 +145,11 @@ def _train_epoch(model, net, opt, xs, ys, mean, std, cfg: TrainConfig, d: Dist, 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, total, warmup, cfg.lr)
         x = normalize(photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter), mean, std)
-        inp = engine_batch(x, random_masks(windows, len(idx), occlude, rng)).to(d.device)
-        logits, _ = model(inp)
-        loss = F.cross_entropy(logits, ys[idx].to(d.device))
+        y = ys[idx].to(d.device)
+        masks = (worst_masks(net, x.to(d.device), y, windows, cfg.worst_of, occlude, rng)
+                 if net.sparse and cfg.worst_of > 1 else random_masks(windows, len(idx), occlude, rng))
+        logits, _ = model(engine_batch(x, masks).to(d.device))
+        loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,7 +179,12 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     mean, std = datasets.channel_stats(train_split.x[fit_idx])
     xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
     windows = torch.from_numpy(occlusion_masks(cfg.input_hw, cfg.occlusion_threat, cfg.r, cfg.tau))
-    net = build_scalecert(len(train_split.classes), cfg.model).to(d.device)
+    net = build_scalecert(len(train_split.classes), cfg.model)
+    if cfg.init:
+        state, init_meta = load_checkpoint(Path(cfg.init))
+        net.load_state_dict(state)
+        mean, std = init_meta["mean"], init_meta["std"]  # the inputs the weights were trained on
+    net = net.to(d.device)
     model = DistributedDataParallel(net) if d.world > 1 else net
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
@@ -214,6 +238,7 @@ def train_command(
     epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
     dense_epochs: Optional[int] = typer.Option(None, help="Override the preset's dense warm-up epochs"),
     seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
+    init: Optional[str] = typer.Option(None, help="Start from this ScaleCert checkpoint (fine-tuning presets)"),
     limit: Optional[int] = typer.Option(None, help="At most this many images per split (smoke tests)"),
     data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
@@ -222,9 +247,9 @@ def train_command(
     """Train a ScaleCert network (ResNet-style, SIN layer after the stem, fine-tuned with random occlusions)."""
     if threads:
         torch.set_num_threads(threads)
-    command = command_line("scalecert", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads,
+    command = command_line("scalecert", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads, init=init,
                            **{"dense-epochs": None if dense_epochs is None else str(dense_epochs)})
-    metrics = train(config_for(preset, epochs=epochs, dense_epochs=dense_epochs, seed=seed, limit=limit), out,
-                    data_dir, device, preset, command)
+    metrics = train(config_for(preset, epochs=epochs, dense_epochs=dense_epochs, seed=seed, limit=limit, init=init),
+                    out, data_dir, device, preset, command)
     if metrics:
         typer.echo(json.dumps(metrics["test"]))
