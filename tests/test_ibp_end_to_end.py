@@ -78,8 +78,8 @@ def test_torch_cpu_engines_match_onnxruntime(model, bundle):
 @pytest.mark.slow
 def test_guided_and_all_patch_training_run(gtsrb4, tmp_path):
     for strategy, k in (("guided", 2), ("all", 1)):
-        metrics = train(tiny_config(gtsrb4, strategy=strategy, k=k, epochs=1, limit=64, eval_images=4), tmp_path / strategy,
-                        device="cpu")
+        cfg = tiny_config(gtsrb4, strategy=strategy, k=k, epochs=1, limit=64, eval_images=4)
+        metrics = train(cfg, tmp_path / strategy, device="cpu")
         assert metrics["history"][0]["loss"] == metrics["history"][0]["loss"]  # finite, not NaN
         assert (tmp_path / strategy / "model.safetensors").is_file()
 

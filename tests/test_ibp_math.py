@@ -82,7 +82,8 @@ def test_exported_bounds_graph_equals_torch_ibp(arch, tmp_path):
 
 def test_runtime_min_margins_and_certificates_equal_the_plain_reference(tmp_path):
     net = random_net("conv", 3)
-    cert = certinfer.load(bundle_for(net, "conv", tmp_path / "b", threat="2x2,3x1", chunk=37), backend="onnxruntime-cpu")
+    path = bundle_for(net, "conv", tmp_path / "b", threat="2x2,3x1", chunk=37)
+    cert = certinfer.load(path, backend="onnxruntime-cpu")
     x = cert.prepare(frames(2, 4))
     outputs = cert.run_engine(x)
     decisions = cert.decide(x, outputs)
