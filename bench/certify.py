@@ -29,9 +29,10 @@ def _progress(total: int):
 
 
 def run(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-        variants_for=None, extra_threat: str | None = None) -> dict:
-    """Evaluate ``bundle`` on ``data``; ``variants_for(certifier)`` may name several decision rules."""
-    certifier = certinfer.load(bundle, backend=backend, threat=threat)
+        variants_for=None, extra_threat: str | None = None, sha256: str | None = None) -> dict:
+    """Evaluate ``bundle`` on ``data``; ``variants_for(certifier)`` may name several decision rules. ``sha256``:
+    refuse the bundle unless its digest is this one (the CLI pins the digest it verified)."""
+    certifier = certinfer.load(bundle, backend=backend, threat=threat, expect_sha256=sha256)
     user_threat = certifier.threat
     if extra_threat:
         certifier.threat = parse(f"{user_threat},{extra_threat}", input_hw=certifier.input_hw)
@@ -115,20 +116,21 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
 
 
 def bagcert(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-            out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+            out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
     """BagCert: Conditions 3.2 and 3.3 from one engine pass, and square patches 1..10 for the Fig. 3 plot."""
     def variants(c):
         return {cond: (lambda x, o, cond=cond: c.decide(x, o, condition=cond)) for cond in ("3.2", "3.3")}
 
     squares = params.get("squares", SQUARES)
-    result = run(bundle, data, threat, backend, batch, limit, shard, variants, extra_threat=squares or None)
+    result = run(bundle, data, threat, backend, batch, limit, shard, variants, extra_threat=squares or None,
+                 sha256=sha256)
     report(result, out, plot)
     return result
 
 
 
 def masking(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-            out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+            out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
     """PatchGuard: each named variant at each threat, all from one engine pass.
 
     The threat is part of the defense (its windows are what masking removes), so every threat is its own
@@ -149,7 +151,7 @@ def masking(bundle: Path, data: str, threat: str | None, backend: str, batch: in
                 chosen[f"{name}@{t}"] = lambda x, o, a=agg, b=bound: c.decide(x, o, aggregation=a, threat=b)
         return chosen
 
-    result = run(bundle, data, None, backend, batch, limit, shard, variants)
+    result = run(bundle, data, None, backend, batch, limit, shard, variants, sha256=sha256)
     result["threat"] = ";".join(threats)
     report(result, out, plot, plot_variants)
     return result
@@ -189,7 +191,8 @@ def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
 
     A crop's prediction depends only on its pixels and location, so drawing n locations and reading their
     predictions is the runtime's draw. Variants: ``r<n>`` / ``nr<n>`` (with / without replacement, n in
-    64..512, p_c >= 0.95; without replacement up to the number of locations), ``r128-p<t>`` (thresholds 0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
+    64..512, p_c >= 0.95; without replacement up to the number of locations), ``r128-p<t>`` (thresholds
+    0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
     per rectangle; the whole threat is the worst case), ``exhaustive`` and ``exhaustive@shapes``.
     """
     from certinfer.runtime.defenses.cropping import count_votes, draw_locations
@@ -217,7 +220,7 @@ def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
 
 
 def cropping(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-             out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+             out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
     """Randomized cropping: every variant (crops, replacement, threshold, patch shape, exhaustive) from one pass
     that classifies every crop location of every image once. ``-p seed=N`` seeds the benchmark's draws (default
     0: reproducible numbers; a deployed certifier draws from the OS's entropy), ``-p shapes=...`` the Table 4 set.
@@ -229,7 +232,7 @@ def cropping(bundle: Path, data: str, threat: str | None, backend: str, batch: i
         c.mode, c.crops = "exhaustive", c.locations  # the engine pass: every crop location once
         return cropping_variants(c, str(c.threat), shapes, seed)
 
-    result = run(bundle, data, threat, backend, batch, limit, shard, variants)
+    result = run(bundle, data, threat, backend, batch, limit, shard, variants, sha256=sha256)
     result.update({"shapes": shapes, "shape_names": CROPPING_SHAPES, "seed": seed,
                    "note": "one engine pass over every crop location; each variant draws its own crops from it"})
     report(result, out, plot, plot_cropping)
@@ -280,7 +283,7 @@ SCALECERT_TABLE2 = {"2.4%": (78.9, 75.3), "0.4%": (83.1, 81.0)}
 
 
 def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-              out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+              out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
     """ScaleCert: clean accuracy (Algorithm 1 returns the true label), certified detection accuracy (Algorithm 2),
     evaluated windows per image and time, per threat (default ``2.4%;0.4%``, ``-p threats=...``). Each threat is
     its own run (its windows, hence pass 2, differ); the variant ``<threat>`` holds its counts. ``-p tau=T`` and
@@ -299,7 +302,7 @@ def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: 
                 return c.decide(x, outputs)
             return {t: decide}
 
-        results[t] = run(bundle, data, t, backend, batch, limit, shard, variants)
+        results[t] = run(bundle, data, t, backend, batch, limit, shard, variants, sha256=sha256)
         windows[t] = float(np.mean(counted)) if counted else 0.0
     first = results[threats[0]]
     combined = {"n": first["n"], "clean": first["clean"], "threat": ";".join(threats), "backend": first["backend"],
@@ -357,12 +360,13 @@ IBP_SHAPES = "area:4,rot45:2x2"
 
 
 def ibp(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-        out: Path | None, plot: Path | None, params: dict[str, str]) -> dict:
+        out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
     """IBP: clean accuracy and certified accuracy per rectangle. ``certified`` is for the threat (default 2x2 and 5x5
     together); ``-p shapes=...`` adds rectangles reported per rectangle only (default: Table 5's 4-pixel shapes;
     ``-p shapes=`` for none). Every location of every rectangle goes to the bounds engine."""
     shapes = params.get("shapes", IBP_SHAPES)
-    result = run(bundle, data, threat or IBP_THREAT, backend, batch, limit, shard, extra_threat=shapes or None)
+    result = run(bundle, data, threat or IBP_THREAT, backend, batch, limit, shard, extra_threat=shapes or None,
+                 sha256=sha256)
     result["shapes"] = shapes
     report(result, out, plot, plot_ibp)
     return result

@@ -270,12 +270,13 @@ def certify(
         raise CLIError("certify needs a BUNDLE and --data (or --merge shard results)")
     from certinfer.runtime.bundle import load_bundle
 
-    kind = load_bundle(bundle, expect_sha256=bundle_sha256).manifest["defense"]["kind"]
+    verified = load_bundle(bundle, expect_sha256=bundle_sha256)
+    kind = verified.manifest["defense"]["kind"]
     if kind not in CERTIFY:
         raise CLIError(f"certify: not available yet for defense {kind!r} "
                        f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")
     _import(CERTIFY[kind])(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit,
-                           shard=shard, out=out, plot=plot, params=_param(param))
+                           shard=shard, out=out, plot=plot, params=_param(param), sha256=verified.digest)
 
 
 def _one_line(e: BaseException) -> str:

@@ -160,6 +160,7 @@ def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch
     import typer
 
     from certinfer import cli as cli_module
+    from certinfer.runtime.bundle import load_bundle
 
     plugin = types.ModuleType("certinfer_test_plugin")
     plugin.app = typer.Typer()
@@ -168,13 +169,15 @@ def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch
     def train(preset: str = typer.Option(...), epochs: int = 1) -> None:
         typer.echo(f"training {preset} for {epochs}")
 
-    plugin.certify = lambda **options: typer.echo(f"certify {options['data']} {options['params']}")
+    plugin.certify = lambda **options: typer.echo(f"certify {options['data']} {options['params']} {options['sha256']}")
     monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
     monkeypatch.setitem(cli_module.TRAIN, "toy", "certinfer_test_plugin:app")
     monkeypatch.setitem(cli_module.CERTIFY, "test-argmax", "certinfer_test_plugin:certify")
     assert cli(capsys, "train", "toy", "--preset", "gtsrb-cpu", "--epochs", "3")[:2] == (0, "training gtsrb-cpu for 3\n")
     code, out, _ = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "-p", "condition=3.3")
-    assert (code, out) == (0, "certify gtsrb:test {'condition': '3.3'}\n")
+    # the digest the CLI verified is pinned for the certify run's own load: a bundle swapped in between is refused
+    digest = load_bundle(tiny_bundle).digest
+    assert (code, out) == (0, f"certify gtsrb:test {{'condition': '3.3'}} {digest}\n")
 
 
 def test_a_plugin_whose_dependencies_are_missing_says_what_to_install(capsys, monkeypatch: pytest.MonkeyPatch):
