@@ -204,3 +204,29 @@ def test_certify_cli_reports_both_threats_with_windows_and_a_plot(model, bundle,
     assert all(r["certified_accuracy"][t] <= r["clean_accuracy_per_variant"][t] for t in ("2.4%", "0.4%"))
     assert all(r["scalecert"][t]["windows_per_image"] > 0 for t in ("2.4%", "0.4%"))
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_inspect_probe_checks_the_superficial_layer_and_catches_an_edited_geometry(bundle, tmp_path, capsys):
+    import json
+    import shutil
+
+    from certinfer.cli import main
+    from certinfer.export.bundle_writer import reseal
+
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--probe", str(bundle)])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    assert "probe       onnxruntime-cpu: passed" in out and "preactivation (ReduceSum input)" in out
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    g = manifest["geometry"]
+    g["rf"] = [v - 2 for v in g["rf"]]  # a smaller receptive field than the layer's: R(x) would miss pixels
+    g["padding"] = [max(v - 1, 0) for v in g["padding"]]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    reseal(edited)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--probe", str(edited)])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "probe       onnxruntime-cpu: FAILED" in out

@@ -233,6 +233,7 @@ class ScaleCertCertifier(Certifier):
     """
 
     kind = "detection"
+    local_outputs = False  # the winner mask is global (top-k): the probe checks the superficial features instead
 
     def __init__(self, bundle, engine, threat: Threat):
         super().__init__(bundle, engine, threat)
