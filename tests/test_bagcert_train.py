@@ -118,3 +118,10 @@ def test_torchrun_two_cpu_processes_train_with_ddp(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["world_size"] == 2 and (out / "model.safetensors").stat().st_size > 0
+
+
+def test_recorded_command_keeps_zero_and_names_options_as_the_cli_does():
+    from certinfer.train.loop import command_line
+
+    cmd = command_line("scalecert", "gtsrb-cpu", Path("runs/x"), epochs=None, seed=0, dense_epochs=0, threads=1)
+    assert cmd == "certinfer train scalecert --preset gtsrb-cpu --seed 0 --dense-epochs 0 --threads 1 --out runs/x"

@@ -248,7 +248,7 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     command = command_line("scalecert", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads, init=init,
-                           **{"dense-epochs": None if dense_epochs is None else str(dense_epochs)})
+                           dense_epochs=dense_epochs)
     metrics = train(config_for(preset, epochs=epochs, dense_epochs=dense_epochs, seed=seed, limit=limit, init=init),
                     out, data_dir, device, preset, command)
     if metrics:
