@@ -106,11 +106,13 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
     merged = merge(results)
     for key in ("data", "data_note", "bundle", "defense"):
         merged[key] = results[0].get(key)
-    for key in ("shapes", "shape_names", "seed", "note"):  # a defense's own settings, where it records them
+    for key in ("shapes", "shape_names", "seed", "note", "windows"):  # a defense's own settings, where recorded
         if key in results[0]:
             merged[key] = results[0][key]
+    if "scalecert" in results[0]:
+        merged["scalecert"] = merge_scalecert(results)
     merged["shards"] = [r.get("shard") for r in results]
-    plotters = {"masking": plot_variants, "cropping": plot_cropping, "ibp": plot_ibp}
+    plotters = {"masking": plot_variants, "cropping": plot_cropping, "ibp": plot_ibp, "scalecert": plot_scalecert}
     report(merged, out, plot, plotters.get((merged.get("defense") or {}).get("kind")))
     return merged
 
@@ -318,6 +320,18 @@ def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: 
                       "Algorithm 2 holds; alerts: clean images Algorithm 1 flagged")
     report(result, out, plot, plot_scalecert)
     return result
+
+
+def merge_scalecert(results: list[dict]) -> dict:
+    """ScaleCert's per-threat figures of shard results: windows per image weighted by images, times and alerts added."""
+    merged, n = {}, max(1, sum(r["n"] for r in results))
+    for t in results[0]["scalecert"]:
+        parts = [r["scalecert"][t] for r in results]
+        seconds = {k: sum(p["seconds"][k] for p in parts) for k in parts[0]["seconds"]}
+        merged[t] = {"windows_per_image": sum(p["windows_per_image"] * r["n"] for p, r in zip(parts, results)) / n,
+                     "seconds": seconds, "ms_per_image": 1e3 * sum(seconds.values()) / n,
+                     "alerts": sum(p["alerts"] for p in parts)}
+    return merged
 
 
 def plot_scalecert(result: dict, path: Path) -> None:

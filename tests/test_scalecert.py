@@ -204,10 +204,26 @@ def test_certify_cli_reports_both_threats_with_windows_and_a_plot(model, bundle,
     assert all(r["certified_accuracy"][t] <= r["clean_accuracy_per_variant"][t] for t in ("2.4%", "0.4%"))
     assert all(r["scalecert"][t]["windows_per_image"] > 0 for t in ("2.4%", "0.4%"))
     assert (tmp_path / "r.png").stat().st_size > 1000
+    shards = []
+    for i in range(2):
+        shards.append(tmp_path / f"s{i}.json")
+        with pytest.raises(SystemExit) as e:
+            main(["certify", str(bundle), "--data", model[1], "--limit", "5", "--shard", f"{i}/2",
+                  "--out", str(shards[-1]), "--backend", "onnxruntime-cpu"])
+        assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["certify", "--merge", str(shards[0]), "--merge", str(shards[1]), "--out", str(tmp_path / "m.json"),
+              "--plot", str(tmp_path / "m.png")])
+    assert e.value.code == 0
+    parts, merged = [json.loads(f.read_text()) for f in shards], json.loads((tmp_path / "m.json").read_text())
+    for t in ("2.4%", "0.4%"):  # the windows per image and the alerts survive a merge of shards
+        want = sum(p["scalecert"][t]["windows_per_image"] * p["n"] for p in parts) / merged["n"]
+        assert merged["scalecert"][t]["windows_per_image"] == pytest.approx(want)
+        assert merged["scalecert"][t]["alerts"] == sum(p["scalecert"][t]["alerts"] for p in parts)
+    assert merged["windows"] == parts[0]["windows"] and (tmp_path / "m.png").stat().st_size > 1000
 
 
 def test_inspect_probe_checks_the_superficial_layer_and_catches_an_edited_geometry(bundle, tmp_path, capsys):
-    import json
     import shutil
 
     from certinfer.cli import main
