@@ -49,6 +49,17 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path |
     return out
 
 
+def runtime_metrics(bundle_dir: str | Path, split, threat: str, batch: int = 256) -> dict:
+    """Accuracy measured through the runtime itself on a written bundle (loaded and verified, onnxruntime CPU
+    engine), with the data it was measured on: what an exporter records as ``provenance.metrics``."""
+    from certinfer.runtime.evaluate import evaluate_certifier
+    import certinfer
+
+    result = evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y,
+                                batch=batch)
+    return {**result, "data": split.name, "data_note": split.note}
+
+
 def _write_manifest(folder: Path, m: dict) -> None:
     m[DIGEST_KEY] = manifest_digest(m)
     (folder / MANIFEST).write_text(json.dumps(m, sort_keys=True, indent=2) + "\n", encoding="utf-8")

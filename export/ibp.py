@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.bundle_writer import runtime_metrics, write_bundle
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.certifier import resize
@@ -137,16 +137,6 @@ def rounding_check(net: IBPNet, config: dict, sessions: dict[str, ort.InferenceS
     return report
 
 
-def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
-    """Accuracy measured through the runtime (bundle loaded and verified, onnxruntime CPU engines)."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
-
-    cert = certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat)
-    result = evaluate_certifier(cert, split.x, split.y, batch=16)
-    return {**result, "data": split.name, "data_note": split.note}
-
-
 def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
     test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
     if eval_limit and eval_limit < len(test.y):
@@ -200,7 +190,7 @@ def export_ibp(checkpoint: Path, out: Path, threat: str = "2x2", tolerance: floa
                       | {"train_metrics": meta.get("metrics", {})},
     }
     write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat, batch=16)
     write_bundle(out, manifest, files)
     return manifest
 

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.bundle_writer import runtime_metrics, write_bundle
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, _bits, probe
 from certinfer.export.torch_weights import torch_engine
@@ -160,16 +160,6 @@ def ablation_probe(run, images01: np.ndarray, geometry: Geometry, trials: int = 
             "kept_pixel_changes_that_changed_outputs": kept_changed}
 
 
-def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
-    """Accuracy measured through the runtime itself (bundle loaded and verified, onnxruntime CPU engine)."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
-
-    result = evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x,
-                                split.y)
-    return {**result, "data": split.name, "data_note": split.note}
-
-
 def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_data: str | None,
                  eval_limit: int | None) -> datasets.Split:
     test = datasets.load(eval_data or meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
@@ -237,7 +227,7 @@ def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, t
                       | {"network": cfg.network, "train_metrics": meta.get("metrics", {})},
     }
     write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat)
     write_bundle(out, manifest, files)
     return manifest
 

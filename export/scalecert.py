@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.bundle_writer import runtime_metrics, write_bundle
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, _bits, expose_input_of, probe
 from certinfer.export.torch_weights import torch_engine
@@ -121,16 +121,6 @@ def superficial_probe(onnx_model: bytes, rows: np.ndarray, geometry: Geometry, r
     return {"op": SUPERFICIAL_OP, **probe(run, rows, geometry, rects, trials=trials)}
 
 
-def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
-    """Accuracy measured through the runtime (bundle loaded and verified, onnxruntime CPU engine)."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
-
-    result = evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y,
-                                batch=32)
-    return {**result, "data": split.name, "data_note": split.note}
-
-
 def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
     test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
     if eval_limit and eval_limit < len(test.y):
@@ -180,7 +170,7 @@ def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int |
                       | {"train_metrics": meta.get("metrics", {})},
     }
     write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
+    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat, batch=32)
     write_bundle(out, manifest, files)
     return manifest
 
