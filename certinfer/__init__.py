@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from importlib import metadata, resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from certinfer.runtime.verdict import Verdict
 
@@ -52,20 +52,16 @@ def sample_frames() -> Path:
 
 
 def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
-         threat: str | Threat | None = None, expect_sha256: str | None = None) -> Certifier:
+         threat: str | Threat | None = None, expect_sha256: str | None = None,
+         engine_options: dict[str, Any] | None = None) -> Certifier:
     """A Certifier for ``bundle`` (None: the default bundle) against ``threat`` (None: the bundle's own).
 
     ``expect_sha256`` pins the exact bundle (its digest, as ``certinfer inspect`` prints it): any other bundle,
     or this one edited and resealed, is refused with a BundleError. The manifest's own seal catches only
     accidental edits; the pin, kept in the configuration that validated the bundle, catches deliberate ones.
+    ``engine_options`` go to the engine backend (``threads``, ``device_id``, ``fp16``, ``cache_dir``).
     """
-    from certinfer.runtime.bundle import load_bundle
-    from certinfer.runtime.defenses import certifier_class
-    from certinfer.runtime.engines import load_engine
-    from certinfer.threat import parse
+    from certinfer.runtime import loader
 
-    loaded = load_bundle(Path(bundle) if bundle is not None else default_bundle(), expect_sha256=expect_sha256)
-    cls = certifier_class(loaded.manifest["defense"]["kind"])
-    spec = loaded.manifest["threat"] if threat is None else threat
-    parsed = parse(spec, input_hw=tuple(loaded.manifest["input"]["hw"])) if isinstance(spec, str) else spec
-    return cls(loaded, load_engine(loaded, backend=backend), parsed)
+    return loader.load(bundle if bundle is not None else default_bundle(), backend=backend, threat=threat,
+                       expect_sha256=expect_sha256, engine_options=engine_options)

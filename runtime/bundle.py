@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from certinfer.threat import ThreatError, parse
+from certinfer.runtime.frames import MAX_SIDE  # input and output sizes a manifest may declare
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
 FORMATS = ("onnx", "tensorrt", "torch")  # torch: safetensors weights rebuilt by a model builder (parity only)
 RESIZE_MODES = ("bilinear",)
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_SIDE = 16384  # input and output sizes a manifest may declare (as large as a frame may be)
 MAX_THREAT_CHARS = 1024  # a manifest's threat spec; keeps parsing it bounded work
 DIGEST_KEY = "manifest_sha256"  # the manifest's own seal: sha256 of its canonical content without this key
 _CHUNK = 1 << 20

@@ -1,24 +1,37 @@
-"""The Certifier: prepare frames -> one engine call -> certify, one Verdict per frame.
+"""The Certifier: prepare -> infer (engine calls) -> certify (pure numpy), one Verdict per frame.
 
-Each defense subclasses :class:`Certifier` and implements :meth:`Certifier.decide` on the engine's raw
-outputs; preparation, timing, validation and the fail-safe policy live here once.
+A defense subclasses :class:`Certifier` and implements two phases:
+
+- :meth:`Certifier.infer` turns prepared frames (float32 NCHW, normalized) into the defense's *features*,
+  calling the engine only through :meth:`Certifier.run_engine` (any number of times, any engine role). Building
+  crops, ablations, occlusions or masks is preparation; only time inside :meth:`run_engine` counts as engine time.
+- :meth:`Certifier.decide` turns features into one :class:`Decision` per frame for given :class:`Options`. It is
+  pure: the same features and options always give the same decisions, so one inference serves many option sets.
+
+Trust is one mechanism here: a defense whose certificates rely on bit-exact engine behaviour declares
+``needs_exact``; its certificates hold only when every engine role runs on a backend the bundle's export
+verified (``probe.exact_backends``) at the precision it verified (fp32). Otherwise :meth:`certify` withdraws
+them, with the reason. Frame validation and resizing live in :mod:`certinfer.runtime.frames`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
-from PIL import Image
 
-from certinfer.threat import Threat
-from certinfer.runtime.verdict import Certificate, Verdict
+from certinfer.threat import Threat, parse
+from certinfer.runtime.frames import resize, validate_frames
+from certinfer.runtime.verdict import Certificate, RectCert, Verdict
 
-
-class FrameError(ValueError):
-    """A frame the certifier cannot use (wrong rank, dtype, channels, size, or non-finite values)."""
+Features = Any  # a defense's inference result: whatever its decide() reads (arrays, a small dataclass)
 
 
 class EngineRunError(RuntimeError):
@@ -27,7 +40,7 @@ class EngineRunError(RuntimeError):
 
 @dataclass
 class Decision:
-    """What a defense decides for one frame from the engine outputs."""
+    """What a defense decides for one frame from its features."""
 
     label: int
     certificate: Certificate
@@ -36,139 +49,235 @@ class Decision:
     reason: str = ""
 
 
-MAX_SIDE = 16384  # larger frames are refused rather than resized (memory, and no camera sends them)
-MAX_PIXELS = 1 << 26  # 67M pixels (8192 x 8192; an 8K UHD frame has 33M): a frame or image file above it is refused
+@dataclass(frozen=True)
+class Options:
+    """A defense's certification options; each defense subclasses it with its own fields.
 
-
-def _hint_channels(c: int) -> str:
-    return {1: " (grayscale? repeat it to 3 channels)", 2: " (grayscale with alpha?)",
-            4: " (RGBA? composite or drop the alpha channel)"}.get(c, "")
-
-
-def _hint_dtype(dtype: np.dtype) -> str:
-    if np.issubdtype(dtype, np.floating):
-        return " (floats? scale to 0..255 and convert to uint8)"
-    if np.issubdtype(dtype, np.integer) and dtype.itemsize > 1:
-        return f" ({8 * dtype.itemsize}-bit? scale to 8 bits)"
-    return ""
-
-
-def validate_frames(frames: np.ndarray) -> np.ndarray:
-    """Check a frame batch: (N, H, W, 3) uint8 RGB; a single (H, W, 3) frame is promoted to a batch.
-
-    Cheap checks come first (type, rank, size, channels), so a huge or misshapen array is refused before any
-    pass over its values; then non-finite values (a clearer message than the dtype's), then the dtype.
+    ``INFER`` names the fields that change what :meth:`Certifier.infer` computes (window sets, crop counts);
+    two certifiers that agree on them and on the threat can share one inference.
     """
-    if not isinstance(frames, np.ndarray):
-        raise FrameError(f"frames must be a numpy array, got {type(frames).__name__}")
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4:
-        hint = " (a grayscale frame? repeat it to 3 channels)" if frames.ndim == 2 else ""
-        raise FrameError(f"frames must be (N, H, W, 3) or (H, W, 3), got shape {frames.shape}{hint}")
-    n, h, w, c = frames.shape
-    if min(h, w) < 1 or n < 1:
-        raise FrameError(f"empty frame batch or frame, shape {frames.shape}")
-    if max(h, w) > MAX_SIDE:
-        raise FrameError(f"frame {h}x{w} is larger than {MAX_SIDE} pixels on a side")
-    if h * w > MAX_PIXELS:
-        raise FrameError(f"frame {h}x{w} has more than {MAX_PIXELS} pixels")
-    if c != 3:
-        raise FrameError(f"frames must have 3 (RGB) channels, got {c}{_hint_channels(c)}")
-    if np.issubdtype(frames.dtype, np.floating) and not np.isfinite(frames).all():
-        raise FrameError("frames contain NaN or inf values")
-    if frames.dtype != np.uint8:
-        raise FrameError(f"frames must be uint8 RGB, got dtype {frames.dtype}{_hint_dtype(frames.dtype)}")
-    return frames
+
+    INFER: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Options:
+        """The options a bundle's ``defense.params`` set (unknown keys are other settings, ignored here)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
 
 
-def resize(frames: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Resize uint8 frames to the model input with bilinear filtering (no-op at the right size)."""
-    if frames.shape[1:3] == tuple(hw):
-        return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.BILINEAR)) for f in frames])
+EXACT_PRECISION = "fp32"  # the precision the export's locality and rounding checks verify
+
+
+class _EngineClock(threading.local):
+    seconds = 0.0
 
 
 class Certifier:
-    """Base class: a bundle's engine plus its defense's certification math.
+    """Base class: a bundle's engines plus its defense's certification math.
 
     Sharing: one Certifier may be called from several threads at once (e.g. one per camera) and gives each
     call the verdicts a sequential call would. Preparation and certification run concurrently (they only read
-    the certifier's state); engine calls are serialized by a per-certifier lock, so each whole batch runs
-    alone on the engine (onnxruntime sessions, TensorRT contexts and CUDA graphs keep per-call state), and
-    engine time does not overlap between threads. For parallel engine work load one Certifier per thread.
-    Do not reassign its attributes (``engine``, ``threat``...) while other threads use it, and do not share
-    it across processes (load it in each process).
+    the certifier's state); engine calls are serialized by a per-certifier lock shared with its
+    :meth:`with_options` copies, so each engine call runs alone on the engine (onnxruntime sessions, TensorRT
+    contexts and CUDA graphs keep per-call state). For parallel engine work load one Certifier per thread.
+    A Certifier is immutable: derive variants with :meth:`with_options` and :meth:`seeded`.
     """
 
-    kind: str = "recovery"
+    name: ClassVar[str] = ""  # the registry name of the defense
+    Options: ClassVar[type[Options]] = Options
+    roles: ClassVar[tuple[str, ...]] = ("model",)  # the bundle's engine roles this defense runs
+    needs_exact: ClassVar[bool] = False  # certificates hold only on verified backends (see the module docstring)
+    randomized: ClassVar[bool] = False  # infer draws random numbers (OS entropy unless seeded)
+    local_outputs: ClassVar[bool] = False  # local_features() is a map the export probe checks against geometry
 
-    def __init__(self, bundle, engine, threat: Threat):
+    def __init__(self, bundle, engines: Mapping[str, Any], threat: Threat, options: Options | None = None):
         self.bundle = bundle
-        self.engine = engine
         self.manifest = bundle.manifest
+        missing = [r for r in self.roles if r not in engines]
+        if missing:
+            raise ValueError(f"{self.name or type(self).__name__}: no engine for role(s) {', '.join(missing)}")
+        self.engines = {r: engines[r] for r in self.roles}
         inp = self.manifest["input"]
         self.input_hw = (int(inp["hw"][0]), int(inp["hw"][1]))
         self.classes: list[str] = list(inp["classes"])
         self._mean = np.asarray(inp["mean"], np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(inp["std"], np.float32).reshape(1, -1, 1, 1)
         self.threat = threat.bind(self.input_hw)
-        # Engines (onnxruntime sessions, CUDA streams) are called under one lock: a Certifier may be
-        # shared by several camera threads, and each call stays a whole batch.
+        self.options = options if options is not None else self.Options.from_params(self.params)
+        self.trusted, self.distrust_reason = self._trust()
+        self.rng = np.random.default_rng()  # OS entropy: a randomized defense's draws must be unpredictable
         self._lock = threading.Lock()
+        self._rng_lock = threading.Lock()
+        self._clock = _EngineClock()
+
+    # --- what the bundle says ---------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict:
+        return self.manifest["defense"].get("params", {})
+
+    @property
+    def engine(self):
+        """The ``model`` role's engine (or the first role's): its name is the Verdict's backend."""
+        return self.engines[self.roles[0]]
+
+    @property
+    def kind(self) -> str:
+        """The certificate kind this certifier issues: ``recovery``, ``detection`` or ``probabilistic``."""
+        return "recovery"
+
+    def exact_backends(self) -> list[str]:
+        """The backends the bundle's export verified bit-exact (or, for bounds, against float64)."""
+        probe = self.manifest.get("probe", {})
+        return list(probe.get("exact_backends", self.params.get("verified_backends", [])))
+
+    def _trust(self) -> tuple[bool, str]:
+        exact = self.exact_backends()
+        for role, engine in self.engines.items():
+            precision = getattr(engine, "precision", EXACT_PRECISION)
+            if engine.name not in exact:
+                return False, (f"backend {engine.name} ({role}) is not verified for this bundle "
+                               f"(verified: {', '.join(exact) or 'none'}); not certified")
+            if precision != EXACT_PRECISION:
+                return False, f"{role} engine runs in {precision}, verified only in {EXACT_PRECISION}; not certified"
+        return True, ""
+
+    # --- variants ---------------------------------------------------------------------------------------------
+
+    def with_options(self, threat: str | Threat | None = None, **changes: Any) -> Certifier:
+        """A copy with other options (and/or threat) that shares the engines and their lock."""
+        twin = copy.copy(self)
+        if threat is not None:
+            twin.threat = (parse(threat, input_hw=self.input_hw) if isinstance(threat, str) else threat).bind(
+                self.input_hw)
+        if changes:
+            twin.options = dataclasses.replace(self.options, **changes)
+        twin._clock = _EngineClock()
+        twin._validate()
+        return twin
+
+    def seeded(self, seed: int) -> Certifier:
+        """A copy whose random draws come from ``seed``: ONLY for tests and reproducible benchmarks. Whoever
+        knows the seed knows the draws, and a probabilistic certificate no longer holds against them."""
+        twin = copy.copy(self)
+        twin.rng = np.random.default_rng(seed)
+        twin._rng_lock = threading.Lock()
+        twin._clock = _EngineClock()
+        return twin
+
+    def infer_key(self) -> tuple:
+        """Certifiers with equal keys (same engines) compute the same features for the same frames."""
+        return (str(self.threat), *(getattr(self.options, f) for f in self.options.INFER))
+
+    def _validate(self) -> None:
+        """Check this certifier's options against the bundle; raise ValueError with what is wrong."""
+
+    # --- the phases -------------------------------------------------------------------------------------------
 
     def prepare(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) frames -> float32 NCHW, resized and normalized as the manifest says."""
         x = resize(validate_frames(frames), self.input_hw).astype(np.float32) / 255.0
         return np.ascontiguousarray((x.transpose(0, 3, 1, 2) - self._mean) / self._std, dtype=np.float32)
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...] | None:
-        """Per-sample shape of each engine output, where the defense knows it (checked on every call)."""
+    def infer(self, x: np.ndarray) -> Features:
+        """The defense's features for prepared frames (calls the engine through :meth:`run_engine`)."""
+        raise NotImplementedError
+
+    def decide(self, features: Features, options: Options) -> list[Decision]:
+        """The defense's pure certification: one Decision per frame."""
+        raise NotImplementedError
+
+    def certify(self, features: Features, options: Options | None = None) -> list[Decision]:
+        """:meth:`decide` under ``options`` (default: this certifier's), certificates withdrawn when not trusted."""
+        decisions = self.decide(features, self.options if options is None else options)
+        if self.needs_exact and not self.trusted:
+            for d in decisions:
+                d.certificate = withdrawn(d.certificate)
+                d.reason = d.reason or self.distrust_reason
+        return decisions
+
+    def local_features(self, x: np.ndarray) -> np.ndarray:
+        """(N, H', W', C) outputs whose cells depend only on their receptive field (when ``local_outputs``)."""
+        raise NotImplementedError(f"{self.name}: no local outputs to probe")
+
+    # --- the engine -------------------------------------------------------------------------------------------
+
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...] | None:
+        """Per-sample shape of each output of a role's engine, where the defense knows it (checked every call)."""
         return None
 
-    def run_engine(self, x: np.ndarray):
-        """One engine call; any failure or misshapen output raises :class:`EngineRunError`."""
+    def run_engine(self, batch: np.ndarray, role: str = "model"):
+        """One engine call (chunked by the engine); the only time that counts as engine time.
+
+        Returns the outputs as the engine gives them (an array, or a tuple for several outputs). Any failure or
+        misshapen output raises :class:`EngineRunError`.
+        """
+        engine = self.engines[role]
+        t0 = time.perf_counter()
         try:
             with self._lock:
-                outputs = self.engine.run(x)
+                outputs = engine.run(batch)
         except Exception as e:
-            raise EngineRunError(f"engine failed: {type(e).__name__}: {e}") from e
-        self._check_outputs(len(x), outputs)
+            raise EngineRunError(f"{role} engine failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._clock.seconds += time.perf_counter() - t0
+        self._check_outputs(role, len(batch), outputs)
         return outputs
 
-    def _check_outputs(self, n: int, outputs) -> None:
+    def _check_outputs(self, role: str, n: int, outputs) -> None:
         arrays = outputs if isinstance(outputs, tuple) else (outputs,)
-        expected = self.output_shapes()
+        expected = self.output_shapes(role)
         if expected is not None and len(expected) != len(arrays):
-            raise EngineRunError(f"engine returned {len(arrays)} outputs, expected {len(expected)}")
+            raise EngineRunError(f"{role} engine returned {len(arrays)} outputs, expected {len(expected)}")
         for i, a in enumerate(arrays):
             if not isinstance(a, np.ndarray) or a.ndim < 1 or a.shape[0] != n:
                 shape = getattr(a, "shape", type(a).__name__)
-                raise EngineRunError(f"engine output {i} has shape {shape}, expected a batch of {n}")
+                raise EngineRunError(f"{role} engine output {i} has shape {shape}, expected a batch of {n}")
             if expected is not None and a.shape[1:] != tuple(expected[i]):
-                raise EngineRunError(f"engine output {i} has shape {a.shape}, expected (N, *{tuple(expected[i])})")
+                raise EngineRunError(f"{role} engine output {i} has shape {a.shape}, "
+                                     f"expected (N, *{tuple(expected[i])})")
             if not np.isfinite(a).all():
-                raise EngineRunError(f"engine output {i} has NaN or inf values")
+                raise EngineRunError(f"{role} engine output {i} has NaN or inf values")
 
-    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
-        """The defense's certification on one batch's engine outputs (and its prepared input)."""
-        raise NotImplementedError
+    @contextmanager
+    def engine_clock(self) -> Iterator[_EngineClock]:
+        """Measure the engine seconds spent by this thread inside the block (``clock.seconds``)."""
+        start = self._clock.seconds
+        clock = _EngineClock()
+        try:
+            yield clock
+        finally:
+            clock.seconds = self._clock.seconds - start
+
+    # --- one call ---------------------------------------------------------------------------------------------
+
+    def timed_features(self, frames: np.ndarray) -> tuple[Features, dict[str, float]]:
+        """Prepare and infer; seconds spent preparing (resize, normalize, building engine batches) and in the engine."""
+        t0 = time.perf_counter()
+        with self.engine_clock() as clock:
+            features = self.infer(self.prepare(frames))
+        total = time.perf_counter() - t0
+        return features, {"prepare": total - clock.seconds, "engine": clock.seconds}
 
     def __call__(self, frames: np.ndarray) -> list[Verdict]:
+        features, seconds = self.timed_features(frames)
         t0 = time.perf_counter()
-        x = self.prepare(frames)
-        t1 = time.perf_counter()
-        outputs = self.run_engine(x)
-        t2 = time.perf_counter()
-        decisions = self.decide(x, outputs)
-        t3 = time.perf_counter()
+        decisions = self.certify(features)
+        seconds["certify"] = time.perf_counter() - t0
         n = len(decisions)
-        timings = {"prepare": (t1 - t0) * 1e3 / n, "engine": (t2 - t1) * 1e3 / n,
-                   "certify": (t3 - t2) * 1e3 / n, "total": (t3 - t0) * 1e3 / n}
-        return [self._verdict(d, timings) for d in decisions]
+        timings = {k: v * 1e3 / n for k, v in seconds.items()}
+        timings["total"] = sum(timings.values())
+        return [self.verdict(d, timings) for d in decisions]
 
-    def _verdict(self, d: Decision, timings: dict[str, float]) -> Verdict:
+    def verdict(self, d: Decision, timings: dict[str, float]) -> Verdict:
         status = d.status or ("certified" if d.certificate.certified else "uncertified")
         name = self.classes[d.label] if 0 <= d.label < len(self.classes) else ""
         return Verdict(label=int(d.label), class_name=name, status=status, certificate=d.certificate,
                        scores=d.scores, reason=d.reason, timings_ms=dict(timings), backend=self.engine.name)
+
+
+def withdrawn(cert: Certificate) -> Certificate:
+    """The certificate with every rectangle uncertified (margins capped at 0): what an untrusted backend gets."""
+    per_rect = {k: RectCert(False, min(r.margin, 0.0)) for k, r in cert.per_rect.items()}
+    return Certificate(threat=cert.threat, certified=False, per_rect=per_rect, kind=cert.kind, p=cert.p)

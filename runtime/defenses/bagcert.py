@@ -18,11 +18,13 @@ everywhere (``uncertain``): t loses them and every other class gains them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from certinfer.threat import Threat, rect_key
 from certinfer.runtime import sat
-from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 
@@ -137,26 +139,52 @@ def split_code(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return code & 1, (code >> 1) & 1
 
 
+@dataclass(frozen=True)
+class BagCertOptions(Options):
+    """``condition``: ``"3.2"`` (exact per location) or ``"3.3"`` (receptive-field-agnostic bound)."""
+
+    condition: str = "3.2"
+
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+
+
+@dataclass(frozen=True)
+class BagCertFeatures:
+    scores: np.ndarray  # (N, H', W', C) binary votes
+    uncertain: np.ndarray | None  # cells near the threshold on an unverified backend, else None
+
+
 class BagCertCertifier(Certifier):
-    """Engine output: uint8 (N, H', W', C) code map; certification of the predicted class."""
+    """Engine output: uint8 (N, H', W', C) code map; certification of the predicted class.
 
-    kind = "recovery"
+    On a backend the export did not verify bit-exact, cells near the threshold count as adversarial (see the
+    module docstring) instead of withdrawing every certificate.
+    """
 
-    def __init__(self, bundle, engine, threat: Threat):
-        super().__init__(bundle, engine, threat)
+    name = "bagcert"
+    Options = BagCertOptions
+    local_outputs = True
+
+    def __init__(self, bundle, engines, threat: Threat, options: BagCertOptions | None = None):
+        super().__init__(bundle, engines, threat, options)
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
-        self.condition = str(self.manifest["defense"].get("params", {}).get("condition", "3.2"))
-        exact = self.manifest.get("probe", {}).get("exact_backends", [])
-        # Only backends whose probe showed bit-exact locality may trust cells near the threshold.
-        self.trust_near = engine.name in exact
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return (tuple(self.geometry.output_hw) + (len(self.classes),),)
 
-    def decide(self, x: np.ndarray, outputs, condition: str | None = None) -> list[Decision]:
-        scores, near = split_code(outputs[0] if isinstance(outputs, tuple) else outputs)
-        counts, labels = predict(scores)
-        certs = certify(scores, labels, self.geometry, self.threat, condition or self.condition,
-                        uncertain=None if self.trust_near else near)
+    def local_features(self, x: np.ndarray) -> np.ndarray:
+        out = self.run_engine(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def infer(self, x: np.ndarray) -> BagCertFeatures:
+        scores, near = split_code(self.local_features(x))
+        return BagCertFeatures(scores, None if self.trusted else near)
+
+    def decide(self, features: BagCertFeatures, options: BagCertOptions) -> list[Decision]:
+        counts, labels = predict(features.scores)
+        certs = certify(features.scores, labels, self.geometry, self.threat, options.condition,
+                        uncertain=features.uncertain)
         return [Decision(label=int(labels[i]), certificate=certs[i], scores=counts[i].tolist())
                 for i in range(len(certs))]
