@@ -91,9 +91,15 @@ class Certifier:
     randomized: ClassVar[bool] = False  # infer draws random numbers (OS entropy unless seeded)
     local_outputs: ClassVar[bool] = False  # local_features() is a map the export probe checks against geometry
 
+    @classmethod
+    def roles_for(cls, manifest: Mapping[str, Any]) -> tuple[str, ...]:
+        """The engine roles this defense runs for a bundle (what the loader opens); default: ``roles``."""
+        return cls.roles
+
     def __init__(self, bundle, engines: Mapping[str, Any], threat: Threat, options: Options | None = None):
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.roles = self.roles_for(self.manifest)
         missing = [r for r in self.roles if r not in engines]
         if missing:
             raise ValueError(f"{self.name or type(self).__name__}: no engine for role(s) {', '.join(missing)}")

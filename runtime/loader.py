@@ -31,7 +31,7 @@ def certifier_for(bundle: Bundle, backend: str = "auto", threat: str | Threat | 
     cls = certifier_class(bundle.manifest["defense"]["kind"])
     spec = bundle.manifest["threat"] if threat is None else threat
     parsed = parse(spec, input_hw=tuple(bundle.manifest["input"]["hw"])) if isinstance(spec, str) else spec
-    return cls(bundle, open_engines(bundle, cls.roles, backend, engine_options), parsed)
+    return cls(bundle, open_engines(bundle, cls.roles_for(bundle.manifest), backend, engine_options), parsed)
 
 
 def load(path: str | os.PathLike, backend: str = "auto", threat: str | Threat | None = None,
