@@ -1,0 +1,308 @@
+"""Double-masking trainer: a small ResNet trained under masks from the certifier's own mask set.
+
+PatchCleanser (Xiang et al. 2022) trains with masks as augmentation; greedy cutout (Saha et al., TMLR 2023)
+trains on the worst masks. Here, on most of each batch, every image gets one or two masks drawn from the bundle's
+mask set (``mask_set(input_hw, threat, stride)``); with ``worst_of > 1`` each two-mask image gets that many
+random mask pairs, scored by the model without gradients, and trains on the one with the highest loss. Masked
+pixels take ``mask_value`` in the normalized input, exactly as the runtime masks them.
+
+Feature-space masking (PatchCURE, Xiang et al. 2024): with ``feature_splits`` a share ``feature_prob`` of the
+batches is masked after the network's first ``split`` units instead, zeroing every feature cell whose receptive
+field meets the pixel mask, so the back part learns what the runtime will show it.
+
+Training runs in resumable pieces: every epoch writes ``last.safetensors`` (+ .json: epoch, step, RNG states,
+history) and ``optimizer.safetensors`` under ``--out``; ``--resume`` carries on from there. The finished model is
+``model.safetensors`` (+ .json), what ``certinfer export doublemask`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from certinfer.provenance import git_commit
+from certinfer.runtime.defenses.doublemask import mask_set
+from certinfer.train import data as datasets
+from certinfer.train.bagcert import _track_split
+from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
+                                  photometric, preset_config, save_checkpoint, seed_everything, to_nchw)
+from certinfer.train.models.doublemask import Classifier, classifier, geometry
+
+# Five units: RF 5 at 16x16 after the second (split points 2 and 3), then two strided basic blocks.
+_CPU_UNITS = ("c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:192:2")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "gtsrb"
+    model: dict = field(default_factory=lambda: {"units": list(_CPU_UNITS), "dropout": 0.0})
+    epochs: int = 22
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_pad: int = 3
+    flips: bool = False  # off for traffic signs: a mirrored "turn left" is "turn right"
+    jitter: float = 0.3
+    threat: str = "5x5"  # the patch the mask set covers
+    stride: int = 5  # mask stride: masks of patch + stride - 1 pixels
+    mask_value: float = 0.0  # in the normalized input (0 = the training set's mean colour)
+    mask_prob: float = 0.9  # share of each batch that is masked
+    two_mask_share: float = 0.67  # of the masked images, the share with two masks (the rest get one)
+    worst_of: int = 4  # greedy cutout: candidate mask pairs per two-mask image (1 = random pairs)
+    feature_splits: tuple[int, ...] = (2, 3)  # split points for feature-space masking (empty: pixels only)
+    feature_prob: float = 0.3  # share of batches masked in feature space
+    bf16: bool = True  # CPU/GPU autocast; the exported graph is fp32
+    seed: int = 0
+    input_hw: tuple[int, int] = (32, 32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # About 75 minutes on one loaded CPU core (resumable).
+    "gtsrb-cpu": TrainConfig(),
+    # CIFAR-10 (our copy is JPEG-compressed): flips on, wider last block.
+    "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=30, flips=True, crop_pad=4, jitter=0.2,
+                               model={"units": ["c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:128:1", "r3:256:2"],
+                                      "dropout": 0.1}),
+    # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
+    "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
+                         worst_of=8, bf16=False,
+                         model={"units": ["c3:64:1", "c3:128:2", "r1:256", "r3:256:1", "r3:256:2", "r3:256:1",
+                                          "r3:512:2", "r3:512:1"], "dropout": 0.1}),
+}
+
+
+def config_for(preset: str, **overrides) -> TrainConfig:
+    return preset_config(PRESETS, preset, "double-masking", **overrides)
+
+
+def feature_masks(masks: torch.Tensor, geo: dict) -> torch.Tensor:
+    """Pixel masks (K, H, W) -> feature-cell masks (K, H', W'): a cell is masked when its receptive field
+    (``geo``: rf, stride, padding, output_hw) meets a masked pixel."""
+    rf, s, p = geo["rf"][0], geo["stride"][0], geo["padding"][0]
+    m = masks.float()[:, None]
+    out = F.max_pool2d(F.pad(m, (p, p + rf, p, p + rf)), rf, s)[:, 0] > 0
+    return out[:, :geo["output_hw"][0], :geo["output_hw"][1]]
+
+
+def masked_forward(model: Classifier, x: torch.Tensor, masks: torch.Tensor, split: int, geo: dict | None,
+                   value: float) -> torch.Tensor:
+    """Logits of ``x`` (N, 3, H, W) under per-image masks (N, H, W): in pixels (``split`` = all units) or on the
+    features after ``split`` units (cells meeting the mask set to 0)."""
+    if geo is None:
+        return model(torch.where(masks[:, None], torch.as_tensor(value, dtype=x.dtype), x))
+    f = model.front(x, split)
+    fm = feature_masks(masks, geo).to(f.device)
+    return model.back(f.masked_fill(fm[:, None], 0.0), split)
+
+
+def _draw_masks(n: int, k: int, two: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mask index pairs (n, 2); one-mask images repeat their mask."""
+    i = rng.integers(0, k, size=n)
+    j = np.where(two, rng.integers(0, k, size=n), i)
+    return np.stack([i, j], axis=1)
+
+
+@torch.no_grad()
+def _worst_pairs(model: Classifier, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, candidates: np.ndarray,
+                 split: int, geo: dict | None, cfg: TrainConfig) -> np.ndarray:
+    """Greedy cutout: of ``candidates`` (n, m, 2) mask pairs per image, the one with the highest loss (n, 2)."""
+    n, m, _ = candidates.shape
+    was_training = model.training
+    model.eval()
+    pairs = torch.from_numpy(candidates.reshape(-1, 2))
+    union = masks[pairs[:, 0]] | masks[pairs[:, 1]]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        z = masked_forward(model, x.repeat_interleave(m, 0), union.to(x.device), split, geo, cfg.mask_value)
+    loss = F.cross_entropy(z.float(), y.repeat_interleave(m, 0), reduction="none").view(n, m)
+    model.train(was_training)
+    best = loss.argmax(dim=1).cpu().numpy()
+    return candidates[np.arange(n), best]
+
+
+def _batch_masks(model, x, y, masks, split, geo, cfg: TrainConfig, rng) -> torch.Tensor:
+    """Per-image masks (N, H, W) for one batch: none, one, or two (the worst of ``worst_of`` pairs)."""
+    n, k = len(y), len(masks)
+    masked = rng.random(n) < cfg.mask_prob
+    two = masked & (rng.random(n) < cfg.two_mask_share)
+    pairs = _draw_masks(n, k, two, rng)
+    if cfg.worst_of > 1 and two.any():
+        idx = np.flatnonzero(two)
+        cand = rng.integers(0, k, size=(len(idx), cfg.worst_of, 2))
+        pairs[idx] = _worst_pairs(model, x[idx], y[idx], masks, cand, split, geo, cfg)
+    p = torch.from_numpy(pairs)
+    out = masks[p[:, 0]] | masks[p[:, 1]]
+    return out & torch.from_numpy(masked)[:, None, None]
+
+
+def _all_right(model: Classifier, x: torch.Tensor, y: torch.Tensor, union: torch.Tensor, cfg: TrainConfig,
+               chunk: int = 2048) -> torch.Tensor:
+    """(N, M) bool: the prediction under each of the ``union`` masks (M, H, W) equals the label."""
+    out = []
+    for i in range(len(x)):
+        for j in range(0, len(union), chunk):
+            m = union[j:j + chunk]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                z = masked_forward(model, x[i:i + 1].expand(len(m), -1, -1, -1), m, 0, None, cfg.mask_value)
+            out.append(z.argmax(1) == y[i])
+    return torch.cat(out).view(len(x), len(union))
+
+
+@torch.no_grad()
+def monitor(model: Classifier, x: np.ndarray, y: np.ndarray, mean, std, masks: torch.Tensor, cfg: TrainConfig,
+            pair_images: int) -> dict:
+    """Quick bf16 check on held-out images: clean accuracy, every one-mask prediction right (the certification
+    ceiling) and, on the first ``pair_images``, every two-mask prediction right (certified, up to bf16 rounding)."""
+    model.eval()
+    xb, yb = normalize(to_nchw(x), mean, std), torch.from_numpy(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        clean = torch.cat([model(xb[i:i + 256]).argmax(1) for i in range(0, len(xb), 256)]) == yb
+    one = _all_right(model, xb, yb, masks, cfg).all(1) & clean
+    out = {"images": int(len(y)), "clean": float(clean.float().mean()), "one_mask": float(one.float().mean())}
+    if pair_images:
+        ii, jj = np.triu_indices(len(masks))
+        union = masks[torch.from_numpy(ii)] | masks[torch.from_numpy(jj)]
+        n = min(pair_images, len(y))
+        cert = _all_right(model, xb[:n], yb[:n], union, cfg).all(1) & clean[:n]
+        out |= {"certified": float(cert.float().mean()), "certified_images": n}
+    model.train()
+    return out
+
+
+def _save_state(out: Path, model, opt, meta: dict, rng: np.random.Generator) -> None:
+    save_checkpoint(model, meta, out / "last.safetensors")
+    state = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for name, value in opt.state.get(p, {}).items():
+                state[f"{gi}.{pi}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    state["torch_rng"] = torch.get_rng_state()
+    save_file(state, str(out / "optimizer.safetensors"))
+    (out / "rng.json").write_text(json.dumps(rng.bit_generator.state))
+
+
+def _load_state(out: Path, model, opt) -> tuple[dict, np.random.Generator]:
+    weights, meta = load_checkpoint(out / "last.safetensors")
+    model.load_state_dict(weights)
+    state = load_file(str(out / "optimizer.safetensors"))
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            entry = {name.split(".", 2)[2]: v for name, v in state.items() if name.startswith(f"{gi}.{pi}.")}
+            if entry:
+                opt.state[p] = entry
+    torch.set_rng_state(state["torch_rng"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads((out / "rng.json").read_text())
+    return meta, rng
+
+
+def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "cpu", preset: str = "custom",
+          command: str = "", resume: bool = False, limit: int | None = None, monitor_every: int = 3) -> dict:
+    """Train (or resume) a double-masking classifier under ``out``; returns the final checkpoint's metadata."""
+    d = Dist(device=torch.device(device))
+    out.mkdir(parents=True, exist_ok=True)
+    rng = seed_everything(cfg.seed)
+    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
+    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
+    val_idx = np.random.default_rng(cfg.seed).permutation(val_idx)[:500]
+    if limit:
+        fit_idx = fit_idx[:: max(1, len(fit_idx) // limit)][:limit]
+        val_idx = val_idx[:min(len(val_idx), 32)]
+    mean, std = datasets.channel_stats(train_split.x[fit_idx])
+    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
+    hw = tuple(train_split.x.shape[1:3])
+    masks = torch.from_numpy(mask_set(hw, cfg.threat, cfg.stride))
+    model = classifier(len(train_split.classes), cfg.model).to(d.device)
+    geos = {s: geometry(model.unit_specs, s, hw) for s in cfg.feature_splits}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    meta = {"defense": "doublemask", "preset": preset, "command": command, "config": cfg.to_dict(),
+            "num_classes": len(train_split.classes), "classes": train_split.classes, "mean": mean, "std": std,
+            "input_hw": list(hw), "mask": {"threat": cfg.threat, "stride": cfg.stride, "value": cfg.mask_value,
+                                           "space": "normalized input", "count": len(masks)},
+            "dataset": {"train": train_split.name, "test": datasets.part_spec(cfg.dataset, "test"),
+                        "note": train_split.note, "validation": "5% of tracks (500 images monitored)",
+                        "limit": limit},
+            "seed": cfg.seed, "commit": git_commit(), "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
+    if resume and (out / "last.safetensors").exists():
+        prev, rng = _load_state(out, model, opt)
+        meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history", "commit")})
+        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "commit": git_commit()}]
+    for epoch in range(meta["epoch"], cfg.epochs):
+        t0 = time.time()
+        model.train()
+        losses = []
+        bar = tqdm(epoch_batches(len(ys), cfg.batch_size, rng, d), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   mininterval=10)
+        for idx in bar:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(meta["step"], total, warmup, cfg.lr)
+            x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
+            x, y = normalize(x, mean, std).to(d.device), ys[idx].to(d.device)
+            use_feature = bool(cfg.feature_splits) and rng.random() < cfg.feature_prob
+            split = int(rng.choice(cfg.feature_splits)) if use_feature else len(model.units)
+            geo = geos[split] if use_feature else None
+            m = _batch_masks(model, x, y, masks, split, geo, cfg, rng).to(d.device)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                z = masked_forward(model, x, m, split, geo, cfg.mask_value)
+            loss = F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            meta["step"] += 1
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        meta["epoch"] = epoch + 1
+        meta["minutes"] += (time.time() - t0) / 60
+        pairs = (epoch + 1) % monitor_every == 0 or epoch + 1 == cfg.epochs
+        val = monitor(model, train_split.x[val_idx], train_split.y[val_idx], mean, std, masks, cfg,
+                      100 if pairs else 0)
+        meta["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "minutes": meta["minutes"],
+                                "val": val})
+        tqdm.write(json.dumps(meta["history"][-1]))
+        _save_state(out, model, opt, meta, rng)
+        save_checkpoint(model, meta, out / f"epoch{epoch + 1:03d}.safetensors")
+    save_checkpoint(model, meta, out / "model.safetensors")
+    return meta
+
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command("doublemask")
+def train_command(
+    preset: str = typer.Option("gtsrb-cpu", help=f"One of: {', '.join(PRESETS)}"),
+    out: Path = typer.Option(..., help="Output folder: model.safetensors (+ .json), per-epoch and resume state"),
+    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
+    seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
+    stride: Optional[int] = typer.Option(None, help="Override the preset's mask stride"),
+    worst_of: Optional[int] = typer.Option(None, help="Override the preset's greedy-cutout candidates (1 = random)"),
+    resume: bool = typer.Option(False, help="Carry on from OUT/last.safetensors"),
+    limit: Optional[int] = typer.Option(None, help="Train on this many images only (a quick check)"),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's]"),
+) -> None:
+    """Train a classifier for double masking (pixel- and feature-space masks from the certifier's mask set)."""
+    if threads:
+        torch.set_num_threads(threads)
+    command = command_line("doublemask", preset, out, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of,
+                           limit=limit, threads=threads)
+    cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of)
+    meta = train(cfg, out, data_dir, device, preset, command, resume, limit)
+    typer.echo(json.dumps(meta["history"][-1] if meta["history"] else {}))
