@@ -59,9 +59,21 @@ def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
     ``expect_sha256`` pins the exact bundle (its digest, as ``certinfer inspect`` prints it): any other bundle,
     or this one edited and resealed, is refused with a BundleError. The manifest's own seal catches only
     accidental edits; the pin, kept in the configuration that validated the bundle, catches deliberate ones.
-    ``engine_options`` go to the engine backend (``threads``, ``device_id``, ``fp16``, ``cache_dir``).
+    ``engine_options`` go to the engine backend (``threads``, ``device_id``, ``fp16``, ``cache_dir``); a torch
+    backend gets the trainer's model builder unless they name a ``builder``.
     """
     from certinfer.runtime import loader
 
     return loader.load(bundle if bundle is not None else default_bundle(), backend=backend, threat=threat,
-                       expect_sha256=expect_sha256, engine_options=engine_options)
+                       expect_sha256=expect_sha256, engine_options=_with_builder(backend, engine_options))
+
+
+def _with_builder(backend: str, engine_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The engine options, plus ``builder`` (``certinfer.train.models.build``) for a torch backend."""
+    if not backend.startswith("torch") or engine_options and "builder" in engine_options:
+        return engine_options
+    try:
+        from certinfer.train.models import build
+    except ImportError:  # no torch: the engine says what to install
+        return engine_options
+    return {**(engine_options or {}), "builder": build}

@@ -1,7 +1,8 @@
 """Certified accuracy of a Certifier on a labelled dataset, as mergeable counts.
 
 Results hold integer counts (so shards of one dataset merge by addition) plus the rates derived from
-them. Several decision variants (BagCert's Conditions 3.2 and 3.3, say) share one engine pass.
+them. Variants (:meth:`Certifier.with_options` copies: BagCert's Conditions 3.2 and 3.3, PatchGuard's settings,
+other threats) that share an :meth:`Certifier.infer_key` share one inference per batch.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from collections.abc import Callable
 import numpy as np
 
 from certinfer.runtime.certifier import Certifier, Decision
-
-DecideFn = Callable[[np.ndarray, object], list[Decision]]
 
 
 def shard_indices(n: int, shard: str | None) -> np.ndarray:
@@ -45,35 +44,44 @@ def _add(counts: dict, decisions: list[Decision], y: np.ndarray, threat_keys: tu
             counts["per_rect"][key] = counts["per_rect"].get(key, 0) + int(correct and rc.certified)
 
 
+def _groups(variants: dict[str, Certifier]) -> list[list[str]]:
+    """Variant names grouped by inference key, in first-seen order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, variant in variants.items():
+        groups.setdefault(variant.infer_key(), []).append(name)
+    return list(groups.values())
+
+
 def evaluate_certifier(certifier: Certifier, x: np.ndarray, y: np.ndarray, batch: int = 256,
-                       variants: dict[str, DecideFn] | None = None,
+                       variants: dict[str, Certifier] | None = None,
                        progress: Callable[[int], None] | None = None,
                        threat_keys: tuple[str, ...] | None = None) -> dict:
     """Clean and certified accuracy on uint8 (N, H, W, 3) images ``x`` with labels ``y``.
 
-    Each variant counts its own clean accuracy (PatchGuard's variants predict differently); the top-level
-    ``clean`` is the first variant's.
+    ``variants``: named certifiers derived from ``certifier`` with :meth:`Certifier.with_options` (default: the
+    certifier itself as ``default``). Each batch is inferred once per group of variants with equal
+    :meth:`Certifier.infer_key` and certified by every variant of the group. Each variant counts its own clean
+    accuracy (PatchGuard's variants predict differently); the top-level ``clean`` is the first variant's.
 
     ``threat_keys``: the rectangles that make up "certified" for the threat as a whole (default: all of the
-    certifier's); the others are still counted per rectangle.
+    certificate's); the others are still counted per rectangle.
     """
-    variants = variants or {"default": certifier.decide}
+    variants = variants or {"default": certifier}
+    groups = _groups(variants)
     counts = {name: _empty_counts() for name in variants}
     seconds = {"prepare": 0.0, "engine": 0.0, "certify": 0.0}
     for i in range(0, len(y), batch):
-        t0 = time.perf_counter()
-        xp = certifier.prepare(x[i:i + batch])
-        t1 = time.perf_counter()
-        outputs = certifier.run_engine(xp)
-        t2 = time.perf_counter()
-        for name, decide in variants.items():
-            decisions = decide(xp, outputs)
-            _add(counts[name], decisions, y[i:i + batch], threat_keys)
-        seconds["prepare"] += t1 - t0
-        seconds["engine"] += t2 - t1
-        seconds["certify"] += time.perf_counter() - t2
+        frames, labels = x[i:i + batch], y[i:i + batch]
+        for group in groups:
+            features, spent = variants[group[0]].timed_features(frames)
+            seconds["prepare"] += spent["prepare"]
+            seconds["engine"] += spent["engine"]
+            t0 = time.perf_counter()
+            for name in group:
+                _add(counts[name], variants[name].certify(features), labels, threat_keys)
+            seconds["certify"] += time.perf_counter() - t0
         if progress:
-            progress(len(xp))
+            progress(len(frames))
     first = counts[next(iter(variants))]
     return summarize({"n": int(len(y)), "clean": first["clean"], "variants": counts, "seconds": seconds,
                       "threat": str(certifier.threat), "backend": certifier.engine.name})

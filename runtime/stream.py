@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from certinfer.runtime.certifier import (MAX_PIXELS, MAX_SIDE, Certifier, EngineRunError, FrameError, resize,
-                                         validate_frames)
+from certinfer.runtime.certifier import Certifier, EngineRunError
+from certinfer.runtime.frames import MAX_PIXELS, MAX_SIDE, FrameError, resize, validate_frames
 from certinfer.runtime.verdict import Verdict
 
 FrameItem = tuple[str, "np.ndarray | Exception"]
@@ -254,10 +254,8 @@ def _late(p: _Pending, now: float, deadline_ms: float | None) -> bool:
 
 def _certify(certifier: Certifier, frames: list[np.ndarray]) -> list[Verdict] | str:
     """Verdicts for frames in one batch, or the fail-safe reason for all of them."""
-    try:
-        if len({f.shape for f in frames}) > 1:  # frames of different sizes: bring them to the model input first
-            frames = [resize(f[None], certifier.input_hw)[0] for f in frames]
-        verdicts = certifier(np.stack(frames))
+    try:  # each frame (validated on arrival) is resized to the model input once; the batch holds small copies
+        verdicts = certifier(np.stack([resize(f[None], certifier.input_hw)[0] for f in frames]))
     except Exception as e:
         return _reason(e)
     if len(verdicts) != len(frames):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from certinfer.export.bundle_writer import write_bundle
-from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.defenses import register
 from certinfer.runtime.verdict import Certificate, RectCert
 
@@ -21,13 +21,18 @@ INPUT_HW = (16, 16)
 class ArgmaxCertifier(Certifier):
     """A stand-in defense: the argmax of the logits, never certified."""
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+    name = TEST_KIND
+
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return ((len(self.classes),),)
 
-    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.run_engine(x)
+
+    def decide(self, features: np.ndarray, options: Options) -> list[Decision]:
         per_rect = {key: RectCert(certified=False, margin=-1.0) for key in self.threat.keys}
         cert = Certificate.from_rects(str(self.threat), per_rect)
-        return [Decision(label=int(np.argmax(o)), certificate=cert, scores=o.tolist()) for o in outputs]
+        return [Decision(label=int(np.argmax(o)), certificate=cert, scores=o.tolist()) for o in features]
 
 
 register(TEST_KIND, ArgmaxCertifier)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import certinfer
-from certinfer.runtime.certifier import Certifier, FrameError
-from certinfer.runtime.defenses import DefenseError, certifier_class, register
+from certinfer.runtime.certifier import Certifier, Options
+from certinfer.runtime.frames import FrameError
+from certinfer.runtime.defenses import DefenseError, canonical, certifier_class, defense, register
 from certinfer.threat import ThreatError, parse
 
 
@@ -31,11 +32,15 @@ def test_certifier_api_verdicts(certifier: Certifier):
 
 
 def test_registry_lazy_known_and_unknown_kinds():
-    with pytest.raises(DefenseError, match=r"unknown defense kind 'nope'; known kinds: .*bagcert.*test-argmax"):
+    with pytest.raises(DefenseError, match=r"unknown defense 'nope'; known defenses: .*bagcert.*test-argmax"):
         certifier_class("nope")
     with pytest.raises(TypeError):
         register("bad", dict)
     assert certifier_class("test-argmax").__name__ == "ArgmaxCertifier"
+    assert canonical("patchguard") == "masking" and certifier_class("patchguard") is certifier_class("masking")
+    for name in ("bagcert", "masking", "cropping", "ibp", "scalecert"):
+        cls = defense(name).load("certifier")
+        assert cls.name == name and issubclass(cls.Options, Options)
 
 
 def test_packaged_data_or_a_clear_error():

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from certinfer.cli import main
-from certinfer.runtime.certifier import MAX_PIXELS, Certifier, FrameError
+from certinfer.runtime.certifier import Certifier
+from certinfer.runtime.frames import MAX_PIXELS, FrameError
 from certinfer.runtime.stream import StreamSummary, run_stream
 
 RNG = np.random.default_rng(7)

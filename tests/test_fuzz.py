@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from certinfer.runtime.bundle import BundleError, load_bundle, manifest_digest, validate_manifest
-from certinfer.runtime.certifier import MAX_PIXELS, MAX_SIDE, FrameError, validate_frames
+from certinfer.runtime.frames import MAX_PIXELS, MAX_SIDE, FrameError, validate_frames
 from certinfer.runtime.stream import UnreadableFrame, decode_image
 
 # Pillow warns when it opens a header above its own limit; certinfer refuses those sizes right after.

@@ -8,17 +8,17 @@ import pytest
 from certinfer.bench.masking_reference import all_windows, certify_reference, evidence_reference
 from certinfer.runtime import ablation
 from certinfer.runtime.defenses import masking
-from certinfer.runtime.defenses.masking import TANH, Aggregation
+from certinfer.runtime.defenses.masking import TANH, MaskingOptions
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse, rect_key
 
 SETTINGS = {
-    "mask-bn": Aggregation("logits", 0.0, (0.0, masking.INF)),
-    "mask-bn-T0.2": Aggregation("logits", 0.2, (0.0, masking.INF)),
-    "mask-bn-clip15": Aggregation("logits", 0.5, (0.0, 15.0)),
-    "cbn": Aggregation("logits", 1.0, TANH),
-    "mask-ds": Aggregation("confidence", 0.0, (0.0, 1.0)),
-    "drs": Aggregation("prediction", 1.0, (0.0, 1.0), abstain=0.3),
+    "mask-bn": MaskingOptions("logits", 0.0, (0.0, masking.INF)),
+    "mask-bn-T0.2": MaskingOptions("logits", 0.2, (0.0, masking.INF)),
+    "mask-bn-clip15": MaskingOptions("logits", 0.5, (0.0, 15.0)),
+    "cbn": MaskingOptions("logits", 1.0, TANH),
+    "mask-ds": MaskingOptions("confidence", 0.0, (0.0, 1.0)),
+    "drs": MaskingOptions("prediction", 1.0, (0.0, 1.0), abstain=0.3),
 }
 
 
@@ -34,7 +34,7 @@ def random_case(rng, strong: float = 2.0):
     return g, z
 
 
-def _kw(agg: Aggregation) -> dict:
+def _kw(agg: MaskingOptions) -> dict:
     return dict(threshold=agg.threshold, clip=agg.clip, feature=agg.feature, abstain=agg.abstain)
 
 
@@ -78,7 +78,7 @@ def test_batch_matches_single():
         assert masking.certify(z[i], labels[i], g, parse("2x2")) == batch[i]
 
 
-def _attacks(z: np.ndarray, window: np.ndarray, target: int, label: int, agg: Aggregation):
+def _attacks(z: np.ndarray, window: np.ndarray, target: int, label: int, agg: MaskingOptions):
     """Adversarial local logits inside ``window``: magnitudes from undetectably small to huge, several shapes."""
     cells = np.argwhere(window)
     for v, shape in itertools.product((1e-3, 0.05, 0.3, 1.0, 3.0, 10.0, 100.0, 1e4), ("flat", "one", "ramp")):
@@ -250,9 +250,9 @@ def test_ablation_batch_layout():
 
 def test_rejects_masking_with_negative_features():
     with pytest.raises(ValueError, match="non-negative"):
-        Aggregation("logits", 0.0, TANH)
+        MaskingOptions("logits", 0.0, TANH)
     with pytest.raises(ValueError, match="feature"):
-        Aggregation("votes")
+        MaskingOptions("votes")
 
 
 def test_margin_keys_and_json_safe_for_unbounded_gain():

@@ -119,11 +119,11 @@ class FlakyEngine:
 
 
 def test_engine_exception_fails_only_its_frames(certifier):
-    certifier.engine = FlakyEngine(certifier.engine, fail_calls={2})
+    certifier.engines["model"] = FlakyEngine(certifier.engine, fail_calls={2})
     summary = StreamSummary()
     verdicts = list(run_stream(certifier, [rgb() for _ in range(4)], summary=summary))
     assert [v.status for v in verdicts] == ["uncertified", "fail-safe", "uncertified", "uncertified"]
-    assert verdicts[1].reason == "engine error: engine failed: RuntimeError: CUDA error: device lost"
+    assert verdicts[1].reason == "engine error: model engine failed: RuntimeError: CUDA error: device lost"
     assert summary.reasons == {"engine error": 1}
 
 
@@ -133,9 +133,9 @@ def test_engine_exception_fails_only_its_frames(certifier):
     (lambda out: np.full_like(out, np.nan), "NaN"),
 ])
 def test_engine_output_of_the_wrong_shape_fails_safe(certifier, mangle, match):
-    certifier.engine = FlakyEngine(certifier.engine, mangle=mangle)
+    certifier.engines["model"] = FlakyEngine(certifier.engine, mangle=mangle)
     (v,) = run_stream(certifier, [rgb()])
-    assert v.status == "fail-safe" and v.reason.startswith("engine error: engine output 0")
+    assert v.status == "fail-safe" and v.reason.startswith("engine error: model engine output 0")
     assert re.search(match, v.reason), v.reason
 
 

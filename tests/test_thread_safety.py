@@ -18,7 +18,8 @@ import pytest
 
 import certinfer
 from certinfer.export.bundle_writer import write_bundle
-from certinfer.runtime.certifier import Certifier, EngineRunError, FrameError
+from certinfer.runtime.certifier import Certifier, EngineRunError
+from certinfer.runtime.frames import FrameError
 from certinfer.runtime.stream import run_stream
 
 THREADS = 8
@@ -151,7 +152,7 @@ class CountingEngine:
 
 
 def test_engine_calls_never_overlap_and_failures_stay_with_their_caller(certifier: Certifier):
-    engine = certifier.engine = CountingEngine(certifier.engine)
+    engine = certifier.engines["model"] = CountingEngine(certifier.engine)
     good = _batches(3)
     expected = [[_key(v) for v in certifier(b)] for b in good]
     poison = np.zeros((7, 16, 16, 3), np.uint8)  # the engine raises on it

@@ -22,21 +22,23 @@ Exhaustive mode classifies every crop location once: no randomness, and a determ
 certificate: the vote gap must exceed twice the most crop locations one patch overlaps (ties as flips).
 
 The probabilistic statement holds only against an attacker who cannot predict the crops: locations come from
-numpy's default generator seeded from the OS's entropy. A fixed seed (:meth:`CroppingCertifier.fix_seed`) is
-for tests and reproducible benchmarks only.
+numpy's default generator seeded from the OS's entropy. A fixed seed (:meth:`Certifier.seeded`) is for tests and
+reproducible benchmarks only.
 """
 
 from __future__ import annotations
 
 import math
-import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from certinfer.threat import Rect, Threat, rect_key
-from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.verdict import Certificate, RectCert
 
 MODES = ("sample", "exhaustive")
@@ -222,76 +224,104 @@ def count_votes(predictions: np.ndarray, classes: int) -> np.ndarray:
     return np.bincount(offset, minlength=n_frames * classes).reshape(n_frames, classes)
 
 
+@dataclass(frozen=True)
+class CroppingOptions(Options):
+    """``crops``: crops drawn per frame (ignored when ``exhaustive``: every location once), ``replace``: draw with
+    replacement, ``threshold``: certified when p_c >= threshold, ``exhaustive``: every crop location once and a
+    deterministic ``recovery`` certificate. Bundles say ``mode: "exhaustive"`` for the last."""
+
+    INFER = ("crops", "replace", "exhaustive")
+
+    crops: int = 128
+    threshold: float = DEFAULT_THRESHOLD
+    replace: bool = True
+    exhaustive: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crops, bool) or int(self.crops) != self.crops or self.crops < 1:
+            raise ValueError(f"crops must be a positive integer, got {self.crops!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        object.__setattr__(self, "crops", int(self.crops))
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "replace", bool(self.replace))
+        object.__setattr__(self, "exhaustive", bool(self.exhaustive))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> CroppingOptions:
+        mode = params.get("mode", "sample")
+        if mode not in MODES:
+            raise ValueError(f"cropping bundle: mode must be one of {MODES}, got {mode!r}")
+        return cls(crops=params.get("crops", 128), threshold=params.get("threshold", DEFAULT_THRESHOLD),
+                   replace=params.get("replace", True), exhaustive=mode == "exhaustive")
+
+
+@dataclass(frozen=True)
+class CropVotes:
+    """A batch's inference: per-frame vote counts (N, C), the crop locations drawn (N, n), and how they were drawn
+    (the certificate must be the one for that draw)."""
+
+    votes: np.ndarray
+    locations: np.ndarray
+    replace: bool
+    exhaustive: bool
+
+
 class CroppingCertifier(Certifier):
-    """Randomized cropping from a bundle's ``defense.params``: ``crop`` [ch, cw], ``crops`` n, ``replace``,
-    ``mode`` (``sample`` or ``exhaustive``) and ``threshold`` (certified when p_c >= threshold).
+    """Randomized cropping from a bundle's ``defense.params``: ``crop`` [ch, cw] and the :class:`CroppingOptions`.
 
     The engine is the crop classifier: (N, 5, ch, cw) float32 (see :func:`cut`) -> (N, C) logits. All crops of a
-    batch of frames go to it in one call (chunked to its max batch). Outputs of :meth:`run_engine` are the
-    per-crop logits (N, n, C) and the drawn locations (N, n).
+    batch of frames go to it in one call (chunked to its max batch); :meth:`infer` returns their votes
+    (:class:`CropVotes`). Crop locations come from ``self.rng`` (OS entropy unless :meth:`seeded`).
     """
 
-    kind = "probabilistic"
+    name = "cropping"
+    Options = CroppingOptions
+    randomized = True
 
-    def __init__(self, bundle, engine, threat: Threat):
-        super().__init__(bundle, engine, threat)
-        params = self.manifest["defense"]["params"]
-        if "crop" not in params:
+    def __init__(self, bundle, engines, threat: Threat, options: CroppingOptions | None = None):
+        super().__init__(bundle, engines, threat, options)
+        if "crop" not in self.params:
             raise ValueError("cropping bundle: defense.params.crop (the crop's [height, width]) is missing")
-        self.crop_hw = tuple(int(v) for v in params["crop"])
+        self.crop_hw = tuple(int(v) for v in self.params["crop"])
         self.locations = crop_locations(self.input_hw, self.crop_hw)
-        self.mode = params.get("mode", "sample")
-        if self.mode not in MODES:
-            raise ValueError(f"cropping bundle: mode must be one of {MODES}, got {self.mode!r}")
-        self.replace = bool(params.get("replace", True))
-        self.crops = self.locations if self.mode == "exhaustive" else int(params.get("crops", 128))
-        self.threshold = float(params.get("threshold", DEFAULT_THRESHOLD))
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"cropping bundle: threshold must lie in (0, 1], got {self.threshold}")
-        if not self.replace and self.crops > self.locations:
-            raise ValueError(f"cropping bundle: {self.crops} crops without replacement from {self.locations} locations")
-        if self.mode == "exhaustive":
-            self.kind = "recovery"
-        self.rng = np.random.default_rng()  # OS entropy: the crops must be unpredictable
-        self._rng_lock = threading.Lock()
+        self._validate()
 
-    def fix_seed(self, seed: int) -> None:
-        """Draw crops from a fixed seed: ONLY for tests and reproducible benchmarks. Whoever knows the seed
-        knows the crops, and the probabilistic certificate then no longer holds against them."""
-        with self._rng_lock:
-            self.rng = np.random.default_rng(seed)
+    @property
+    def kind(self) -> str:
+        return "recovery" if self.options.exhaustive else "probabilistic"
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+    def _validate(self) -> None:
+        o = self.options
+        if not (o.exhaustive or o.replace or o.crops <= self.locations):
+            raise ValueError(f"cropping: {o.crops} crops without replacement from {self.locations} locations")
+
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return ((len(self.classes),),)
 
     def draw(self, frames: int) -> np.ndarray:
-        """(frames, n) flat crop locations for this call (every location once, in order, when exhaustive)."""
-        if self.mode == "exhaustive":
+        """(frames, n) flat crop locations for one call (every location once, in order, when exhaustive)."""
+        o = self.options
+        if o.exhaustive:
             return np.broadcast_to(np.arange(self.locations), (frames, self.locations))
         with self._rng_lock:
-            return draw_locations(self.rng, frames, self.crops, self.locations, self.replace)
+            return draw_locations(self.rng, frames, o.crops, self.locations, o.replace)
 
-    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, x: np.ndarray) -> CropVotes:
         flat = self.draw(len(x))
-        out = super().run_engine(cut(x, self.crop_hw, flat))
-        out = out[0] if isinstance(out, tuple) else out
-        return out.reshape(len(x), flat.shape[1], -1), flat
+        out = self.run_engine(cut(x, self.crop_hw, flat))
+        logits = out[0] if isinstance(out, tuple) else out
+        votes = count_votes(logits.argmax(axis=-1).reshape(flat.shape), len(self.classes))
+        return CropVotes(votes, flat, self.options.replace, self.options.exhaustive)
 
-    def decide(self, x: np.ndarray, outputs, threat: Threat | None = None, threshold: float | None = None,
-               replace: bool | None = None, exhaustive: bool | None = None) -> list[Decision]:
-        """Majority vote and certificate; the keyword arguments override the bundle's (evaluation)."""
-        logits, _ = outputs
-        votes = count_votes(logits.argmax(axis=-1), logits.shape[-1])
-        return self.decide_votes(votes, threat, threshold, replace, exhaustive)
-
-    def decide_votes(self, votes: np.ndarray, threat: Threat | None = None, threshold: float | None = None,
-                     replace: bool | None = None, exhaustive: bool | None = None) -> list[Decision]:
-        """Decisions from vote counts (N, C) (argmax: the lowest class index wins a tie)."""
-        threat = self.threat if threat is None else threat.bind(self.input_hw)
-        certs = vote_certificates(votes, self.input_hw, self.crop_hw, threat,
-                                  self.replace if replace is None else replace,
-                                  self.threshold if threshold is None else threshold,
-                                  self.mode == "exhaustive" if exhaustive is None else exhaustive)
+    def decide(self, features: CropVotes, options: CroppingOptions) -> list[Decision]:
+        """Majority vote (argmax: the lowest class index wins a tie) and its certificate."""
+        if features.exhaustive != options.exhaustive or not options.exhaustive and features.replace != options.replace:
+            raise ValueError(f"votes drawn with replace={features.replace}, exhaustive={features.exhaustive} cannot "
+                             f"be certified as replace={options.replace}, exhaustive={options.exhaustive}")
+        votes = features.votes
+        certs = vote_certificates(votes, self.input_hw, self.crop_hw, self.threat, options.replace,
+                                  options.threshold, options.exhaustive)
         labels = votes.argmax(axis=-1)
         return [Decision(label=int(labels[i]), certificate=certs[i], scores=votes[i].astype(float).tolist())
                 for i in range(len(votes))]

@@ -14,8 +14,9 @@ locations fully inside suffice. Both graphs run in float32: the rounding of the 
 graph can each move a margin by a little. The tolerance (``defense.params.tolerance``, logit units) absorbs
 them: export measures both errors against float64 on real frames at every location and refuses a bundle whose
 measured error exceeds a tenth of the tolerance. That check was made on the backends in
-``defense.params.verified_backends``; a bounds engine on any other backend (e.g. a GPU kernel using TF32) gives
-no certificates. Bounds engines must be fp32: a bundle with an fp16 or int8 bounds engine is refused.
+``defense.params.verified_backends``; either engine on any other backend (e.g. a GPU kernel using TF32) gives
+no certificates (``needs_exact``). Bounds engines must be fp32: a bundle with an fp16 or int8 bounds engine is
+refused.
 
 Engine input: one array (N, 2C, H, W), the lower image's channels then the upper image's (one input keeps the
 engine contract of every backend). Every location of every threat rectangle of a batch of frames is sent to
@@ -25,15 +26,16 @@ the bounds engine in chunks of ``chunk`` boxes, built chunk by chunk (a 32x32 fr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from certinfer.runtime.certifier import Certifier, Decision, EngineRunError
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.verdict import Certificate, RectCert
 from certinfer.threat import Rect, Threat, rect_key
 
 DEFAULT_TOLERANCE = 1e-2  # logits; 90x the float32 rounding measured on the GTSRB CPU model (1.1e-4)
 DEFAULT_CHUNK = 1024
-VERIFIED_DEFAULT = ("onnxruntime-cpu", "torch-cpu")
 
 
 def patch_interval(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,71 +90,65 @@ def certify(min_margins: dict[str, np.ndarray], labels: np.ndarray, threat: str,
             for i in range(len(labels))]
 
 
+@dataclass(frozen=True)
+class IBPOptions(Options):
+    """``tolerance``: the float32 rounding slack in logit units; a margin must exceed it to certify."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if not self.tolerance > 0:
+            raise ValueError(f"ibp: tolerance must be positive, got {self.tolerance}")
+        object.__setattr__(self, "tolerance", float(self.tolerance))
+
+
+@dataclass(frozen=True)
+class IBPFeatures:
+    logits: np.ndarray  # (N, K) from the model engine; the label is their argmax
+    min_margins: dict[str, np.ndarray]  # per rectangle key: lower bounds of z_i - z_j over every location, (N, K, K)
+
+
 class IBPCertifier(Certifier):
     """IBP from a bundle's ``defense.params``: ``tolerance`` (logit units), ``verified_backends`` and ``chunk``.
 
-    Two engines: the ``model`` engine (normalized frames -> logits, the label) and the ``bounds`` engine (see the
-    module docstring), loaded on the model engine's backend. :meth:`run_engine` returns the logits (N, K) and,
-    per rectangle key, the lower bounds minimized over locations (N, K, K).
+    Two engine roles: ``model`` (normalized frames -> logits, the label) and ``bounds`` (see the module
+    docstring), on the same backend. Features: :class:`IBPFeatures`.
     """
 
-    kind = "recovery"
+    name = "ibp"
+    Options = IBPOptions
+    roles = ("model", "bounds")
+    needs_exact = True
 
-    def __init__(self, bundle, engine, threat: Threat, bounds_engine=None):
-        super().__init__(bundle, engine, threat)
-        params = self.manifest["defense"]["params"]
-        self.tolerance = float(params.get("tolerance", DEFAULT_TOLERANCE))
-        if not self.tolerance > 0:
-            raise ValueError(f"ibp bundle: tolerance must be positive, got {self.tolerance}")
-        self.chunk = int(params.get("chunk", DEFAULT_CHUNK))
-        self.verified = tuple(params.get("verified_backends", VERIFIED_DEFAULT))
-        if len(self.classes) < 2:
-            raise ValueError("ibp bundle: needs at least two classes")
-        entries = bundle.engines("bounds")
-        if not entries:
-            raise ValueError("ibp bundle: no engine for role 'bounds'")
-        if any(e["precision"] != "fp32" for e in entries):
+    def __init__(self, bundle, engines, threat: Threat, options: IBPOptions | None = None):
+        if any(e["precision"] != "fp32" for e in bundle.engines("bounds")):
             raise ValueError("ibp bundle: bounds engines must be fp32 (reduced precision breaks the interval "
                              "bounds' tolerance); remove the fp16/int8 bounds plan")
-        self.bounds = bounds_engine if bounds_engine is not None else self._load_bounds(bundle, engine)
+        super().__init__(bundle, engines, threat, options)
+        self.chunk = int(self.params.get("chunk", DEFAULT_CHUNK))
+        if self.chunk < 1:
+            raise ValueError(f"ibp bundle: chunk must be positive, got {self.chunk}")
+        if len(self.classes) < 2:
+            raise ValueError("ibp bundle: needs at least two classes")
         self.patch_lo, self.patch_hi = patch_interval(self._mean, self._std)
 
-    @staticmethod
-    def _load_bounds(bundle, engine):
-        from certinfer.runtime.engines import BACKENDS, load_engine
-
-        return load_engine(bundle, backend=engine.name if engine.name in BACKENDS else "auto", role="bounds")
-
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return ((len(self.classes),),)
-
-    def _bounds_chunk(self, packed: np.ndarray) -> np.ndarray:
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         k = len(self.classes)
-        try:
-            with self._lock:
-                out = self.bounds.run(packed)
-        except Exception as e:
-            raise EngineRunError(f"bounds engine failed: {type(e).__name__}: {e}") from e
-        out = out[0] if isinstance(out, tuple) else out
-        if not isinstance(out, np.ndarray) or out.shape != (len(packed), k, k):
-            raise EngineRunError(f"bounds engine output has shape {getattr(out, 'shape', None)}, "
-                                 f"expected ({len(packed)}, {k}, {k})")
-        if not np.isfinite(out).all():
-            raise EngineRunError("bounds engine output has NaN or inf values")
-        return out
+        return ((k, k),) if role == "bounds" else ((k,),)
 
-    def min_margins(self, x: np.ndarray, threat: Threat | None = None) -> dict[str, np.ndarray]:
-        """Per rectangle key: lower bounds of z_i - z_j minimized over every location, (N, K, K)."""
-        threat = self.threat if threat is None else threat.bind(self.input_hw)
+    def min_margins(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Per rectangle key of the threat: lower bounds of z_i - z_j minimized over every location, (N, K, K)."""
         k = len(self.classes)
         out = {}
-        for rect in threat.rects:
+        for rect in self.threat.rects:
             corners = patch_locations(self.input_hw, rect)
             frames, locs = np.divmod(np.arange(len(x) * len(corners)), len(corners))  # frame-major rows
             best = np.full((len(x), k, k), np.inf, dtype=np.float32)
             for start in range(0, len(frames), self.chunk):
                 f, l = frames[start:start + self.chunk], locs[start:start + self.chunk]
-                bounds = self._bounds_chunk(interval_inputs(x[f], rect, corners[l], self.patch_lo, self.patch_hi))
+                bounds = self.run_engine(interval_inputs(x[f], rect, corners[l], self.patch_lo, self.patch_hi),
+                                         role="bounds")
+                bounds = bounds[0] if isinstance(bounds, tuple) else bounds
                 cuts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # contiguous rows per frame
                 best[f[cuts]] = np.minimum(best[f[cuts]], np.minimum.reduceat(bounds, cuts, axis=0))
             out[rect_key(rect)] = best
@@ -160,21 +156,15 @@ class IBPCertifier(Certifier):
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """The model engine's logits (N, K) for prepared frames; their argmax is the certifier's label."""
-        out = super().run_engine(x)
+        out = self.run_engine(x)
         return out[0] if isinstance(out, tuple) else out
 
-    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return self.logits(x), self.min_margins(x)
+    def infer(self, x: np.ndarray) -> IBPFeatures:
+        return IBPFeatures(self.logits(x), self.min_margins(x))
 
-    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
-        logits, margins = outputs
+    def decide(self, features: IBPFeatures, options: IBPOptions) -> list[Decision]:
+        logits = features.logits
         labels = logits.argmax(axis=-1)
-        certs = certify(margins, labels, str(self.threat), self.tolerance)
-        reason = ""
-        if self.bounds.name not in self.verified:
-            reason = (f"bounds engine {self.bounds.name} was not verified against float64 at export "
-                      f"(verified: {', '.join(self.verified)}): no certificate")
-            certs = [Certificate.from_rects(c.threat, {k: RectCert(False, min(r.margin, -self.tolerance))
-                                                       for k, r in c.per_rect.items()}) for c in certs]
-        return [Decision(label=int(labels[i]), certificate=certs[i], scores=logits[i].astype(float).tolist(),
-                         reason=reason) for i in range(len(labels))]
+        certs = certify(features.min_margins, labels, str(self.threat), options.tolerance)
+        return [Decision(label=int(labels[i]), certificate=certs[i], scores=logits[i].astype(float).tolist())
+                for i in range(len(labels))]

@@ -31,13 +31,15 @@ O_y - max O_c > 2 |w|. DRS is feature prediction (one-hot votes, abstaining belo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from certinfer.threat import Threat, rect_key
 from certinfer.runtime import ablation, sat
-from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 
@@ -50,13 +52,18 @@ _CHUNK = 1 << 18  # elements of the (n, windows, windows) remaining-evidence arr
 
 
 @dataclass(frozen=True)
-class Aggregation:
-    """How local logits become clipped features and how masking treats them."""
+class MaskingOptions(Options):
+    """How local logits become clipped features and how masking treats them.
+
+    ``feature``: ``logits``, ``confidence`` (softmax) or ``prediction`` (one-hot votes); ``threshold`` T: mask a
+    class's top window when it holds more than T of its evidence; ``clip``: (lo, hi) or ``"tanh"`` (CBN);
+    ``abstain``: with the prediction feature, a local prediction below this softmax confidence votes for nothing.
+    """
 
     feature: str = "logits"
-    threshold: float = 0.0  # T: mask a class's top window when it holds more than T of its evidence
+    threshold: float = 0.0
     clip: tuple[float, float] | str = (0.0, INF)
-    abstain: float = 0.0  # prediction feature: a local prediction below this softmax confidence votes for nothing
+    abstain: float = 0.0
 
     def __post_init__(self) -> None:
         if self.feature not in FEATURES:
@@ -68,11 +75,15 @@ class Aggregation:
             if not lo <= hi:
                 raise ValueError(f"clip bounds must satisfy lo <= hi, got {self.clip}")
             object.__setattr__(self, "clip", (lo, hi))
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "abstain", float(self.abstain))
         if self.threshold < 1 and self.attack_range()[0] < 0:
             raise ValueError("masking (T < 1) needs non-negative features: clip's lower bound must be >= 0")
 
     @classmethod
-    def from_params(cls, params: dict) -> Aggregation:
+    def from_params(cls, params: Mapping[str, Any]) -> MaskingOptions:
+        """Options from a bundle's ``defense.params`` (or a :data:`VARIANTS` entry): JSON ``clip`` is
+        ``[lo, hi]`` with ``null`` for an unbounded top, or ``"tanh"``."""
         clip = params.get("clip", [0.0, None])
         clip = TANH if clip == TANH else (float(clip[0]), INF if clip[1] is None else float(clip[1]))
         return cls(feature=params.get("feature", "logits"), threshold=float(params.get("threshold", 0.0)),
@@ -139,7 +150,7 @@ def evidence(u: np.ndarray, geometry: Geometry, threat: Threat, threshold: float
 def robust_predict(local_logits: np.ndarray, geometry: Geometry, threat: Threat, threshold: float = 0.0,
                    clip: tuple[float, float] | str = (0.0, INF), feature: str = "logits", abstain: float = 0.0):
     """Robust masking's label for local logits (H', W', C) -> int, or (N, H', W', C) -> (N,) array."""
-    agg = Aggregation(feature, threshold, clip, abstain)
+    agg = MaskingOptions(feature, threshold, clip, abstain)
     z, single = _batched(local_logits)
     labels = evidence(agg.features(z), geometry, threat, threshold).argmax(axis=-1)
     return int(labels[0]) if single else labels
@@ -206,7 +217,7 @@ def _masked_margin(base: np.ndarray, ty: np.ndarray, attack: tuple, detect: list
     return m
 
 
-def _rect_margin(t: np.ndarray, total: np.ndarray, labels: np.ndarray, agg: Aggregation,
+def _rect_margin(t: np.ndarray, total: np.ndarray, labels: np.ndarray, agg: MaskingOptions,
                  attack: tuple, detect: list[tuple]) -> np.ndarray:
     """min over the rectangle's windows of (true-class lower bound - best rival's upper bound), per sample."""
     lo, hi = agg.attack_range()
@@ -228,12 +239,12 @@ def certify(local_logits: np.ndarray, label, geometry: Geometry, threat: Threat,
             clip: tuple[float, float] | str = (0.0, INF), feature: str = "logits",
             abstain: float = 0.0) -> Certificate | list[Certificate]:
     """Algorithm 2 for per-class masking: is ``label`` the robust prediction under every patch of ``threat``?"""
-    agg = Aggregation(feature, threshold, clip, abstain)
+    agg = MaskingOptions(feature, threshold, clip, abstain)
     z, single = _batched(local_logits)
     return certify_features(agg.features(z), label, geometry, threat, agg, single)
 
 
-def certify_features(u: np.ndarray, label, geometry: Geometry, threat: Threat, agg: Aggregation,
+def certify_features(u: np.ndarray, label, geometry: Geometry, threat: Threat, agg: MaskingOptions,
                      single: bool = False) -> Certificate | list[Certificate]:
     """:func:`certify` on already clipped features (N, H', W', C)."""
     labels = np.broadcast_to(np.asarray(label, dtype=np.intp), (u.shape[0],)).copy()
@@ -265,59 +276,56 @@ SOURCES = ("local-logits", "ablation")
 
 
 class MaskingCertifier(Certifier):
-    """Mask-BN, CBN, Mask-DS and DRS from a bundle's ``defense.params`` (source, feature, threshold, clip).
+    """Mask-BN, CBN, Mask-DS and DRS from a bundle's ``defense.params`` (``source``; the :class:`MaskingOptions`).
 
     ``local-logits``: the engine maps the normalized frame to (N, H', W', C) local logits. ``ablation``: the
     engine is a base classifier on (N, 4, H, W) ablated inputs; all ablations of a batch of frames go to the
     engine as one batched call (chunked to its max batch) and come back as an (N, H', W', C) feature map.
+    Features are that map; :meth:`decide` clips and masks it under any options.
     Local-logit certificates rely on exact locality, so they hold only on backends whose receptive-field
-    probe was bit-exact; ablation locality is exact on every backend (ablated pixels are multiplied by 0).
+    probe was bit-exact (``needs_exact``); ablation locality is exact on every backend (ablated pixels are
+    multiplied by 0 in the graph), so an ablation bundle does not need an exact backend.
     """
 
-    kind = "recovery"
+    name = "masking"
+    Options = MaskingOptions
+    local_outputs = True
 
-    def __init__(self, bundle, engine, threat: Threat):
-        super().__init__(bundle, engine, threat)
-        params = self.manifest["defense"].get("params", {})
-        self.source = params.get("source", "local-logits")
+    def __init__(self, bundle, engines, threat: Threat, options: MaskingOptions | None = None):
+        super().__init__(bundle, engines, threat, options)
+        self.source = self.params.get("source", "local-logits")
         if self.source not in SOURCES:
             raise ValueError(f"masking bundle: source must be one of {SOURCES}, got {self.source!r}")
-        self.aggregation = Aggregation.from_params(params)
+        self.needs_exact = self.source == "local-logits"
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         if self.source == "ablation":
-            ab = params["ablation"]
+            ab = self.params["ablation"]
             expected = ablation.geometry(self.input_hw, ab["mode"], int(ab["size"]), int(ab.get("stride", 1)))
             if expected != self.geometry:
                 raise ValueError(f"masking bundle: geometry {self.geometry.to_dict()} does not match its ablation "
                                  f"{ab} ({expected.to_dict()})")
-        exact = self.manifest.get("probe", {}).get("exact_backends", [])
-        self.trusted = self.source == "ablation" or engine.name in exact
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         c = len(self.classes)
         return ((c,),) if self.source == "ablation" else ((*self.geometry.output_hw, c),)
 
-    def run_engine(self, x: np.ndarray) -> np.ndarray:
+    def local_features(self, x: np.ndarray) -> np.ndarray:
+        """(N, H', W', C): the engine's local logits, or one base-classifier output per ablation."""
         if self.source == "local-logits":
-            out = super().run_engine(x)
+            out = self.run_engine(x)
             return out[0] if isinstance(out, tuple) else out
-        out = super().run_engine(ablation.batch(x, self.geometry))
+        out = self.run_engine(ablation.batch(x, self.geometry))
         out = out[0] if isinstance(out, tuple) else out
         return out.reshape(len(x), *self.geometry.output_hw, out.shape[-1])
 
-    def decide(self, x: np.ndarray, outputs, aggregation: Aggregation | None = None,
-               threat: Threat | None = None) -> list[Decision]:
-        """Robust prediction and certificate; ``aggregation`` and ``threat`` override the bundle's (evaluation)."""
-        agg, threat = aggregation or self.aggregation, threat or self.threat
-        u = agg.features(outputs)
-        scores = evidence(u, self.geometry, threat, agg.threshold)
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.local_features(x)
+
+    def decide(self, features: np.ndarray, options: MaskingOptions) -> list[Decision]:
+        """Robust prediction (per-class masking) and its certificate for every frame's feature map."""
+        u = options.features(features)
+        scores = evidence(u, self.geometry, self.threat, options.threshold)
         labels = scores.argmax(axis=-1)
-        certs = certify_features(u, labels, self.geometry, threat, agg)
-        reason = ""
-        if not self.trusted:
-            reason = f"backend {self.engine.name} is not verified bit-exact for locality; not certified"
-            for c in certs:
-                c.per_rect = {k: RectCert(False, min(r.margin, 0.0)) for k, r in c.per_rect.items()}
-                c.certified = False
-        return [Decision(label=int(labels[i]), certificate=certs[i], scores=scores[i].tolist(), reason=reason)
+        certs = certify_features(u, labels, self.geometry, self.threat, options)
+        return [Decision(label=int(labels[i]), certificate=certs[i], scores=scores[i].tolist())
                 for i in range(len(certs))]

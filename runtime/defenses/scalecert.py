@@ -48,7 +48,7 @@ import numpy as np
 
 from certinfer.threat import Rect, Threat, rect_key
 from certinfer.runtime import sat
-from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.certifier import Certifier, Decision, Options
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 
@@ -223,33 +223,65 @@ def detect_frame(logits0: np.ndarray, occ: dict[str, Occlusions], fams: dict[str
     return "", ""
 
 
-class ScaleCertCertifier(Certifier):
-    """ScaleCert from a bundle's ``defense.params``: ``r``, ``tau`` (window merge), ``top_k`` (winner count, for
-    the record); geometry: the superficial layer's. Kind ``detection``: status ``alert`` (label -1, the location
-    in ``reason``) when Algorithm 1 detects a patch, else the label, certified when Algorithm 2 holds.
+@dataclass(frozen=True)
+class ScaleCertOptions(Options):
+    """The occlusion windows: ``r`` (window side = patch + r - 1) and ``tau`` (merge ratio, in (0, 1])."""
 
-    ``run_engine`` makes both engine calls and returns ``(logits0 (N, C), keep (N, H', W'), {rect key: (selected
-    (N, F) bool, logits (N, F, C))})``. Certificates rely on exact locality: only on ``probe.exact_backends``.
+    INFER = ("r", "tau")
+
+    r: int = DEFAULT_R
+    tau: float = DEFAULT_TAU
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or int(self.r) != self.r or self.r < 1:
+            raise ValueError(f"scalecert: r must be a positive integer, got {self.r!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"scalecert: overlap ratio tau must lie in (0, 1], got {self.tau}")
+        object.__setattr__(self, "r", int(self.r))
+        object.__setattr__(self, "tau", float(self.tau))
+
+
+@dataclass(frozen=True)
+class ScaleCertFeatures:
+    """Both passes of a batch: the frames' logits (N, C) and winner masks (N, H', W'), and per rectangle key the
+    window family used with which windows were evaluated and their logits."""
+
+    logits0: np.ndarray
+    keep: np.ndarray
+    families: dict[str, Family]
+    occlusions: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (selected (N, F) bool, logits (N, F, C))
+
+
+class ScaleCertCertifier(Certifier):
+    """ScaleCert from a bundle's ``defense.params``: ``r``, ``tau`` (window merge, :class:`ScaleCertOptions`),
+    ``top_k`` (winner count, for the record); geometry: the superficial layer's. Kind ``detection``: status
+    ``alert`` (label -1, the location in ``reason``) when Algorithm 1 detects a patch, else the label, certified
+    when Algorithm 2 holds. Certificates rely on exact locality: only on ``probe.exact_backends`` at fp32.
+
+    Not ``local_outputs``: the winner mask is global (top-k), so the export probe checks the superficial layer's
+    features (the manifest's ``probe.op``) instead.
     """
 
-    kind = "detection"
-    local_outputs = False  # the winner mask is global (top-k): the probe checks the superficial features instead
+    name = "scalecert"
+    Options = ScaleCertOptions
+    needs_exact = True
 
-    def __init__(self, bundle, engine, threat: Threat):
-        super().__init__(bundle, engine, threat)
-        params = self.manifest["defense"].get("params", {})
-        self.r = int(params.get("r", DEFAULT_R))
-        self.tau = float(params.get("tau", DEFAULT_TAU))
+    def __init__(self, bundle, engines, threat: Threat, options: ScaleCertOptions | None = None):
+        super().__init__(bundle, engines, threat, options)
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         if self.geometry.input_hw != self.input_hw:
             raise ValueError(f"scalecert bundle: geometry input {self.geometry.input_hw} is not the input {self.input_hw}")
-        group_size(window_side(1, self.r, min(self.input_hw)), self.tau)  # validates r and tau now
-        self.trusted = engine.name in self.manifest.get("probe", {}).get("exact_backends", [])
+
+    @property
+    def kind(self) -> str:
+        return "detection"
 
     def families(self) -> dict[str, Family]:
-        return {rect_key(r): family(self.input_hw, tuple(r), self.r, self.tau) for r in self.threat.rects}
+        """The window family of each rectangle of the threat, under this certifier's ``r`` and ``tau``."""
+        o = self.options
+        return {rect_key(r): family(self.input_hw, tuple(r), o.r, o.tau) for r in self.threat.rects}
 
-    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return ((len(self.classes),), tuple(self.geometry.output_hw))
 
     def engine_input(self, x: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
@@ -257,39 +289,32 @@ class ScaleCertCertifier(Certifier):
         m = np.zeros((len(x), 1, *x.shape[2:]), np.float32) if masks is None else masks[:, None]
         return np.ascontiguousarray(np.concatenate([x, m], axis=1), dtype=np.float32)
 
-    def run_engine(self, x: np.ndarray):
-        logits0, keep = super().run_engine(self.engine_input(x))
+    def infer(self, x: np.ndarray) -> ScaleCertFeatures:
+        """Pass 1 on the frames (label, winners), pass 2 on every evaluated occluded copy, in one engine call."""
+        logits0, keep = self.run_engine(self.engine_input(x))
         fams = self.families()
         selected = {k: meets_region(keep, f, self.geometry) for k, f in fams.items()}
-        frames, masks = [], []
-        for k, f in fams.items():
-            n, w = np.nonzero(selected[k])
-            frames.append(n)
-            masks.append(f.masks[w])
-        frames = np.concatenate(frames)
+        hits = {k: np.nonzero(s) for k, s in selected.items()}
+        frames = np.concatenate([n for n, _ in hits.values()])
         occluded = {k: np.zeros((len(x), f.size, len(self.classes)), np.float32) for k, f in fams.items()}
         if len(frames):
-            z, _ = super().run_engine(self.engine_input(x[frames], np.concatenate(masks)))
+            masks = np.concatenate([fams[k].masks[w] for k, (_, w) in hits.items()])
+            z, _ = self.run_engine(self.engine_input(x[frames], masks))
             i = 0
-            for k in fams:
-                n, w = np.nonzero(selected[k])
+            for k, (n, w) in hits.items():
                 occluded[k][n, w] = z[i:i + len(n)]
                 i += len(n)
-        return logits0, keep, {k: (selected[k], occluded[k]) for k in fams}
+        return ScaleCertFeatures(logits0, keep, fams, {k: (selected[k], occluded[k]) for k in fams})
 
-    def decide(self, x: np.ndarray, outputs) -> list[Decision]:
-        """Algorithms 1 and 2 per frame on :meth:`run_engine`'s outputs (for this certifier's threat)."""
-        logits0, _, occ = outputs
-        fams = self.families()
+    def decide(self, features: ScaleCertFeatures, options: ScaleCertOptions) -> list[Decision]:
+        """Algorithms 1 and 2 per frame, on the windows the features were inferred with."""
+        fams, occ = features.families, features.occlusions
         decisions = []
-        for i in range(len(logits0)):
+        for i, logits0 in enumerate(features.logits0):
             per = {k: Occlusions(occ[k][0][i], occ[k][1][i]) for k in fams}
-            label, per_rect = certify_frame(logits0[i], per)
-            status, reason = detect_frame(logits0[i], per, fams)
-            if not self.trusted:
-                per_rect = {k: RectCert(False, min(r.margin, 0.0)) for k, r in per_rect.items()}
-                reason = reason or f"backend {self.engine.name} is not verified bit-exact for locality; not certified"
+            label, per_rect = certify_frame(logits0, per)
+            status, reason = detect_frame(logits0, per, fams)
             cert = Certificate.from_rects(str(self.threat), per_rect, kind="detection")
             decisions.append(Decision(label=-1 if status == "alert" else label, certificate=cert, status=status,
-                                      scores=logits0[i].astype(float).tolist(), reason=reason))
+                                      scores=logits0.astype(float).tolist(), reason=reason))
         return decisions

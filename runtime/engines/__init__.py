@@ -47,6 +47,7 @@ def opt_batch(batch: list[int] | tuple[int, int], preferred: int | None = None) 
 class Engine(Protocol):
     name: str  # e.g. "onnxruntime-cpu", "tensorrt", "torch-cuda-graphs"; reported in every Verdict
     max_batch: int
+    precision: str  # what it computes in: "fp32", "fp16", "int8" (certificates needing exactness ask for fp32)
 
     def run(self, batch: np.ndarray) -> Outputs: ...
 
@@ -86,6 +87,7 @@ class ChunkedEngine:
     name: str
     max_batch: int
     min_batch: int = 1
+    precision: str
     input_dtype: np.dtype
     input_shape: tuple[int | None, ...] | None  # per sample; None entries are free, None overall: unchecked
 

@@ -89,7 +89,8 @@ class OnnxRuntimeEngine(ChunkedEngine):
 
     ``provider``: ``cpu``, ``cuda``, ``tensorrt`` (each required: an error if onnxruntime falls back to another)
     or ``best``. ``fp16`` (default: the entry's precision) and ``cache_dir`` apply to the TensorRT provider;
-    ``threads`` caps intra-op threads.
+    ``threads`` caps intra-op threads. ``precision``: the entry's, or ``fp16`` when the TensorRT provider is
+    forced to fp16.
     """
 
     def __init__(self, bundle, entry: dict, provider: str = "best", device_id: int = 0, fp16: bool | None = None,
@@ -116,6 +117,7 @@ class OnnxRuntimeEngine(ChunkedEngine):
         if inp.type not in _DTYPES:
             raise EngineError(f"{entry['file']}: unsupported input type {inp.type}")
         self.name = _NAMES.get(used, f"onnxruntime-{used}")
+        self.precision = "fp16" if used == PROVIDERS["tensorrt"] and fp16 else entry["precision"]
         self._input = inp.name
         self._outputs = [o.name for o in self._session.get_outputs()]
         self.input_dtype = np.dtype(_DTYPES[inp.type])

@@ -135,6 +135,7 @@ class TensorRTEngine(ChunkedEngine):
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialize {entry['file']}")
         self._context = self._engine.create_execution_context()
+        self.precision = entry["precision"]
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if len(inputs) != 1:

@@ -1,27 +1,19 @@
 """torch backend, for parity checks and GPU benchmarks where TensorRT is absent.
 
 A ``format: "torch"`` engine entry is a safetensors file of weights (never a pickle). The module is rebuilt by
-a builder called with the model config (the entry's ``config``, else ``provenance.config``); by default
-``certinfer.train.models.build``. The config's ``input_shape`` (per sample) is the engine's input shape, else
-the manifest input's (channels, H, W). torch and safetensors are imported only when this backend is chosen.
+the ``builder`` option, a callable from the model config (the entry's ``config``, else ``provenance.config``) to
+a torch module; the runtime has no model code of its own, so the caller supplies it (``certinfer.load`` passes
+the trainer's ``build``). The config's ``input_shape`` (per sample) is the engine's input shape, else the
+manifest input's (channels, H, W). torch and safetensors are imported only when this backend is chosen.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import numpy as np
 
 from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
-
-
-def _default_builder() -> Callable:
-    try:
-        return importlib.import_module("certinfer.train.models").build
-    except (ImportError, AttributeError):
-        raise EngineError("the torch backend needs a model builder: certinfer.train.models.build is missing "
-                          "(install certinfer[train], or pass builder=...)") from None
 
 
 def _to_numpy(out) -> Outputs:
@@ -32,7 +24,10 @@ def _to_numpy(out) -> Outputs:
 
 
 class TorchEngine(ChunkedEngine):
-    """The bundle's model as a torch module: CPU or CUDA, optionally fp16, optionally one CUDA graph per batch size."""
+    """The bundle's model as a torch module: CPU or CUDA, optionally fp16, optionally one CUDA graph per batch size.
+
+    ``builder(config) -> torch.nn.Module`` rebuilds the module the weights belong to (required).
+    """
 
     def __init__(self, bundle, entry: dict, device: str = "cpu", cuda_graphs: bool = False, fp16: bool = False,
                  builder: Callable | None = None):
@@ -41,6 +36,9 @@ class TorchEngine(ChunkedEngine):
             from safetensors.torch import load as load_safetensors
         except ImportError as err:
             raise EngineError(f"the torch backend needs torch and safetensors (certinfer[train]): {err}") from None
+        if builder is None:
+            raise EngineError("the torch backend needs a model builder: pass engine_options={'builder': build} "
+                              "(certinfer.load passes certinfer.train.models.build; install certinfer[train])")
         self._torch = torch
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
@@ -51,7 +49,7 @@ class TorchEngine(ChunkedEngine):
         if config is None:
             raise EngineError(f"{entry['file']}: no model config (engine entry 'config' or provenance.config)")
         try:
-            module = (builder or _default_builder())(config)
+            module = builder(config)
         except (ValueError, TypeError, KeyError) as err:
             raise EngineError(f"{entry['file']}: the model builder cannot rebuild the module from its config: "
                               f"{type(err).__name__}: {err}") from None
@@ -60,6 +58,7 @@ class TorchEngine(ChunkedEngine):
         except RuntimeError as err:
             raise EngineError(f"{entry['file']} does not fit the model built from its config: {err}") from None
         self._dtype = torch.float16 if fp16 else torch.float32
+        self.precision = "fp16" if fp16 else "fp32"
         self._module = module.eval().to(device=self._device, dtype=self._dtype)
         self._graphs: dict[int, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
