@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from certinfer.bench.reference import affected_set, locations
-from certinfer.runtime.defenses.masking import Aggregation
+from certinfer.runtime.defenses.masking import MaskingOptions
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 from certinfer.threat import Threat, rect_key
@@ -41,7 +41,7 @@ def evidence_reference(u: np.ndarray, geometry: Geometry, rects, threshold: floa
     return np.array(evidence)
 
 
-def rect_margin_reference(u: np.ndarray, label: int, geometry: Geometry, rect, rects, agg: Aggregation) -> float:
+def rect_margin_reference(u: np.ndarray, label: int, geometry: Geometry, rect, rects, agg: MaskingOptions) -> float:
     lo, hi = agg.attack_range()
     T = agg.threshold
     detect = all_windows(geometry, rects)
@@ -65,7 +65,7 @@ def rect_margin_reference(u: np.ndarray, label: int, geometry: Geometry, rect, r
 
 
 def certify_reference(local_logits: np.ndarray, label: int, geometry: Geometry, threat: Threat,
-                      agg: Aggregation) -> Certificate:
+                      agg: MaskingOptions) -> Certificate:
     u = agg.features(local_logits)
     threat = threat.bind(geometry.input_hw)
     tol = 1e-9 * (1.0 + np.abs(u).sum())
