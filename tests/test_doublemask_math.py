@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from certinfer.bench.doublemask_reference import reference_decisions
+from certinfer.bench.reference import sees
 from certinfer.threat import ThreatError, parse
 from certinfer.runtime.defenses import doublemask as dm
+from certinfer.runtime.geometry import Geometry
 
 THREATS = ("5x5", "2.4%", "area:24", "rot45:5x5", "3x7")
 SIZES = ((32, 32), (16, 24), (7, 9), (9, 7))
@@ -62,3 +67,188 @@ def test_apply_masks_scalar_and_per_channel_value():
         for n in range(2):
             for k, m in enumerate(masks):
                 assert np.array_equal(out[n, k], np.where(m, v, x[n]))
+
+
+# --- certification and inference against the plain reference, on stand-in classifiers -------------------------
+
+HW = (16, 16)
+CLASSES = ["a", "b", "c", "d"]
+
+
+class RowEngine:
+    """A deterministic stand-in engine: each row's output depends on that row alone (one matrix-vector product
+    per row), floored to integers so that ties between classes happen. Counts calls and rows."""
+
+    name = "stand-in"
+    precision = "fp32"
+    max_batch = 4096
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.rows += len(batch)
+        return np.stack([self.fn(row) for row in batch]).astype(np.float32)
+
+
+def _linear(shape, scale: float, seed: int):
+    w = np.random.default_rng(seed).normal(size=(len(CLASSES), int(np.prod(shape))))
+    return lambda row: np.floor(w @ row.astype(np.float64).ravel() * scale)
+
+
+def _front(row: np.ndarray) -> np.ndarray:
+    """(3, 16, 16) -> (2, 8, 8): 3x3 window sums at stride 2, padding 1 (exactly local)."""
+    p = np.pad(row, ((0, 0), (1, 1), (1, 1)))
+    sums = sum(p[:, dr:dr + 16:2, dc:dc + 16:2] for dr in range(3) for dc in range(3))
+    return np.stack([sums[:2].sum(0), sums[1:].sum(0)])
+
+
+FRONT_GEOMETRY = {"rf": [3, 3], "stride": [2, 2], "padding": [1, 1], "input_hw": [16, 16], "output_hw": [8, 8]}
+
+
+def _certifier(space: str = "pixel", threat: str = "3x3", stride=3, scale: float = 0.05, seed: int = 0,
+               mask_value=0.0):
+    params = {"stride": stride, "mask_value": mask_value, "space": space}
+    manifest = {"defense": {"kind": "doublemask", "params": params}, "threat": threat,
+                "input": {"hw": list(HW), "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": CLASSES},
+                "probe": {"exact_backends": ["stand-in"]}}
+    if space == "pixel":
+        engines = {"model": RowEngine(_linear((3, *HW), scale, seed))}
+    else:
+        manifest["geometry"] = FRONT_GEOMETRY
+        engines = {"front": RowEngine(_front), "back": RowEngine(_linear((2, 8, 8), scale, seed))}
+    return dm.DoubleMaskCertifier(SimpleNamespace(manifest=manifest), engines, parse(threat, input_hw=HW))
+
+
+def _frames(n: int, seed: int) -> np.ndarray:
+    """Random frames, half of them a flat colour plus noise (masked copies of those tend to agree)."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, size=(n, *HW, 3))
+    flat = rng.integers(0, 256, size=(n, 1, 1, 3)) + rng.integers(-20, 21, size=(n, *HW, 3))
+    return np.where(np.arange(n)[:, None, None, None] % 2 == 0, frames, np.clip(flat, 0, 255)).astype(np.uint8)
+
+
+def _check_against_reference(certifier, frames) -> list[int]:
+    features, _ = certifier.timed_features(frames)
+    decisions = certifier.certify(features)
+    expected = reference_decisions(certifier, frames)
+    for d, (label, _, cert) in zip(decisions, expected, strict=True):
+        assert d.label == label
+        assert d.certificate == cert
+        assert d.certificate.kind == "recovery"
+    return [case for _, case, _ in expected]
+
+
+@pytest.mark.parametrize("space", ["pixel", "feature"])
+def test_runtime_equals_plain_reference_and_hits_every_case(space):
+    certifier = _certifier(space, scale=0.05 if space == "pixel" else 0.4)
+    cases = _check_against_reference(certifier, _frames(48, seed=1))
+    assert {1, 2, 3} <= set(cases), cases
+
+
+def test_ties_are_flips():
+    certifier = _certifier(scale=0.01)  # coarse integer logits: many ties
+    frames = _frames(32, seed=2)
+    _check_against_reference(certifier, frames)
+    decisions = certifier(frames)
+    margins = [v.certificate.per_rect["3x3"].margin for v in decisions]
+    assert 0.0 in margins
+    assert all(v.certificate.certified == (v.certificate.per_rect["3x3"].margin > 0) for v in decisions)
+
+
+def test_certified_frames_return_the_certified_label_by_agreement():
+    certifier = _certifier()
+    frames = _frames(48, seed=3)
+    features, _ = certifier.timed_features(frames)
+    certified = 0
+    for f, d in enumerate(certifier.certify(features)):
+        if d.certificate.certified:
+            certified += 1
+            assert (features.one[f].argmax(-1) == d.label).all() and (features.two[f].argmax(-1) == d.label).all()
+    assert certified
+
+
+@pytest.mark.parametrize("space", ["pixel", "feature"])
+def test_early_exit_gives_identical_decisions_with_fewer_rows(space):
+    certifier = _certifier(space, scale=0.05 if space == "pixel" else 0.4)
+    frames = _frames(32, seed=4)
+    fast, _ = certifier.timed_features(frames)
+    full, _ = certifier.with_options(early_exit=False).timed_features(frames)
+    assert certifier.certify(fast) == certifier.certify(full)
+    k = len(certifier.masks)
+    assert (full.rows == k * (k + 1) // 2).all()
+    assert (fast.rows <= full.rows).all() and fast.rows.sum() < full.rows.sum()
+    agree = (fast.one.argmax(-1) == fast.one.argmax(-1)[:, :1]).all(axis=1)
+    assert (fast.rows[agree] == k * (k + 1) // 2).all() and (fast.rows[~agree] < k * (k + 1) // 2).all()
+
+
+def test_masked_copies_go_to_the_engine_in_one_call_per_round():
+    certifier = _certifier()
+    engine = certifier.engines["model"]
+    features, _ = certifier.timed_features(_frames(8, seed=5))
+    assert engine.calls == 2 and engine.rows == features.rows.sum()
+
+
+def test_mask_value_is_what_masked_pixels_hold():
+    seen = []
+    certifier = _certifier(mask_value=[1.5, -2.0, 0.25])
+    certifier.engines["model"].fn = lambda row: (seen.append(row.copy()), np.zeros(len(CLASSES)))[1]
+    certifier.timed_features(_frames(1, seed=6))
+    masks = certifier.masks
+    for k, row in enumerate(seen[:len(masks)]):
+        assert np.array_equal(row[:, masks[k]], np.broadcast_to([[1.5], [-2.0], [0.25]], (3, masks[k].sum())))
+
+
+# --- pieces ------------------------------------------------------------------------------------------------------
+
+def test_recover_cases_and_majority_ties():
+    one = np.array([2, 2, 2])
+    assert dm.recover(one, np.full((3, 3), 2)) == (2, 1)
+    one = np.array([1, 1, 0])  # mask 2 disagrees; its row agrees with it: case 2
+    two = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    assert dm.recover(one, two) == (0, 2)
+    two[2, 0] = two[0, 2] = 1  # its row no longer agrees: case 3, the majority
+    assert dm.recover(one, two) == (1, 3)
+    assert dm.majority(np.array([0, 3, 3, 0, 1])) == 3  # a tie goes to the largest label
+    with pytest.raises(ValueError, match="not run"):
+        dm.recover(np.array([1, 1, 0]), np.full((3, 3), -1))
+
+
+def test_feature_masks_match_the_receptive_field_by_brute_force():
+    for geo in ({"rf": [3, 3], "stride": [2, 2], "padding": [1, 1], "input_hw": [16, 16], "output_hw": [8, 8]},
+                {"rf": [7, 5], "stride": [4, 2], "padding": [0, 2], "input_hw": [16, 24], "output_hw": [3, 12]},
+                {"rf": [9, 9], "stride": [1, 1], "padding": [4, 4], "input_hw": [7, 9], "output_hw": [7, 9]}):
+        g = Geometry.from_dict(geo)
+        hw = g.input_hw
+        for threat, stride in (("3x3", 2), ("2x5", (3, 1)), ("area:6", 4)):
+            boxes = dm.mask_boxes(hw, threat, stride)
+            pixel = dm.box_masks(boxes, hw)
+            expected: list[np.ndarray] = []
+            for m in pixel:
+                cells = np.array([[any(m[r, c] for r in range(hw[0]) for c in range(hw[1])
+                                       if sees(i, 0, g, r, 1) and sees(j, 1, g, c, 1))
+                                   for j in range(g.output_hw[1])] for i in range(g.output_hw[0])])
+                if not any(np.array_equal(cells, e) for e in expected):
+                    expected.append(cells)
+            assert np.array_equal(dm.feature_masks(boxes, g), np.stack(expected))
+
+
+def test_roles_and_exactness_follow_the_space():
+    pixel, feature = _certifier("pixel"), _certifier("feature")
+    assert pixel.roles == ("model",) and not pixel.needs_exact and not pixel.local_outputs
+    assert feature.roles == ("front", "back") and feature.needs_exact and feature.local_outputs
+    assert dm.DoubleMaskCertifier.roles_for(feature.manifest) == ("front", "back")
+    x = feature.prepare(_frames(2, seed=7))
+    assert np.array_equal(feature.local_features(x), np.stack([_front(r) for r in x]).transpose(0, 2, 3, 1))
+    with pytest.raises(NotImplementedError):
+        pixel.local_features(x)
+
+
+def test_bad_bundle_params_and_options_are_refused():
+    with pytest.raises(ValueError, match="space"):
+        _certifier("voxel")
+    with pytest.raises(ValueError, match="mask_value"):
+        _certifier(mask_value=float("nan"))
+    with pytest.raises(ValueError, match="early_exit"):
+        dm.DoubleMaskOptions(early_exit="yes")

@@ -6,15 +6,37 @@ inside some mask (the covering property). Per axis, a patch starting at t lies i
 p = s * floor(t / s) (p <= t and p + h + s - 1 >= t + h), or in the flush last mask when t is past it.
 Masked pixels are replaced by one value fixed per bundle (``defense.params.mask_value``, in the space that is
 masked), in training and at run time alike (:func:`apply_masks`).
+
+Certificate. A frame is certified for y when the classifier says y, with a strict margin, under every mask and
+every pair of masks. Inference (:func:`recover`, the paper's Algorithm 1) then returns y on any patched frame:
+the patch lies inside some mask m*, so every copy masked by m* is a copy of the clean frame. Case 1 (all one-mask
+predictions agree) includes m*'s, which is y. Case 2 returns a disagreeing mask m0 whose whole second round
+agrees with it, including the pair (m0, m*), which is y. Otherwise m*'s own label is the majority (had it
+disagreed, its second round, all clean pairs, would have returned it in case 2), so case 3 returns y.
+
+Feature space (PatchCURE, Xiang et al. 2024). A front part maps the frame to a feature map once; a pixel mask
+becomes the feature cells whose receptive field meets it (:func:`feature_masks`), and only the back part runs
+per masked copy. The argument above holds on the feature map as long as a patch changes only the cells its
+receptive field reaches, which the export's locality probe verifies per backend.
+
+Occlusion batching. The K one-mask copies of every frame of a batch go to the engine as one call; then the
+K(K-1)/2 pairs of the frames whose first round agrees, and, for the other frames (never certifiable), only the
+pairs inference reads (the rows of their disagreeing masks), all in a second call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
 
 import numpy as np
 
 from certinfer.threat import Threat, parse
+from certinfer.runtime.certifier import Certifier, Decision, EngineRunError, Options
+from certinfer.runtime.geometry import Geometry
+from certinfer.runtime.verdict import Certificate, RectCert
 
 Pair = tuple[int, int]
 
@@ -74,3 +96,223 @@ def apply_masks(x: np.ndarray, masks: np.ndarray, value: float | Sequence[float]
     v = np.asarray(value, dtype=np.float32)
     v = v.reshape(1, 1, -1, 1, 1) if v.ndim else v
     return np.where(np.asarray(masks, dtype=bool)[None, :, None], v, x[:, None])
+
+
+def feature_masks(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """bool (K', H', W'): for each pixel mask box, the feature cells whose receptive field meets it
+    (``Geometry.affected``); duplicates dropped (first kept)."""
+    out: dict[bytes, np.ndarray] = {}
+    for top, left, h, w in np.asarray(boxes, dtype=np.int64).reshape(-1, 4).tolist():
+        (r0, r1), (c0, c1) = geometry.affected((h, w), (top, left))
+        m = np.zeros(geometry.output_hw, dtype=bool)
+        m[r0:r1, c0:c1] = True
+        out.setdefault(m.tobytes(), m)
+    return np.stack(list(out.values())) if out else np.zeros((0, *geometry.output_hw), dtype=bool)
+
+
+def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two-mask pairs ``(i, j)``, ``i < j``, in row-major order: pair ``p`` masks ``i[p]`` and ``j[p]``."""
+    return np.triu_indices(k, 1)
+
+
+def majority(preds: np.ndarray) -> int:
+    """The most frequent label; a tie goes to the largest label, as in the authors' released code
+    (``np.unique`` counts sorted by a stable argsort, last taken)."""
+    labels, counts = np.unique(preds, return_counts=True)
+    return int(labels[counts == counts.max()].max())
+
+
+def recover(one: np.ndarray, two: np.ndarray) -> tuple[int, int]:
+    """PatchCleanser's double-masking inference on predictions: ``(label, case)``.
+
+    ``one``: (K,) one-mask predictions; ``two``: (K, K) two-mask predictions (symmetric, the diagonal equal to
+    ``one``; entries < 0 were not run, and only rows of disagreeing masks are read). Case 1: every one-mask
+    prediction agrees. Case 2: the first disagreeing mask (in mask order) whose second round agrees with it
+    entirely gives its label. Case 3: the majority of the one-mask predictions.
+    """
+    top = majority(one)
+    disagreers = np.flatnonzero(one != top)
+    if len(disagreers) == 0:
+        return top, 1
+    for i in disagreers:
+        row = two[i]
+        if (row < 0).any():
+            raise ValueError(f"the second round of mask {i} was not run")
+        if (row == one[i]).all():
+            return int(one[i]), 2
+    return top, 3
+
+
+def gaps(logits: np.ndarray, label: int) -> np.ndarray:
+    """``label``'s logit minus the largest other logit, per row of (..., C): > 0 exactly when ``label`` wins
+    outright (a tie gives 0)."""
+    others = np.delete(logits, label, axis=-1)
+    return logits[..., label] - others.max(axis=-1, initial=-np.inf)
+
+
+SPACES = ("pixel", "feature")
+FEATURE_ROLES = ("front", "back")
+BATCH_BYTES = 256 << 20  # masked copies built at once (each build is one engine call, chunked by the engine)
+
+
+@dataclass(frozen=True)
+class DoubleMaskOptions(Options):
+    """``early_exit``: a frame whose one-mask predictions disagree cannot be certified, so only the second rounds
+    its inference reads (the pairs of its disagreeing masks) are run; False runs every pair of every frame.
+    Decisions are identical either way."""
+
+    INFER: ClassVar[tuple[str, ...]] = ("early_exit",)
+    early_exit: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.early_exit, bool):
+            raise ValueError(f"early_exit must be true or false, got {self.early_exit!r}")
+
+
+@dataclass(frozen=True)
+class DoubleMaskFeatures:
+    one: np.ndarray  # float32 (N, K, C): logits under each mask
+    two: np.ndarray  # float32 (N, P, C): logits under each pair of pair_index(K); zeros where not run
+    ran: np.ndarray  # bool (N, P): the pairs that ran
+    rows: np.ndarray  # int64 (N,): engine rows (masked copies) per frame
+
+
+def _space(params: Mapping[str, Any]) -> str:
+    space = params.get("space", "pixel")
+    if space not in SPACES:
+        raise ValueError(f"doublemask bundle: space must be one of {SPACES}, got {space!r}")
+    return space
+
+
+@lru_cache(maxsize=64)
+def _masks(input_hw: Pair, threat: str, stride: Pair, geometry: Geometry | None) -> np.ndarray:
+    boxes = mask_boxes(input_hw, threat, stride)
+    masks = box_masks(boxes, input_hw) if geometry is None else feature_masks(boxes, geometry)
+    masks.flags.writeable = False
+    return masks
+
+
+class DoubleMaskCertifier(Certifier):
+    """PatchCleanser double masking over a classifier, masks in pixel space or on a feature map (PatchCURE).
+
+    ``defense.params``: ``stride`` (the mask stride the model was trained for, an int or [rows, cols]),
+    ``mask_value`` (what masked positions hold, in the masked space: normalized pixels or features; a scalar or
+    one value per channel; default 0.0), ``space`` (``pixel``: engine role ``model`` maps normalized frames to
+    logits; ``feature``: role ``front`` maps frames to an NCHW feature map with the manifest's ``geometry``, role
+    ``back`` maps (masked) feature maps to logits).
+
+    Certified for label y when every one- and two-mask prediction is y with a strict margin (ties are flips);
+    the margin is the smallest gap of y's logit over the best other class among the copies. :meth:`decide` then
+    returns y by case 1, and the inference returns y on any patched frame. Pixel masking is exact by
+    construction (masked pixels are replaced), so the pixel variant needs no verified backend; it relies on the
+    engine computing each row of a batch from that row alone. The feature variant relies on the front part's
+    locality (a patch changes only the cells ``geometry.affected`` names), bit-exact only on backends the export
+    probed: ``needs_exact``, with the front part's map as ``local_features``.
+    """
+
+    name = "doublemask"
+    Options = DoubleMaskOptions
+
+    @classmethod
+    def roles_for(cls, manifest: Mapping[str, Any]) -> tuple[str, ...]:
+        return FEATURE_ROLES if _space(manifest["defense"].get("params", {})) == "feature" else cls.roles
+
+    def __init__(self, bundle, engines, threat: Threat, options: DoubleMaskOptions | None = None):
+        super().__init__(bundle, engines, threat, options)
+        self.space = _space(self.params)
+        if "stride" not in self.params:
+            raise ValueError("doublemask bundle: defense.params has no mask stride")
+        self.stride = _pair(self.params["stride"])
+        self.mask_value = np.asarray(self.params.get("mask_value", 0.0), dtype=np.float32)
+        if self.mask_value.ndim > 1 or not np.isfinite(self.mask_value).all():
+            raise ValueError(f"doublemask bundle: mask_value must be a finite number or one per channel, "
+                             f"got {self.params.get('mask_value')!r}")
+        self.geometry = Geometry.from_dict(self.manifest["geometry"]) if self.space == "feature" else None
+        if self.geometry is not None and self.geometry.input_hw != self.input_hw:
+            raise ValueError(f"doublemask bundle: geometry input {self.geometry.input_hw} is not the input "
+                             f"{self.input_hw}")
+        self.needs_exact = self.local_outputs = self.space == "feature"
+
+    @property
+    def masks(self) -> np.ndarray:
+        """bool (K, H, W) pixel masks, or (K', H', W') feature masks: what is masked for this threat."""
+        return _masks(self.input_hw, str(self.threat), self.stride, self.geometry)
+
+    def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...] | None:
+        return None if role == "front" else ((len(self.classes),),)
+
+    def local_features(self, x: np.ndarray) -> np.ndarray:
+        """The front part's feature map, (N, H', W', C') (feature space only)."""
+        if self.space != "feature":
+            raise NotImplementedError("doublemask: a pixel-space bundle has no local outputs to probe")
+        return self._front(x).transpose(0, 2, 3, 1)
+
+    def _front(self, x: np.ndarray) -> np.ndarray:
+        out = self.run_engine(x, role="front")
+        out = out[0] if isinstance(out, tuple) else out
+        if out.ndim != 4 or out.shape[2:] != self.geometry.output_hw:
+            raise EngineRunError(f"front engine output has shape {out.shape}, expected "
+                                 f"(N, C', {self.geometry.output_hw[0]}, {self.geometry.output_hw[1]})")
+        return out
+
+    def infer(self, x: np.ndarray) -> DoubleMaskFeatures:
+        base, role = (x, "model") if self.space == "pixel" else (self._front(x), "back")
+        masks = self.masks
+        n, k = len(x), len(masks)
+        ks = np.arange(k)
+        one = self._masked_logits(base, masks, role, np.repeat(np.arange(n), k), np.tile(ks, n), np.tile(ks, n))
+        one = one.reshape(n, k, -1)
+        i, j = pair_index(k)
+        ran = self._pairs_to_run(one.argmax(axis=-1), i, j)
+        frames, pairs = np.nonzero(ran)
+        two = np.zeros((n, len(i), one.shape[-1]), dtype=np.float32)
+        two[frames, pairs] = self._masked_logits(base, masks, role, frames, i[pairs], j[pairs])
+        return DoubleMaskFeatures(one, two, ran, k + ran.sum(axis=1))
+
+    def _pairs_to_run(self, preds: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(N, P) bool: every pair for frames whose first round agrees (or without early exit), else the pairs of
+        the masks that disagree with the majority."""
+        ran = np.ones((len(preds), len(i)), dtype=bool)
+        if not self.options.early_exit:
+            return ran
+        for f, p in enumerate(preds):
+            if (p != p[0]).any():
+                disagree = p != majority(p)
+                ran[f] = disagree[i] | disagree[j]
+        return ran
+
+    def _masked_logits(self, base: np.ndarray, masks: np.ndarray, role: str, frames: np.ndarray, a: np.ndarray,
+                       b: np.ndarray) -> np.ndarray:
+        """Logits of ``base[frames[r]]`` under masks ``a[r]`` and ``b[r]`` (a == b: one mask), row by row; the
+        copies are built by one vectorized operation per :data:`BATCH_BYTES` and sent as one engine call."""
+        value = self.mask_value.reshape(1, -1, 1, 1) if self.mask_value.ndim else self.mask_value
+        step = max(1, BATCH_BYTES // max(base[0].nbytes, 1))
+        parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
+        for s in range(0, len(frames), step):
+            sl = slice(s, s + step)
+            copies = np.where((masks[a[sl]] | masks[b[sl]])[:, None], value, base[frames[sl]])
+            out = self.run_engine(copies, role=role)
+            parts.append(np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float32))
+        return np.concatenate(parts)
+
+    def decide(self, features: DoubleMaskFeatures, options: DoubleMaskOptions) -> list[Decision]:
+        """Inference label (PatchCleanser's three cases) and certificate for every frame."""
+        one, k = features.one, features.one.shape[1]
+        p1, p2 = one.argmax(axis=-1), features.two.argmax(axis=-1)
+        i, j = pair_index(k)
+        decisions = []
+        for f in range(len(one)):
+            table = np.full((k, k), -1, dtype=np.int64)
+            table[i, j] = table[j, i] = np.where(features.ran[f], p2[f], -1)
+            table[np.arange(k), np.arange(k)] = p1[f]
+            label, case = recover(p1[f], table)
+            margin = float(gaps(one[f], label).min())
+            if case == 1 and len(i):
+                if not features.ran[f].all():
+                    raise ValueError("doublemask features: a frame whose first round agrees lacks two-mask copies")
+                margin = min(margin, float(gaps(features.two[f], label).min()))
+            rect = RectCert(margin > 0, margin + 0.0)  # no -0.0
+            cert = Certificate.from_rects(str(self.threat), {key: rect for key in self.threat.keys})
+            decisions.append(Decision(label=label, certificate=cert,
+                                      scores=np.bincount(p1[f], minlength=one.shape[-1]).astype(float).tolist()))
+        return decisions

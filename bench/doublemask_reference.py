@@ -1,0 +1,111 @@
+"""Plain reference for double masking (PatchCleanser, Xiang et al. 2022), written from the paper with loops.
+
+PatchCleanser's own way: one masked copy per classifier call. For every frame the full two-mask prediction map
+is computed (mask i and mask j for every i <= j; i == j is the one-mask prediction), then
+
+* inference (the paper's Algorithm 1 on the map): if every one-mask prediction agrees, that label (case 1);
+  else, for each mask whose one-mask prediction differs from the majority, in mask order: if every two-mask
+  prediction in its row equals its own, its label (case 2); else the majority (case 3). The majority's tie goes
+  to the largest label, as in the authors' released code (``np.unique`` counts, stable argsort, last taken);
+* certification: certified for the inferred label y when every prediction of the map is y, each with a strict
+  margin: ``logit[y] - max_{c != y} logit[c] > 0`` (a tie is a flip). The margin is the smallest such gap over
+  the copies the certificate reads: the whole map when the first round agrees, else the one-mask copies.
+
+Masks are the certifier's (pixel masks, or feature masks on the front part's map, which runs once per frame);
+each copy is built pixel by pixel (cell by cell) from its two masks. ``certinfer.bench.doublemask_speed`` times
+this against the batched runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from certinfer.runtime.defenses.doublemask import DoubleMaskCertifier
+from certinfer.runtime.verdict import Certificate, RectCert
+
+Run = Callable[[np.ndarray], np.ndarray]  # one (C, H, W) copy -> (classes,) logits
+
+
+def masked_copy(x: np.ndarray, first: np.ndarray, second: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """``x`` (C, H, W) with every position inside either mask set to ``value`` (scalar or per channel)."""
+    out = x.copy()
+    v = np.broadcast_to(value, (x.shape[0],))
+    for r in range(x.shape[1]):
+        for c in range(x.shape[2]):
+            if first[r, c] or second[r, c]:
+                out[:, r, c] = v
+    return out
+
+
+def prediction_map(run: Run, x: np.ndarray, masks: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """(K, K, classes) logits: entry (i, j) = (j, i) is ``x`` under masks i and j, one call per copy."""
+    k = len(masks)
+    logits = None
+    for i in range(k):
+        for j in range(i, k):
+            out = run(masked_copy(x, masks[i], masks[j], value))
+            if logits is None:
+                logits = np.zeros((k, k, len(out)), dtype=np.float32)
+            logits[i, j] = logits[j, i] = out
+    return logits
+
+
+def majority(preds: list[int]) -> int:
+    labels, counts = np.unique(preds, return_counts=True)
+    return int(labels[np.argsort(counts, kind="stable")][-1])
+
+
+def double_masking(preds: np.ndarray) -> tuple[int, int]:
+    """Algorithm 1 on a (K, K) prediction map: ``(label, case)``."""
+    one = [int(preds[i, i]) for i in range(len(preds))]
+    top = majority(one)
+    if all(p == top for p in one):
+        return top, 1
+    for i, dis in enumerate(one):
+        if dis != top and all(int(preds[i, j]) == dis for j in range(len(preds))):
+            return dis, 2
+    return top, 3
+
+
+def gap(logits: np.ndarray, label: int) -> float:
+    return float(logits[label]) - max(float(v) for c, v in enumerate(logits) if c != label)
+
+
+def decide(logits: np.ndarray) -> tuple[int, int, bool, float]:
+    """``(label, case, certified, margin)`` from a (K, K, classes) logit map."""
+    k = len(logits)
+    preds = logits.argmax(axis=-1)
+    label, case = double_masking(preds)
+    read = [(i, j) for i in range(k) for j in range(i, k)] if case == 1 else [(i, i) for i in range(k)]
+    margin = min(gap(logits[i, j], label) for i, j in read)
+    certified = all(int(preds[i, j]) == label for i in range(k) for j in range(k)) and margin > 0
+    return label, case, certified, margin
+
+
+def reference_decisions(certifier: DoubleMaskCertifier, frames: np.ndarray) -> list[tuple[int, int, Certificate]]:
+    """``(label, case, certificate)`` per frame, one engine call per masked copy."""
+    x = certifier.prepare(frames)
+    value = np.asarray(certifier.mask_value, dtype=np.float32)
+    role = "model" if certifier.space == "pixel" else "back"
+
+    def run(copy: np.ndarray) -> np.ndarray:
+        out = certifier.run_engine(copy[None], role=role)
+        return (out[0] if isinstance(out, tuple) else out)[0]
+
+    results = []
+    for frame in x:
+        base = frame
+        if certifier.space == "feature":
+            out = certifier.run_engine(frame[None], role="front")
+            base = (out[0] if isinstance(out, tuple) else out)[0]
+        label, case, certified, margin = decide(prediction_map(run, base, certifier.masks, value))
+        rects = {key: RectCert(certified, margin + 0.0) for key in certifier.threat.keys}
+        results.append((label, case, Certificate.from_rects(str(certifier.threat), rects)))
+    return results
+
+
+def reference(certifier: DoubleMaskCertifier, frames: np.ndarray) -> list[Certificate]:
+    """The certificates of ``frames`` computed the plain way (see the module docstring)."""
+    return [cert for _, _, cert in reference_decisions(certifier, frames)]
