@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from certinfer.bench.doublemask_reference import reference_decisions
-from certinfer.bench.reference import sees
 from certinfer.threat import ThreatError, parse
 from certinfer.runtime.defenses import doublemask as dm
 from certinfer.runtime.geometry import Geometry
@@ -215,6 +214,12 @@ def test_recover_cases_and_majority_ties():
         dm.recover(np.array([1, 1, 0]), np.full((3, 3), -1))
 
 
+def _sees(g: Geometry, axis: int, cell: int, pixel: int) -> bool:
+    """Whether feature cell ``cell`` on ``axis`` has input ``pixel`` in its receptive field."""
+    first = cell * g.stride[axis] - g.padding[axis]
+    return first <= pixel <= first + g.rf[axis] - 1
+
+
 def test_feature_masks_match_the_receptive_field_by_brute_force():
     for geo in ({"rf": [3, 3], "stride": [2, 2], "padding": [1, 1], "input_hw": [16, 16], "output_hw": [8, 8]},
                 {"rf": [7, 5], "stride": [4, 2], "padding": [0, 2], "input_hw": [16, 24], "output_hw": [3, 12]},
@@ -227,7 +232,7 @@ def test_feature_masks_match_the_receptive_field_by_brute_force():
             expected: list[np.ndarray] = []
             for m in pixel:
                 cells = np.array([[any(m[r, c] for r in range(hw[0]) for c in range(hw[1])
-                                       if sees(i, 0, g, r, 1) and sees(j, 1, g, c, 1))
+                                       if _sees(g, 0, i, r) and _sees(g, 1, j, c))
                                    for j in range(g.output_hw[1])] for i in range(g.output_hw[0])])
                 if not any(np.array_equal(cells, e) for e in expected):
                     expected.append(cells)
