@@ -137,8 +137,8 @@ def test_backends_not_probed_bit_exact_distrust_cells_near_the_threshold(trained
     frames = trained["test"].x
     trusted = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
     careful = certinfer.load(strict, backend="onnxruntime-cpu")
-    assert trusted.trust_near and not careful.trust_near
-    code = trusted.run_engine(trusted.prepare(frames))
+    assert trusted.trusted and not careful.trusted
+    code = trusted.local_features(trusted.prepare(frames))
     assert ((code >> 1) & 1).any(), "no cell near the threshold: the policy would be untested"
     for a, b in zip(trusted(frames), careful(frames)):
         assert a.label == b.label
@@ -180,6 +180,7 @@ def test_inspect_probe_catches_an_edited_geometry(trained, tmp_path, capsys):
 def test_torch_cpu_backend_matches_onnxruntime_cpu(trained):
     from certinfer.runtime.bundle import load_bundle
     from certinfer.runtime.engines import load_engine
+    from certinfer.train.models import build
 
     bundle = load_bundle(trained["bundle"])
     assert [e["format"] for e in bundle.manifest["engines"]] == ["onnx", "torch"]
@@ -187,7 +188,7 @@ def test_torch_cpu_backend_matches_onnxruntime_cpu(trained):
     cert = certinfer.load(trained["bundle"], backend="onnxruntime-cpu")
     x = cert.prepare(trained["test"].x[:64])
     ref = load_engine(bundle, "onnxruntime-cpu").run(x)
-    got = load_engine(bundle, "torch-cpu").run(x)  # default builder: certinfer.train.models.build
+    got = load_engine(bundle, "torch-cpu", builder=build).run(x)
     assert got.dtype == np.uint8 and got.shape == ref.shape
     near = ((ref | got) >> 1) & 1
     assert np.array_equal((ref & 1)[near == 0], (got & 1)[near == 0])  # binary maps equal off the threshold

@@ -45,8 +45,7 @@ def bundles(model, tmp_path_factory):
 @pytest.mark.slow
 def test_runtime_votes_match_torch_on_the_same_crops(model, bundles):
     split = datasets.load(model[1])
-    cert = certinfer.load(bundles["sample"], backend="onnxruntime-cpu")
-    cert.fix_seed(7)
+    cert = certinfer.load(bundles["sample"], backend="onnxruntime-cpu").seeded(7)
     verdicts = cert(split.x[:24])
     assert all(v.certificate.kind == "probabilistic" and 0.0 <= v.certificate.p <= 1.0 for v in verdicts)
     assert all((v.status == "certified") == (v.certificate.p >= 0.95) for v in verdicts)
@@ -76,11 +75,11 @@ def test_crops_come_from_os_entropy_unless_a_seed_is_fixed(bundles):
     a = certinfer.load(bundles["sample"], backend="onnxruntime-cpu")
     b = certinfer.load(bundles["sample"], backend="onnxruntime-cpu")
     assert not np.array_equal(a.draw(4), b.draw(4))
-    a.fix_seed(3)
-    b.fix_seed(3)
-    assert np.array_equal(a.draw(4), b.draw(4))
+    assert np.array_equal(a.seeded(3).draw(4), b.seeded(3).draw(4))
+    assert not np.array_equal(a.draw(4), b.draw(4))  # seeded copies leave the originals on OS entropy
     exhaustive = certinfer.load(bundles["exhaustive"], backend="onnxruntime-cpu")
     assert exhaustive.kind == "recovery" and np.array_equal(exhaustive.draw(2)[1], np.arange(17 * 17))
+    assert a.kind == "probabilistic" and a.with_options(exhaustive=True).kind == "recovery"
 
 
 @pytest.mark.slow
@@ -124,14 +123,13 @@ def test_torch_cpu_backend_matches_onnxruntime_cpu(model, bundles):
     split = datasets.load(model[1])
     for mode in ("sample", "exhaustive"):
         ref = certinfer.load(bundles[mode], backend="onnxruntime-cpu")
-        got = certinfer.load(bundles[mode], backend="torch-cpu")  # default builder: certinfer.train.models.build
+        got = certinfer.load(bundles[mode], backend="torch-cpu")  # certinfer.load passes train.models.build
         assert got.engine.name == "torch-cpu"
-        ref.fix_seed(3)
-        got.fix_seed(3)
         x = ref.prepare(split.x[:16])
-        (a, flat_a), (b, flat_b) = ref.run_engine(x), got.run_engine(x)  # the same crops on both backends
+        flat_a, flat_b = ref.seeded(3).draw(16), got.seeded(3).draw(16)
         assert np.array_equal(flat_a, flat_b)
+        crops = cropping.cut(x, ref.crop_hw, flat_a)  # the same crops on both backends
+        a, b = ref.run_engine(crops), got.run_engine(crops)
         assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
-        ref.fix_seed(3)
-        got.fix_seed(3)
-        assert [(v.label, v.scores) for v in ref(split.x[:16])] == [(v.label, v.scores) for v in got(split.x[:16])]
+        got_verdicts = got.seeded(3)(split.x[:16])
+        assert [(v.label, v.scores) for v in ref.seeded(3)(split.x[:16])] == [(v.label, v.scores) for v in got_verdicts]

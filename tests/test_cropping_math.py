@@ -171,3 +171,56 @@ def test_plain_reference_gives_identical_certificates(replace, exhaustive):
         slow = certify_reference(logits[i], hw, crop, threat, replace, 0.9, exhaustive)
         assert slow.per_rect == fast[i].per_rect and slow.certified == fast[i].certified and slow.kind == fast[i].kind
     assert any(c.certified for c in fast) and not all(c.certified for c in fast)
+
+
+class _VoteEngine:
+    """A stand-in crop classifier: class 1 for crops whose top offset (channel 3) is 0, else class 0."""
+
+    name, precision, max_batch = "stub", "fp32", 1 << 20
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = np.zeros((len(batch), 3), np.float32)
+        logits[np.arange(len(batch)), (batch[:, 3, 0, 0] == 0).astype(int)] = 1.0
+        return logits
+
+
+def _certifier(**params) -> cropping.CroppingCertifier:
+    from types import SimpleNamespace
+
+    manifest = {"defense": {"kind": "cropping", "params": {"crop": [4, 4], **params}},
+                "input": {"hw": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]}}
+    return cropping.CroppingCertifier(SimpleNamespace(manifest=manifest), {"model": _VoteEngine()},
+                                      parse("2x2", input_hw=(8, 8)))
+
+
+def test_certifier_votes_once_per_draw_and_certifies_variants_of_the_same_draw():
+    cert = _certifier(crops=20).seeded(0)
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    features = cert.infer(cert.prepare(frames))
+    top = features.locations // 5 == 0  # 5 x 5 crop locations; top row votes for class 1
+    assert np.array_equal(features.votes[:, 1], top.sum(axis=1)) and (features.votes.sum(axis=1) == 20).all()
+    strict = cert.with_options(threshold=0.999)
+    assert strict.infer_key() == cert.infer_key() != cert.with_options(crops=21).infer_key()
+    for a, b in zip(cert.certify(features), strict.certify(features)):
+        assert a.label == b.label == 0 and a.certificate.p == b.certificate.p
+        assert b.certificate.per_rect["2x2"].margin <= a.certificate.per_rect["2x2"].margin
+    exhaustive = cert.with_options(exhaustive=True)
+    assert exhaustive.kind == "recovery" and cert.kind == "probabilistic"
+    with pytest.raises(ValueError, match="cannot be certified as"):  # a sampled draw is no exhaustive vote
+        exhaustive.certify(features)
+    with pytest.raises(ValueError, match="cannot be certified as"):
+        cert.with_options(replace=False).certify(features)
+    votes = exhaustive.infer(exhaustive.prepare(frames)).votes
+    assert votes.tolist() == [[20, 5, 0]] * 3
+
+
+def test_certifier_options_are_validated_against_the_bundle():
+    with pytest.raises(ValueError, match="without replacement from 25 locations"):
+        _certifier(crops=26, replace=False)
+    with pytest.raises(ValueError, match="without replacement from 25 locations"):
+        _certifier(crops=25, replace=False).with_options(crops=26)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _certifier(mode="random")
+    with pytest.raises(ValueError, match="threshold"):
+        _certifier().with_options(threshold=0.0)
+    assert _certifier(crops=26, replace=False, mode="exhaustive").options.exhaustive

@@ -278,6 +278,16 @@ def test_torch_engine_refuses_weights_that_do_not_fit(single):
         load_engine(single[0], "torch", builder=lambda config: TinyNet(width=5))
 
 
+def test_torch_engine_needs_a_builder_and_engines_report_their_precision(single):
+    bundle, _ = single
+    with pytest.raises(EngineError, match="needs a model builder"):
+        load_engine(bundle, "torch")  # the runtime has no model code: the caller passes it
+    assert load_engine(bundle, "torch", builder=build).precision == "fp32"
+    assert load_engine(bundle, "torch", builder=build, fp16=True).precision == "fp16"
+    assert load_engine(bundle, "onnxruntime-cpu").precision == "fp32"
+    assert load_engine(bundle, "onnxruntime-cpu", fp16=True).precision == "fp32"  # only the TensorRT EP takes fp16
+
+
 # --- GPU backends: run wherever they exist ----------------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_TORCH_CUDA, reason="no CUDA GPU")
@@ -311,6 +321,8 @@ def test_onnxruntime_tensorrt_parity(single, tmp_path):
         pytest.skip(f"no CUDA GPU or TensorRT libraries: {err}")
     x = frames(5)
     np.testing.assert_allclose(engine.run(x), reference(model, x), atol=1e-3, rtol=0)
+    assert engine.precision == "fp32"
+    assert load_engine(bundle, "onnxruntime-tensorrt", cache_dir=tmp_path, fp16=True).precision == "fp16"
 
 
 def test_native_tensorrt_parity_and_refusal(single, tmp_path):
@@ -327,7 +339,7 @@ def test_native_tensorrt_parity_and_refusal(single, tmp_path):
     with_plan, _ = make_bundle(tmp_path / "b", {"width": 4}, extra_engines=[entry], extra_files={"model.plan": plan})
     for backend in ("tensorrt", "auto"):
         engine = load_engine(with_plan, backend)
-        assert engine.name == "tensorrt" and engine.max_batch == 4
+        assert engine.name == "tensorrt" and engine.max_batch == 4 and engine.precision == "fp32"
         x = frames(10)  # chunked 4 + 4 + 2
         np.testing.assert_allclose(engine.run(x), reference(model, x), atol=1e-3, rtol=0)
     foreign = dict(entry, gpu="Some Other GPU")

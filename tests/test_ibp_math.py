@@ -44,12 +44,14 @@ def logits_net(net: IBPBounds, arch: str) -> IBPNet:
 
 
 def bundle_for(net: IBPBounds, arch: str, path, threat: str = "2x2", **params):
-    """A bundle with the network's model and bounds graphs (onnxruntime only)."""
+    """A bundle with the network's model and bounds graphs (onnxruntime only), verified on onnxruntime-cpu."""
     x = torch.zeros(2, 3, *HW)
     logits = logits_net(net, arch)
     files = {"model.onnx": export_onnx(logits, (x,), ["input"], ["logits"]),
              "bounds.onnx": export_onnx(net, (torch.cat([x, x], 1),), ["input"], ["margins"])}
-    manifest = {"defense": {"kind": "ibp", "params": {"tolerance": 1e-3, **params}},
+    params = {k: v for k, v in {"tolerance": 1e-3, "verified_backends": ["onnxruntime-cpu"], **params}.items()
+              if v is not None}  # None: leave the key out
+    manifest = {"defense": {"kind": "ibp", "params": params},
                 "input": {"hw": list(HW), "channels": 3, "mean": MEAN, "std": STD,
                           "classes": [f"c{i}" for i in range(CLASSES)]},
                 "threat": threat, "provenance": {"commit": "test"},
@@ -68,7 +70,7 @@ def test_exported_bounds_graph_equals_torch_ibp(arch, tmp_path):
     lo, hi = ibp.patch_interval(MEAN, STD)
     corners = np.array([[0, 0], [3, 4], [8, 8], [5, 1], [2, 7], [8, 0]])
     boxes = ibp.interval_inputs(x, (2, 2), corners, lo, hi)
-    got = cert.bounds.run(boxes)
+    got = cert.engines["bounds"].run(boxes)
     with torch.no_grad():
         want = net(torch.from_numpy(boxes)).numpy()
         rows = margin_lower(net, torch.from_numpy(boxes[:, :3]), torch.from_numpy(boxes[:, 3:]),
@@ -85,14 +87,14 @@ def test_runtime_min_margins_and_certificates_equal_the_plain_reference(tmp_path
     path = bundle_for(net, "conv", tmp_path / "b", threat="2x2,3x1", chunk=37)
     cert = certinfer.load(path, backend="onnxruntime-cpu")
     x = cert.prepare(frames(2, 4))
-    outputs = cert.run_engine(x)
-    decisions = cert.decide(x, outputs)
+    features = cert.infer(x)
+    decisions = cert.certify(features)
     layers, (lo, hi) = layers_of(net), ibp.patch_interval(MEAN, STD)
     for i in range(2):
         for rect in ((2, 2), (3, 1)):
             ref = min_margins_reference(layers, x[i], rect, lo, hi)
             key = f"{rect[0]}x{rect[1]}"
-            assert np.abs(outputs[1][key][i] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+            assert np.abs(features.min_margins[key][i] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
             certified, margin = certificate_reference(ref, decisions[i].label, 1e-3)
             got = decisions[i].certificate.per_rect[key]
             assert got.certified == certified and got.margin == pytest.approx(margin, abs=1e-4)
@@ -117,7 +119,7 @@ def test_bounds_contain_1000_random_patch_contents_at_each_tested_location(arch,
     raw = frames(2, 7)
     for f in range(2):
         for rect, (t, l) in (((2, 2), (0, 0)), ((2, 2), (4, 6)), ((3, 1), (7, 9))):
-            bound = cert.bounds.run(ibp.interval_inputs(cert.prepare(raw[f:f + 1]), rect, np.array([[t, l]]),
+            bound = cert.engines["bounds"].run(ibp.interval_inputs(cert.prepare(raw[f:f + 1]), rect, np.array([[t, l]]),
                                                         cert.patch_lo, cert.patch_hi))[0]
             patched = np.repeat(raw[f:f + 1], 1000, axis=0)
             contents = rng.integers(0, 256, size=(1000, *rect, 3))
@@ -163,14 +165,32 @@ def test_a_bounds_backend_not_verified_at_export_gives_no_certificate(tmp_path):
                                 backend="onnxruntime-cpu")
     v = unverified(frames(1, 0))[0]
     assert v.status == "uncertified" and "not verified" in v.reason and v.label == 0
+    assert v.certificate.per_rect["2x2"].margin <= 0
+    unrecorded = certinfer.load(bundle_for(net, "mlp", tmp_path / "d", verified_backends=None),
+                                backend="onnxruntime-cpu")  # no record of any verification: nothing is trusted
+    v = unrecorded(frames(1, 0))[0]
+    assert v.status == "uncertified" and "not verified" in v.reason and v.label == 0
+
+
+def test_tolerance_variants_share_one_inference(tmp_path):
+    cert = certinfer.load(bundle_for(random_net("conv", 4), "conv", tmp_path / "b"), backend="onnxruntime-cpu")
+    loose = cert.with_options(tolerance=1e-1)
+    assert loose.infer_key() == cert.infer_key() and cert.options.tolerance == 1e-3
+    features = cert.infer(cert.prepare(frames(4, 3)))
+    for a, b in zip(cert.certify(features), loose.certify(features)):
+        assert a.label == b.label
+        assert b.certificate.per_rect["2x2"].margin == pytest.approx(a.certificate.per_rect["2x2"].margin - 0.099)
+    with pytest.raises(ValueError, match="tolerance must be positive"):
+        cert.with_options(tolerance=0.0)
 
 
 def test_every_location_of_every_rect_reaches_the_bounds_engine_in_chunks(tmp_path):
     cert = certinfer.load(bundle_for(random_net("conv", 1), "conv", tmp_path / "b", threat="2x2,1x3", chunk=100),
                           backend="onnxruntime-cpu")
     calls = []
-    run = cert.bounds.run
-    cert.bounds.run = lambda b: calls.append(len(b)) or run(b)
+    bounds = cert.engines["bounds"]
+    run = bounds.run
+    bounds.run = lambda b: calls.append(len(b)) or run(b)
     cert(frames(3, 1))
     assert sum(calls) == 3 * (81 + 80) and max(calls) == 100
 

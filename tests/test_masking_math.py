@@ -278,3 +278,68 @@ def test_pruned_remaining_evidence_equals_every_window(monkeypatch, candidates):
             base = rng.normal(size=(1, len(attack[0][0]), len(attack[1][0]))) * 3
             full = (base - masking._remaining_max(ty, attack, detect)).min(axis=(1, 2))
             assert np.allclose(masking._masked_margin(base, ty, attack, detect), full, rtol=0, atol=1e-12)
+
+
+class _MapEngine:
+    """A stand-in local-logits engine: class 0 everywhere, strongly enough to certify 1x1 patches (CBN too)."""
+
+    max_batch = 1 << 20
+
+    def __init__(self, name: str, out_hw: tuple[int, int], precision: str = "fp32"):
+        self.name, self.precision, self.out_hw = name, precision, out_hw
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        z = np.zeros((len(batch), *self.out_hw, 3), np.float32)
+        z[..., 0] = 40.0
+        return z
+
+
+def _masking_certifier(engine, exact=("onnxruntime-cpu",), **params) -> masking.MaskingCertifier:
+    from types import SimpleNamespace
+
+    g = Geometry((3, 3), (1, 1), (1, 1), (8, 8), (8, 8))
+    manifest = {"defense": {"kind": "masking", "params": {**masking.VARIANTS["mask-bn"], **params}},
+                "input": {"hw": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]},
+                "geometry": g.to_dict(), "probe": {"exact_backends": list(exact)}}
+    return masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": engine}, parse("1x1", input_hw=(8, 8)))
+
+
+def test_certifier_variants_share_features_and_local_logits_need_an_exact_fp32_backend():
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    cert = _masking_certifier(_MapEngine("onnxruntime-cpu", (8, 8)))
+    assert cert.needs_exact and cert.trusted and cert.options == MaskingOptions.from_params(masking.VARIANTS["mask-bn"])
+    features = cert.infer(cert.prepare(frames))
+    cbn = cert.with_options(**vars(MaskingOptions.from_params(masking.VARIANTS["cbn"])))
+    assert cbn.infer_key() == cert.infer_key() and cbn.options.clip == TANH
+    for bn, tanh in zip(cert.certify(features), cbn.certify(features)):
+        assert bn.label == tanh.label == 0 and bn.certificate.certified and tanh.certificate.certified
+    assert cert.certify(features, cbn.options)[0].certificate == cbn.certify(features)[0].certificate
+    for engine, exact in ((_MapEngine("onnxruntime-cuda", (8, 8)), ("onnxruntime-cpu",)),
+                          (_MapEngine("onnxruntime-cpu", (8, 8), precision="fp16"), ("onnxruntime-cpu",))):
+        loose = _masking_certifier(engine, exact)
+        assert not loose.trusted
+        (v,) = loose(frames[:1])
+        assert v.label == 0 and v.status == "uncertified" and "not certified" in v.reason
+        assert all(r.margin <= 0 for r in v.certificate.per_rect.values())
+    with pytest.raises(ValueError, match="non-negative"):
+        cert.with_options(clip=TANH)  # masking (T = 0) on tanh features
+
+
+def test_ablation_certificates_hold_on_any_backend():
+    from types import SimpleNamespace
+
+    class Base:  # a base classifier voting class 0 for every ablation
+        name, precision, max_batch = "onnxruntime-cuda", "fp16", 1 << 20
+
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            return np.tile(np.array([[3.0, 0.0, 0.0]], np.float32), (len(batch), 1))
+
+    g = ablation.geometry((8, 8), "column", 2)
+    manifest = {"defense": {"kind": "masking", "params": {**masking.VARIANTS["drs"], "source": "ablation",
+                                                          "ablation": {"mode": "column", "size": 2}}},
+                "input": {"hw": [8, 8], "mean": [0.0] * 3, "std": [1.0] * 3, "classes": ["a", "b", "c"]},
+                "geometry": g.to_dict(), "probe": {"exact_backends": []}}
+    cert = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": Base()}, parse("1x1"))
+    assert not cert.trusted and not cert.needs_exact  # ablated pixels are multiplied by 0: locality is exact anyway
+    (v,) = cert(np.zeros((1, 8, 8, 3), np.uint8))
+    assert v.status == "certified" and v.reason == "" and v.scores == [9.0, 0.0, 0.0]

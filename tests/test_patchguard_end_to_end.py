@@ -93,17 +93,19 @@ def test_backend_without_bit_exact_probe_does_not_certify_local_logits(bundles, 
     exact = certinfer.load(bundles["mask-bn"], backend="onnxruntime-cpu")
     manifest = copy.deepcopy(exact.manifest)
     manifest["probe"]["exact_backends"] = []  # as for an fp16 GPU engine that failed the bit-exact probe
-    loose = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), exact.engine, parse(THREAT))
+    loose = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), exact.engines, parse(THREAT))
     assert exact.trusted and not loose.trusted
     a, b = exact(split.x[:40]), loose(split.x[:40])
     assert any(v.status == "certified" for v in a)
     assert [v.label for v in a] == [v.label for v in b]
-    assert all(v.status == "uncertified" and "bit-exact" in v.reason for v in b)
+    assert all(v.status == "uncertified" and "is not verified for this bundle" in v.reason for v in b)
     # ablation locality is exact on every backend: ablated pixels are multiplied by zero in the graph
     drs = certinfer.load(bundles["drs"], backend="onnxruntime-cpu")
     manifest = copy.deepcopy(drs.manifest)
     manifest["probe"]["exact_backends"] = []
-    assert masking.MaskingCertifier(SimpleNamespace(manifest=manifest), drs.engine, parse(THREAT)).trusted
+    unlisted = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), drs.engines, parse(THREAT))
+    assert not unlisted.needs_exact
+    assert [v.certificate for v in unlisted(split.x[:8])] == [v.certificate for v in drs(split.x[:8])]
 
 
 @pytest.mark.slow
@@ -126,9 +128,12 @@ def test_certify_cli_reports_every_variant_and_threat(bundles, models, tmp_path,
 def test_torch_cpu_backend_matches_onnxruntime_cpu(bundles, models, variant):
     split = datasets.load(models["data"])
     ref = certinfer.load(bundles[variant], backend="onnxruntime-cpu")
-    got = certinfer.load(bundles[variant], backend="torch-cpu")  # default builder: certinfer.train.models.build
+    got = certinfer.load(bundles[variant], backend="torch-cpu")  # certinfer.load passes train.models.build
     x = ref.prepare(split.x[:24])
-    a, b = ref.run_engine(x), got.run_engine(x)  # local logits, or every ablation's logits
+    a, b = ref.local_features(x), got.local_features(x)  # local logits, or every ablation's logits
     assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
-    assert [v.label for v in ref(split.x[:24])] == [v.label for v in got(split.x[:24])]
-    assert got.trusted == (variant == "mask-ds")  # local logits: torch-cpu is not in probe.exact_backends
+    verdicts = got(split.x[:24])
+    assert [v.label for v in ref(split.x[:24])] == [v.label for v in verdicts]
+    assert not got.trusted and got.needs_exact == (variant == "mask-bn")  # torch-cpu: not in probe.exact_backends
+    if variant == "mask-bn":
+        assert not any(v.certificate.certified for v in verdicts)

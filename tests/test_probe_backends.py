@@ -148,7 +148,7 @@ def test_torch_backends_are_probed_where_the_bundle_has_a_torch_engine(two_engin
     assert set(torch_cpu["checks"]) == {"outputs"} and not torch_cpu["listed_exact"]
     if not torch.cuda.is_available():
         assert all(reports[b]["status"] == "skipped" and "CUDA" in reports[b]["reason"] for b in TORCH_BACKENDS[1:])
-    # the default builder (certinfer.train.models.build) needs a config naming its module; TINY has none
+    # without a builder the torch engine cannot rebuild the module: skipped, saying so
     without = probe_bundle(two_engine_bundle, trials=4, backends=["torch-cpu"])
     assert without["torch-cpu"]["status"] == "skipped" and "builder" in without["torch-cpu"]["reason"]
 

@@ -166,7 +166,7 @@ def test_runtime_matches_the_plain_reference_and_makes_one_engine_call_per_pass(
     run = cert.engine.run
     cert.engine.run = lambda b: calls.append(b.shape) or run(b)
     verdicts = cert(frames)
-    selected = sum(int(s.sum()) for s, _ in cert.run_engine(cert.prepare(frames))[2].values())
+    selected = sum(int(s.sum()) for s, _ in cert.infer(cert.prepare(frames)).occlusions.values())
     assert calls[:2] == [(16, 4, *INPUT_HW), (selected, 4, *INPUT_HW)]
     cert.engine.run = run
     x = cert.prepare(frames)
@@ -188,7 +188,7 @@ def test_backends_outside_the_probe_list_never_certify(model, bundle):
     got = certinfer.load(bundle, backend="torch-cpu")
     verdicts = got(datasets.load(model[1]).x[:8])
     assert not any(v.certificate.certified for v in verdicts)
-    assert all("not verified bit-exact" in v.reason or v.status == "alert" for v in verdicts)
+    assert all("torch-cpu (model) is not verified" in v.reason or v.status == "alert" for v in verdicts)
 
 
 def test_certify_cli_reports_both_threats_with_windows_and_a_plot(model, bundle, tmp_path, capsys):
