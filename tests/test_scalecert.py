@@ -87,6 +87,47 @@ def test_algorithm1_alerts_with_the_location_only_when_every_covering_window_agr
     assert status == "alert"
 
 
+class _WinnerEngine:
+    """A stand-in ScaleCert engine: class 0, one winner at output (0, 0); occluding it makes class 1 win."""
+
+    name, precision, max_batch = "onnxruntime-cpu", "fp32", 1 << 20
+
+    def run(self, batch: np.ndarray):
+        occluded = batch[:, 3, :3, :3].any(axis=(1, 2))  # the winner's receptive field (rf 3, padding 1)
+        logits = np.zeros((len(batch), 3), np.float32)
+        logits[np.arange(len(batch)), occluded.astype(int)] = 2.0
+        keep = np.zeros((len(batch), *INPUT_HW), np.float32)
+        keep[:, 0, 0] = 1.0
+        return logits, keep
+
+
+def test_options_choose_the_windows_and_decide_reads_them_from_the_features():
+    from types import SimpleNamespace
+
+    from certinfer.runtime.defenses.scalecert import ScaleCertCertifier, ScaleCertOptions
+    from certinfer.threat import parse
+
+    g = Geometry(rf=(3, 3), stride=(1, 1), padding=(1, 1), input_hw=INPUT_HW, output_hw=INPUT_HW)
+    manifest = {"defense": {"kind": "scalecert", "params": {"r": 3, "tau": 0.3}}, "geometry": g.to_dict(),
+                "input": {"hw": list(INPUT_HW), "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]},
+                "probe": {"exact_backends": ["onnxruntime-cpu"]}}
+    cert = ScaleCertCertifier(SimpleNamespace(manifest=manifest), {"model": _WinnerEngine()},
+                              parse(THREAT, input_hw=INPUT_HW))
+    assert cert.kind == "detection" and cert.needs_exact and cert.trusted
+    features = cert.infer(cert.prepare(np.zeros((2, *INPUT_HW, 3), np.uint8)))
+    assert features.families[THREAT] is family(INPUT_HW, (2, 2), 3, 0.3)
+    selected, logits = features.occlusions[THREAT]
+    assert np.array_equal(selected[0], meets_region(features.keep[:1], features.families[THREAT], g)[0])
+    assert (logits[selected].argmax(axis=1) == 1).all()  # every evaluated window occludes the winner
+    (v, _) = cert.certify(features)
+    assert v.status == "alert" and v.label == -1 and not v.certificate.certified
+    wide = cert.with_options(tau=0.9)
+    assert wide.infer_key() != cert.infer_key() and wide.families()[THREAT] is family(INPUT_HW, (2, 2), 3, 0.9)
+    for bad in (dict(r=0), dict(tau=0.0), dict(tau=1.5), dict(r=2.5)):
+        with pytest.raises(ValueError, match="scalecert"):
+            ScaleCertOptions(**bad)
+
+
 # --- the SIN layer -------------------------------------------------------------------------------------------
 
 def test_winners_exclude_occluded_positions_even_when_all_scores_tie():
