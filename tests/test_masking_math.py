@@ -301,7 +301,8 @@ def _masking_certifier(engine, exact=("onnxruntime-cpu",), **params) -> masking.
     manifest = {"defense": {"kind": "masking", "params": {**masking.VARIANTS["mask-bn"], **params}},
                 "input": {"hw": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]},
                 "geometry": g.to_dict(), "probe": {"exact_backends": list(exact)}}
-    return masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": engine}, parse("1x1", input_hw=(8, 8)))
+    threat = parse("1x1", input_hw=(8, 8))
+    return masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": engine}, threat)
 
 
 def test_certifier_variants_share_features_and_local_logits_need_an_exact_fp32_backend():

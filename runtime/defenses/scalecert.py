@@ -270,7 +270,8 @@ class ScaleCertCertifier(Certifier):
         super().__init__(bundle, engines, threat, options)
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         if self.geometry.input_hw != self.input_hw:
-            raise ValueError(f"scalecert bundle: geometry input {self.geometry.input_hw} is not the input {self.input_hw}")
+            raise ValueError(f"scalecert bundle: geometry input {self.geometry.input_hw} is not the input "
+                             f"{self.input_hw}")
 
     @property
     def kind(self) -> str:
