@@ -258,11 +258,12 @@ class CroppingOptions(Options):
 
 @dataclass(frozen=True)
 class CropVotes:
-    """A batch's inference: per-frame vote counts (N, C), the crop locations drawn (N, n), and how they were drawn
-    (the certificate must be the one for that draw)."""
+    """A batch's inference: per-frame vote counts (N, C), the crop locations drawn (N, n), each crop's label (N, n),
+    and how they were drawn (the certificate must be the one for that draw)."""
 
     votes: np.ndarray
     locations: np.ndarray
+    predictions: np.ndarray
     replace: bool
     exhaustive: bool
 
@@ -311,8 +312,9 @@ class CroppingCertifier(Certifier):
         flat = self.draw(len(x))
         out = self.run_engine(cut(x, self.crop_hw, flat))
         logits = out[0] if isinstance(out, tuple) else out
-        votes = count_votes(logits.argmax(axis=-1).reshape(flat.shape), len(self.classes))
-        return CropVotes(votes, flat, self.options.replace, self.options.exhaustive)
+        predictions = logits.argmax(axis=-1).reshape(flat.shape)
+        votes = count_votes(predictions, len(self.classes))
+        return CropVotes(votes, flat, predictions, self.options.replace, self.options.exhaustive)
 
     def decide(self, features: CropVotes, options: CroppingOptions) -> list[Decision]:
         """Majority vote (argmax: the lowest class index wins a tie) and its certificate."""
