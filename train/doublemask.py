@@ -33,7 +33,6 @@ from tqdm import tqdm
 from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.doublemask import mask_set
 from certinfer.train import data as datasets
-from certinfer.train.bagcert import _track_split
 from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
                                   photometric, preset_config, save_checkpoint, seed_everything, to_nchw)
 from certinfer.train.models.doublemask import Classifier, classifier, geometry
@@ -217,7 +216,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     out.mkdir(parents=True, exist_ok=True)
     rng = seed_everything(cfg.seed)
     train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
+    fit_idx, val_idx = datasets.holdout(train_split, 0.05, cfg.seed)
     val_idx = np.random.default_rng(cfg.seed).permutation(val_idx)[:500]
     if limit:
         fit_idx = fit_idx[:: max(1, len(fit_idx) // limit)][:limit]
