@@ -51,3 +51,17 @@ def test_packaged_data_or_a_clear_error():
             assert "with the BagCert model" in str(e)
         else:
             assert path.is_dir() and any(path.iterdir())
+
+
+def test_load_gives_torch_backends_the_trainers_model_builder(monkeypatch, tiny_bundle: Path):
+    pytest.importorskip("torch")
+    from certinfer.runtime import loader
+    from certinfer.train.models import build
+
+    seen = []
+    monkeypatch.setattr(loader, "load", lambda *args, **kw: seen.append(kw["engine_options"]))
+    mine = object()
+    certinfer.load(tiny_bundle, backend="torch-cpu", engine_options={"threads": 1})
+    certinfer.load(tiny_bundle, backend="onnxruntime-cpu")
+    certinfer.load(tiny_bundle, backend="torch", engine_options={"builder": mine})
+    assert seen == [{"threads": 1, "builder": build}, None, {"builder": mine}]
