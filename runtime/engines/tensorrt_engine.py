@@ -23,7 +23,8 @@ NOT_INSTALLED = ("TensorRT is not installed (its PyPI package downloads NVIDIA l
                  "not possible in this workplace)")
 
 
-def _cudart():
+def cuda_runtime():
+    """cuda-python's runtime module (device memory, streams); EngineError without cuda-python."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -35,7 +36,7 @@ def _cudart():
     return cudart
 
 
-def _call(cudart, result):
+def cuda_check(cudart, result):
     """Unwrap a cuda-python call's ``(error, *values)``."""
     err, *values = result
     if err != cudart.cudaError_t.cudaSuccess:
@@ -54,13 +55,13 @@ def trt_version() -> str | None:
 
 def gpu_name(device_id: int = 0) -> str:
     """The CUDA device's name as plans record it; EngineError without cuda-python or that GPU."""
-    cudart = _cudart()
+    cudart = cuda_runtime()
     err, count = cudart.cudaGetDeviceCount()
     if err != cudart.cudaError_t.cudaSuccess:
         raise EngineError(f"no CUDA GPU ({err})")
     if count <= device_id:
         raise EngineError(f"no CUDA GPU {device_id} ({count} found)")
-    name = _call(cudart, cudart.cudaGetDeviceProperties(device_id)).name
+    name = cuda_check(cudart, cudart.cudaGetDeviceProperties(device_id)).name
     return (name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)).strip()
 
 
@@ -125,10 +126,10 @@ class TensorRTEngine(ChunkedEngine):
             raise EngineError(mismatch)
         import tensorrt as trt
 
-        self._cudart = cudart = _cudart()
+        self._cudart = cudart = cuda_runtime()
         self._buffers: dict[str, int] = {}
         self._device_id = device_id
-        _call(cudart, cudart.cudaSetDevice(device_id))
+        cuda_check(cudart, cudart.cudaSetDevice(device_id))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(bundle.read(entry))  # bytes hashed as read
@@ -147,7 +148,7 @@ class TensorRTEngine(ChunkedEngine):
         self.max_batch = min(entry["batch"][1], high[0])
         self.input_dtype = self._dtypes[self._input]
         self.input_shape = tuple(None if d < 0 else d for d in tuple(self._engine.get_tensor_shape(self._input))[1:])
-        self._stream = _call(cudart, cudart.cudaStreamCreate())
+        self._stream = cuda_check(cudart, cudart.cudaStreamCreate())
         self._allocate((self.max_batch, *high[1:]))
 
     def _allocate(self, input_shape: tuple[int, ...]) -> None:
@@ -158,26 +159,26 @@ class TensorRTEngine(ChunkedEngine):
             if any(d < 0 for d in shape):
                 raise EngineError(f"{name} has a data-dependent shape {shape}, which this backend does not run")
             nbytes = prod(shape) * self._dtypes[name].itemsize
-            self._buffers[name] = _call(self._cudart, self._cudart.cudaMalloc(nbytes))
+            self._buffers[name] = cuda_check(self._cudart, self._cudart.cudaMalloc(nbytes))
             self._context.set_tensor_address(name, self._buffers[name])
 
     def _run(self, batch: np.ndarray) -> Outputs:
         cudart, kind = self._cudart, self._cudart.cudaMemcpyKind
         # the current CUDA device is per thread: a Certifier shared by camera threads calls from any of them
-        _call(cudart, cudart.cudaSetDevice(self._device_id))
+        cuda_check(cudart, cudart.cudaSetDevice(self._device_id))
         if not self._context.set_input_shape(self._input, batch.shape):
             raise EngineError(f"TensorRT rejected input shape {batch.shape}")
-        _call(cudart, cudart.cudaMemcpyAsync(self._buffers[self._input], batch.ctypes.data, batch.nbytes,
-                                             kind.cudaMemcpyHostToDevice, self._stream))
+        cuda_check(cudart, cudart.cudaMemcpyAsync(self._buffers[self._input], batch.ctypes.data, batch.nbytes,
+                                                  kind.cudaMemcpyHostToDevice, self._stream))
         if not self._context.execute_async_v3(int(self._stream)):
             raise EngineError("TensorRT execute_async_v3 failed")
         outs = []
         for name in self._outputs:
             host = np.empty(tuple(self._context.get_tensor_shape(name)), self._dtypes[name])
-            _call(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name], host.nbytes,
-                                                 kind.cudaMemcpyDeviceToHost, self._stream))
+            cuda_check(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name], host.nbytes,
+                                                      kind.cudaMemcpyDeviceToHost, self._stream))
             outs.append(host)
-        _call(cudart, cudart.cudaStreamSynchronize(self._stream))
+        cuda_check(cudart, cudart.cudaStreamSynchronize(self._stream))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def close(self) -> None:
