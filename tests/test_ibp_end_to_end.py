@@ -49,7 +49,7 @@ def test_training_certifies_and_the_bundle_agrees_with_the_trainer(model, bundle
     assert runtime["certified_accuracy"]["default"] >= 0.2, (runtime, trainer)  # certified frames for the attacks
     assert abs(runtime["certified_accuracy"]["default"] - trainer["certified"]) <= 1 / 160  # tolerance may drop one
     assert abs(runtime["clean_accuracy"] - trainer["clean"]) <= 1 / 160
-    assert m["defense"]["params"]["verified_backends"] == ["onnxruntime-cpu", "torch-cpu"]
+    assert m["probe"]["exact_backends"] == ["onnxruntime-cpu", "torch-cpu"]
     assert {e["role"] for e in m["engines"]} == {"model", "bounds"}
 
 
