@@ -1,23 +1,54 @@
 """``certinfer certify``: certified accuracy of a bundle on a dataset, per rectangle and per threat.
 
+Each defense NAME has an :class:`Evaluation` here named NAME (the registry's ``certify``): how it runs on a
+:class:`Job` (its variants are :meth:`Certifier.with_options` copies; those sharing an inference key share one
+engine pass), how its result is plotted, and which of its variants is the bundle's own decision rule.
+
 Results are JSON with integer counts, so ``--shard i/n`` slices of one dataset can run anywhere and
-``certinfer certify --merge`` adds them up. A plot shows certified accuracy per rectangle.
+``certinfer certify --merge`` adds them up.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import certinfer
+from certinfer.bench.bundles import load_certifier
+from certinfer.bench.certify_plots import plot_cropping, plot_ibp, plot_rects, plot_scalecert, plot_variants
+from certinfer.runtime.certifier import Certifier
+from certinfer.runtime.defenses import DefenseError, defense
+from certinfer.runtime.defenses.cropping import CropVotes, count_votes
 from certinfer.runtime.evaluate import evaluate_certifier, merge, shard_indices, summarize
-from certinfer.threat import parse
+from certinfer.threat import Threat
 from certinfer.train import data as datasets
 
 SQUARES = ",".join(f"{k}x{k}" for k in range(1, 11))  # BagCert Fig. 3: square patches 1..10
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: the bundle (refused unless its digest is ``sha256``, when given), the dataset split, the
+    threat (None: the defense's default), engine backend and batch, the first ``limit`` samples of ``shard``
+    (``i/n``), and the defense's own ``params`` (``-p KEY=VALUE``)."""
+
+    bundle: Path
+    data: str
+    threat: str | None = None
+    backend: str = "auto"
+    batch: int = 64
+    limit: int | None = None
+    shard: str = "0/1"
+    params: dict[str, str] = field(default_factory=dict)
+    sha256: str | None = None
+
+    def load(self, threat: str | None) -> Certifier:
+        """The bundle's certifier against ``threat`` (None: the bundle's own)."""
+        return load_certifier(self.bundle, self.backend, threat, expect_sha256=self.sha256)
 
 
 def _progress(total: int):
@@ -28,28 +59,32 @@ def _progress(total: int):
     return bar, lambda n: bar.advance(task, n)
 
 
-def run(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-        variants_for=None, extra_threat: str | None = None, sha256: str | None = None) -> dict:
-    """Evaluate ``bundle`` on ``data``; ``variants_for(certifier)`` may name several decision rules. ``sha256``:
-    refuse the bundle unless its digest is this one (the CLI pins the digest it verified)."""
-    certifier = certinfer.load(bundle, backend=backend, threat=threat, expect_sha256=sha256)
-    user_threat = certifier.threat
-    if extra_threat:
-        certifier.threat = parse(f"{user_threat},{extra_threat}", input_hw=certifier.input_hw)
-    split = datasets.load(data)
-    idx = shard_indices(len(split.y), shard)
-    idx = idx[:limit] if limit else idx
+def evaluate(job: Job, certifier: Certifier, variants: dict | None = None,
+             threat_keys: tuple[str, ...] | None = None) -> dict:
+    """``certifier`` (and its ``variants``) on the job's samples; ``threat_keys``: the rectangles that make up
+    "certified" for the threat (the others are reported per rectangle only)."""
+    split = datasets.load(job.data)
+    idx = shard_indices(len(split.y), job.shard)
+    idx = idx[:job.limit] if job.limit else idx
     bar, advance = _progress(len(idx))
     with bar:
-        result = evaluate_certifier(certifier, split.x[idx], split.y[idx], batch=batch,
-                                    variants=variants_for(certifier) if variants_for else None,
-                                    progress=advance, threat_keys=user_threat.keys if extra_threat else None)
-    result.update({"threat": str(user_threat), "data": data, "data_note": split.note, "shard": shard,
-                   "bundle": str(bundle), "defense": certifier.manifest["defense"]})
-    return result
+        result = evaluate_certifier(certifier, split.x[idx], split.y[idx], batch=job.batch, variants=variants,
+                                    progress=advance, threat_keys=threat_keys)
+    return result | {"data": job.data, "data_note": split.note, "shard": job.shard, "bundle": str(job.bundle),
+                     "defense": certifier.manifest["defense"]}
 
 
-def report(result: dict, out: Path | None, plot: Path | None, plotter=None) -> None:
+def with_rects(job: Job, certifier: Certifier, extra: str, variants: Callable[[Certifier], dict] | None = None) -> dict:
+    """Evaluate ``certifier`` against its threat plus the ``extra`` rectangles, which are reported per rectangle
+    only: "certified" stays the certifier's own threat's, and so does the result's ``threat``."""
+    own = certifier.threat
+    if extra:
+        certifier = certifier.with_options(threat=f"{own},{extra}")
+    result = evaluate(job, certifier, variants(certifier) if variants else None, own.keys if extra else None)
+    return result | {"threat": str(own)}
+
+
+def report(result: dict, out: Path | None, plot: Path | None, plotter: Callable[[dict, Path], None]) -> None:
     """Print a table to stderr, write JSON and the plot where asked."""
     lines = [f"{result['data']} ({result['n']} images{', ' + result['data_note'] if result.get('data_note') else ''})",
              f"clean accuracy      {result['clean_accuracy']:.4f}"]
@@ -63,45 +98,40 @@ def report(result: dict, out: Path | None, plot: Path | None, plotter=None) -> N
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     if plot:
-        (plotter or plot_result)(result, Path(plot))
+        plotter(result, Path(plot))
 
 
-def _square_side(key: str) -> int | None:
-    h, w = key.split("x")
-    return int(h) if h == w else None
+def _default_keys(params: dict, threat: str) -> list[str]:
+    return ["default"]
 
 
-def plot_result(result: dict, path: Path) -> None:
-    """Left: certified accuracy against square patch side (BagCert Fig. 3); right: every other rectangle."""
-    import matplotlib
+@dataclass(frozen=True)
+class Evaluation:
+    """A defense's dataset evaluation: ``run(job) -> result``, its ``plot``, ``own_keys(params, threat)`` (the
+    variant names that hold the bundle's own decision rule, best first) and ``merge_extra`` (its own figures of
+    shard results, beyond the counts)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    run: Callable[[Job], dict]
+    plot: Callable[[dict, Path], None] = plot_rects
+    own_keys: Callable[[dict, str], list[str]] = _default_keys
+    merge_extra: Callable[[list[dict]], dict] | None = None
 
-    fig, (sq, other) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
-    names = list(result["certified_accuracy_per_rect"])
-    for i, (name, per) in enumerate(result["certified_accuracy_per_rect"].items()):
-        squares = sorted((_square_side(k), v) for k, v in per.items() if _square_side(k))
-        sq.plot([s for s, _ in squares], [v for _, v in squares], marker="o", label=f"certified ({name})")
-        rest = [(k, v) for k, v in per.items() if not _square_side(k)]
-        width = 0.8 / len(names)
-        other.bar([j + i * width for j in range(len(rest))], [v for _, v in rest], width, label=f"certified ({name})")
-        other.set_xticks([j + 0.4 - width / 2 for j in range(len(rest))], [k for k, _ in rest], rotation=45)
-    for ax in (sq, other):
-        ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", label="clean")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=8)
-    sq.set_xlabel("square patch side (model-input pixels)")
-    other.set_xlabel("non-square patches (h x w)")
-    title = f"{result['defense']['kind']} on {result['data']}"
-    fig.suptitle(title + (f" ({result['data_note']})" if result.get("data_note") else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def __call__(self, job: Job, out: Path | None = None, plot: Path | None = None) -> dict:
+        result = self.run(job)
+        report(result, out, plot, self.plot)
+        return result
+
+
+def evaluation_of(kind: str | None) -> Evaluation:
+    """The registered evaluation of a defense; a plain one (default keys, per-rectangle plot) for others."""
+    try:
+        return defense(kind or "").load("certify")
+    except DefenseError:
+        return Evaluation(run=lambda job: evaluate(job, job.load(job.threat)))
 
 
 def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
+    """Merge shard results (JSON files of one dataset, bundle and threat), report and plot them."""
     results = [json.loads(Path(f).read_text()) for f in files]
     merged = merge(results)
     for key in ("data", "data_note", "bundle", "defense"):
@@ -109,216 +139,161 @@ def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
     for key in ("shapes", "shape_names", "seed", "note", "windows"):  # a defense's own settings, where recorded
         if key in results[0]:
             merged[key] = results[0][key]
-    if "scalecert" in results[0]:
-        merged["scalecert"] = merge_scalecert(results)
+    evaluation = evaluation_of((merged.get("defense") or {}).get("kind"))
+    if evaluation.merge_extra is not None:
+        merged |= evaluation.merge_extra(results)
     merged["shards"] = [r.get("shard") for r in results]
-    plotters = {"masking": plot_variants, "cropping": plot_cropping, "ibp": plot_ibp, "scalecert": plot_scalecert}
-    report(merged, out, plot, plotters.get((merged.get("defense") or {}).get("kind")))
+    report(merged, out, plot, evaluation.plot)
     return merged
 
 
-def bagcert(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-            out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
-    """BagCert: Conditions 3.2 and 3.3 from one engine pass, and square patches 1..10 for the Fig. 3 plot."""
-    def variants(c):
-        return {cond: (lambda x, o, cond=cond: c.decide(x, o, condition=cond)) for cond in ("3.2", "3.3")}
+# --- BagCert: Conditions 3.2 and 3.3 from one engine pass, square patches 1..10 for the Fig. 3 plot ----------
 
-    squares = params.get("squares", SQUARES)
-    result = run(bundle, data, threat, backend, batch, limit, shard, variants, extra_threat=squares or None,
-                 sha256=sha256)
-    report(result, out, plot)
-    return result
+def _bagcert(job: Job) -> dict:
+    return with_rects(job, job.load(job.threat), job.params.get("squares", SQUARES),
+                      lambda c: {cond: c.with_options(condition=cond) for cond in ("3.2", "3.3")})
 
 
-
-def masking(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-            out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
-    """PatchGuard: each named variant at each threat, all from one engine pass.
-
-    The threat is part of the defense (its windows are what masking removes), so every threat is its own
-    variant ``name@threat``. Defaults: Mask-BN and CBN for local-logit bundles, Mask-DS and DRS for ablation
-    bundles, at 2x2 and 5x5. ``-p variants=mask-bn,cbn -p threats=2x2;5x5;2.4%`` choose others.
-    """
-    from certinfer.runtime.defenses.masking import VARIANTS, Aggregation
-
-    threats = (threat or params.get("threats", "2x2;5x5")).split(";")
-
-    def variants(c):
-        names = params.get("variants") or ("mask-bn,cbn" if c.source == "local-logits" else "mask-ds,drs")
-        chosen = {}
-        for name in names.split(","):
-            agg = Aggregation.from_params(VARIANTS[name])
-            for t in threats:
-                bound = parse(t, input_hw=c.input_hw)
-                chosen[f"{name}@{t}"] = lambda x, o, a=agg, b=bound: c.decide(x, o, aggregation=a, threat=b)
-        return chosen
-
-    result = run(bundle, data, None, backend, batch, limit, shard, variants, sha256=sha256)
-    result["threat"] = ";".join(threats)
-    report(result, out, plot, plot_variants)
-    return result
+bagcert = Evaluation(_bagcert, own_keys=lambda params, threat: [params.get("condition", "3.2")])
 
 
-def plot_variants(result: dict, path: Path) -> None:
-    """Clean and certified accuracy of every ``name@threat`` variant, grouped by threat."""
-    import matplotlib
+# --- PatchGuard: each named variant at each threat ----------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _masking(job: Job) -> dict:
+    """Every threat is its own variant ``name@threat`` (its windows are what masking removes). Defaults: Mask-BN
+    and CBN for local-logit bundles, Mask-DS and DRS for ablation bundles, at 2x2 and 5x5;
+    ``-p variants=mask-bn,cbn -p threats=2x2;5x5;2.4%`` choose others."""
+    from certinfer.runtime.defenses.masking import VARIANTS, MaskingOptions
 
-    names = list(result["certified_accuracy"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [result["clean_accuracy_per_variant"][n] for n in names], 0.4, label="clean")
-    ax.bar([x + 0.2 for x in xs], [result["certified_accuracy"][n] for n in names], 0.4, label="certified")
-    ax.set_xticks(list(xs), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    title = f"{result['defense']['kind']} on {result['data']}"
-    ax.set_title(title + (f" ({result['data_note']})" if result.get("data_note") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    threats = (job.threat or job.params.get("threats", "2x2;5x5")).split(";")
+    certifier = job.load(None)
+    names = job.params.get("variants") or ("mask-bn,cbn" if certifier.source == "local-logits" else "mask-ds,drs")
+    unknown = [n for n in names.split(",") if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown masking variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    options = {n: vars(MaskingOptions.from_params(VARIANTS[n])) for n in names.split(",")}
+    variants = {f"{n}@{t}": certifier.with_options(threat=t, **o) for n, o in options.items() for t in threats}
+    return evaluate(job, certifier, variants) | {"threat": ";".join(threats)}
 
 
-# Randomized cropping (Lin et al.): the patch shapes of Table 4 at 2.4% of a 32x32 input (area >= 24.6 pixels):
-# aspect ratio r:1 as w = round(sqrt(A / r)), h = ceil(A / w); rot45: the bounding box of the rotated 5x5 square.
+masking = Evaluation(_masking, plot_variants, own_keys=lambda params, threat: [f"{params.get('variant')}@{threat}"])
+
+
+# --- Randomized cropping: every variant from one pass over every crop location --------------------------------
+
+# The patch shapes of Table 4 at 2.4% of a 32x32 input (area >= 24.6 pixels): aspect ratio r:1 as
+# w = round(sqrt(A / r)), h = ceil(A / w); rot45: the bounding box of the rotated 5x5 square.
 CROP_COUNTS = (64, 128, 256, 512)
 CROPPING_SHAPES = {"1:1": "5x5", "2.7:1": "9x3", "6:1": "13x2", "1:2.7": "3x9", "1:6": "2x13", "rot45": "rot45:5x5"}
 
 
-def cropping_variants(c, threat: str, shapes: str, seed: int) -> dict:
-    """Every cropping variant from the per-location predictions of one exhaustive engine pass.
+class FromExhaustive:
+    """A cropping variant read off an exhaustive certifier's pass: a sampled variant draws its crops (as the
+    runtime does, from its own seeded draw) among every location's prediction; an exhaustive one (another
+    threat) certifies the pass as it is. For :func:`evaluate_certifier`, it infers as ``source`` does."""
 
-    A crop's prediction depends only on its pixels and location, so drawing n locations and reading their
-    predictions is the runtime's draw. Variants: ``r<n>`` / ``nr<n>`` (with / without replacement, n in
-    64..512, p_c >= 0.95; without replacement up to the number of locations), ``r128-p<t>`` (thresholds
-    0.93..0.99), ``r128@shapes`` (Table 4's patch shapes,
-    per rectangle; the whole threat is the worst case), ``exhaustive`` and ``exhaustive@shapes``.
-    """
-    from certinfer.runtime.defenses.cropping import count_votes, draw_locations
+    def __init__(self, source: Certifier, variant: Certifier):
+        self.source, self.variant = source, variant
 
-    rng = np.random.default_rng(seed)
-    main, table4 = parse(threat, input_hw=c.input_hw), parse(shapes, input_hw=c.input_hw)
+    def infer_key(self) -> tuple:
+        return self.source.infer_key()
 
-    def sampled(n: int, replace: bool, bound, threshold: float = 0.95):
-        def decide(x, outputs):
-            pred = outputs[0].argmax(-1)
-            idx = draw_locations(rng, len(pred), n, pred.shape[1], replace)
-            votes = count_votes(np.take_along_axis(pred, idx, axis=1), outputs[0].shape[-1])
-            return c.decide_votes(votes, bound, threshold, replace, exhaustive=False)
-        return decide
+    def timed_features(self, frames: np.ndarray):
+        return self.source.timed_features(frames)
 
-    def exhaustive(bound):
-        return lambda x, o: c.decide(x, o, threat=bound, exhaustive=True)
-
-    chosen = {f"{'r' if rep else 'nr'}{n}": sampled(n, rep, main) for rep in (True, False) for n in CROP_COUNTS
-              if rep or n <= c.locations}  # without replacement: at most every location once
-    chosen |= {f"r128-p{t}": sampled(128, True, main, t) for t in (0.93, 0.97, 0.99)}
-    chosen |= {"r128@shapes": sampled(128, True, table4), "exhaustive": exhaustive(main),
-               "exhaustive@shapes": exhaustive(table4)}
-    return {"r128": chosen.pop("r128"), **chosen}
+    def certify(self, features: CropVotes) -> list:
+        o = self.variant.options
+        if o.exhaustive:
+            return self.variant.certify(features)
+        flat = self.variant.draw(len(features.votes))  # every location is column i of the exhaustive pass
+        predictions = np.take_along_axis(features.predictions, flat, axis=1)
+        votes = count_votes(predictions, len(self.variant.classes))
+        return self.variant.certify(CropVotes(votes, flat, predictions, o.replace, exhaustive=False))
 
 
-def cropping(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-             out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
-    """Randomized cropping: every variant (crops, replacement, threshold, patch shape, exhaustive) from one pass
-    that classifies every crop location of every image once. ``-p seed=N`` seeds the benchmark's draws (default
-    0: reproducible numbers; a deployed certifier draws from the OS's entropy), ``-p shapes=...`` the Table 4 set.
-    """
-    seed = int(params.get("seed", 0))
-    shapes = params.get("shapes", ",".join(CROPPING_SHAPES.values()))
+def cropping_variants(source: Certifier, shapes: Threat | str, seed: int) -> dict[str, FromExhaustive]:
+    """``r<n>`` / ``nr<n>`` (with / without replacement, n in 64..512, p_c >= 0.95; without replacement up to the
+    number of locations), ``r128-p<t>`` (thresholds 0.93..0.99), ``r128@shapes`` (Table 4's patch shapes, per
+    rectangle; the whole threat is the worst case), ``exhaustive`` and ``exhaustive@shapes``; ``r128`` first.
+    Each sampled variant draws from ``seed`` (benchmarks only: a deployed certifier draws from the OS)."""
+    def sampled(n: int, replace: bool, threshold: float = 0.95, threat=None) -> FromExhaustive:
+        v = source.with_options(threat=threat, crops=n, replace=replace, threshold=threshold, exhaustive=False)
+        return FromExhaustive(source, v.seeded(seed))
 
-    def variants(c):
-        c.mode, c.crops = "exhaustive", c.locations  # the engine pass: every crop location once
-        return cropping_variants(c, str(c.threat), shapes, seed)
-
-    result = run(bundle, data, threat, backend, batch, limit, shard, variants, sha256=sha256)
-    result.update({"shapes": shapes, "shape_names": CROPPING_SHAPES, "seed": seed,
-                   "note": "one engine pass over every crop location; each variant draws its own crops from it"})
-    report(result, out, plot, plot_cropping)
-    return result
+    chosen = {"r128": sampled(128, True)}
+    chosen |= {f"{'r' if rep else 'nr'}{n}": sampled(n, rep) for rep in (True, False) for n in CROP_COUNTS
+               if rep or n <= source.locations}
+    chosen |= {f"r128-p{t}": sampled(128, True, t) for t in (0.93, 0.97, 0.99)}
+    chosen |= {"r128@shapes": sampled(128, True, threat=shapes), "exhaustive": FromExhaustive(source, source),
+               "exhaustive@shapes": FromExhaustive(source, source.with_options(threat=shapes))}
+    return chosen
 
 
-def plot_cropping(result: dict, path: Path) -> None:
-    """Paper Tables 3 to 5 as plots: certified accuracy against p_c threshold, number of crops (R / NR), shape."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    acc = result["certified_accuracy"]
-    fig, (thr, crops, shape) = plt.subplots(1, 3, figsize=(14, 4))
-    ts = [0.93, 0.95, 0.97, 0.99]
-    thr.plot(ts, [acc["r128" if t == 0.95 else f"r128-p{t}"] for t in ts], marker="o")
-    thr.set_xlabel("p_c threshold (128 crops, with replacement)")
-    for prefix, label in (("r", "with replacement"), ("nr", "without replacement")):
-        ns = [n for n in CROP_COUNTS if f"{prefix}{n}" in acc]
-        crops.plot(ns, [acc[f"{prefix}{n}"] for n in ns], marker="o", label=f"certified, {label}")
-        crops.plot(ns, [result["clean_accuracy_per_variant"][f"{prefix}{n}"] for n in ns], linestyle=":",
-                   label=f"clean, {label}")
-    crops.axhline(acc["exhaustive"], color="black", linestyle="--", label="exhaustive (deterministic)")
-    crops.set_xscale("log", base=2)
-    crops.set_xlabel("crops per image")
-    crops.legend(fontsize=7)
-    per = result["certified_accuracy_per_rect"]["r128@shapes"]
-    names = list(per)
-    shape.bar(range(len(names)), [per[k] for k in names], 0.4, label="128 crops")
-    shape.bar([i + 0.4 for i in range(len(names))], [result["certified_accuracy_per_rect"]["exhaustive@shapes"][k]
-                                                     for k in names], 0.4, label="exhaustive")
-    shape.set_xticks([i + 0.2 for i in range(len(names))], names)
-    shape.set_xlabel("patch rectangle (rot45:5x5 is 8x8)")
-    shape.legend(fontsize=7)
-    for ax in (thr, crops, shape):
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-    title = f"randomized cropping on {result['data']} ({result['n']} images, threat {result['threat']})"
-    fig.suptitle(title + (f"; {result['data_note']}" if result.get("data_note") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _cropping(job: Job) -> dict:
+    """``-p seed=N`` seeds the variants' draws (default 0: reproducible numbers), ``-p shapes=...`` the Table 4
+    set."""
+    seed = int(job.params.get("seed", 0))
+    shapes = job.params.get("shapes", ",".join(CROPPING_SHAPES.values()))
+    source = job.load(job.threat).with_options(exhaustive=True)  # the engine pass: every crop location once
+    result = evaluate(job, source, cropping_variants(source, shapes, seed))
+    return result | {"shapes": shapes, "shape_names": CROPPING_SHAPES, "seed": seed,
+                     "note": "one engine pass over every crop location; each variant draws its own crops from it"}
 
 
-# ScaleCert's own CIFAR-10 numbers (paper Table 2, ResNet-18): threat -> (clean, certified detection), percent.
-SCALECERT_TABLE2 = {"2.4%": (78.9, 75.3), "0.4%": (83.1, 81.0)}
+def _cropping_keys(params: dict, threat: str) -> list[str]:
+    if params.get("mode") == "exhaustive":
+        return ["exhaustive"]
+    return [f"{'r' if params.get('replace', True) else 'nr'}{params.get('crops')}"]
 
 
-def scalecert(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-              out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
-    """ScaleCert: clean accuracy (Algorithm 1 returns the true label), certified detection accuracy (Algorithm 2),
-    evaluated windows per image and time, per threat (default ``2.4%;0.4%``, ``-p threats=...``). Each threat is
-    its own run (its windows, hence pass 2, differ); the variant ``<threat>`` holds its counts. ``-p tau=T`` and
-    ``-p r=R`` evaluate other window settings than the bundle's (a certificate holds for the detector that runs
-    with the same windows)."""
-    threats = (threat or params.get("threats", "2.4%;0.4%")).split(";")
-    results, windows = {}, {}
+cropping = Evaluation(_cropping, plot_cropping, own_keys=_cropping_keys)
+
+
+# --- ScaleCert: clean and certified detection accuracy, windows per image and time, per threat ----------------
+
+class WindowTally:
+    """A ScaleCert certifier that also counts, per frame, the windows its inference evaluated."""
+
+    def __init__(self, certifier: Certifier):
+        self.certifier, self.windows = certifier, []
+
+    def infer_key(self) -> tuple:
+        return self.certifier.infer_key()
+
+    def timed_features(self, frames: np.ndarray):
+        features, spent = self.certifier.timed_features(frames)
+        self.windows += np.sum([s.sum(axis=1) for s, _ in features.occlusions.values()], axis=0).tolist()
+        return features, spent
+
+    def certify(self, features) -> list:
+        return self.certifier.certify(features)
+
+
+def _scalecert(job: Job) -> dict:
+    """Clean: Algorithm 1 returns the true label; certified: Algorithm 2 holds too; per threat (default
+    ``2.4%;0.4%``, ``-p threats=...``), each its own run (its windows, hence pass 2, differ); the variant
+    ``<threat>`` holds its counts. ``-p tau=T`` and ``-p r=R`` evaluate other window settings than the bundle's
+    (a certificate holds for the detector that runs with the same windows)."""
+    threats = (job.threat or job.params.get("threats", "2.4%;0.4%")).split(";")
+    base = job.load(None)
+    windows = {"r": int(job.params.get("r", base.options.r)), "tau": float(job.params.get("tau", base.options.tau))}
+    results, tallies = {}, {}
     for t in threats:
-        counted: list[int] = []
-
-        def variants(c, t=t, counted=counted):
-            c.tau, c.r = float(params.get("tau", c.tau)), int(params.get("r", c.r))
-
-            def decide(x, outputs):
-                counted.extend(np.sum([sel.sum(axis=1) for sel, _ in outputs[2].values()], axis=0).tolist())
-                return c.decide(x, outputs)
-            return {t: decide}
-
-        results[t] = run(bundle, data, t, backend, batch, limit, shard, variants, sha256=sha256)
-        windows[t] = float(np.mean(counted)) if counted else 0.0
+        certifier = base.with_options(threat=t, **windows)
+        tallies[t] = WindowTally(certifier)
+        results[t] = evaluate(job, certifier, {t: tallies[t]})
     first = results[threats[0]]
     combined = {"n": first["n"], "clean": first["clean"], "threat": ";".join(threats), "backend": first["backend"],
                 "variants": {t: results[t]["variants"][t] for t in threats},
                 "seconds": {k: sum(r["seconds"][k] for r in results.values()) for k in first["seconds"]}}
     result = summarize(combined) | {k: first[k] for k in ("data", "data_note", "shard", "bundle", "defense")}
-    result["windows"] = {"tau": float(params.get("tau", result["defense"]["params"]["tau"])),
-                         "r": int(params.get("r", result["defense"]["params"]["r"]))}
-    result["scalecert"] = {t: {"windows_per_image": windows[t], "seconds": results[t]["seconds"],
+    result["windows"] = windows
+    result["scalecert"] = {t: {"windows_per_image": float(np.mean(tallies[t].windows)) if tallies[t].windows else 0.0,
+                               "seconds": results[t]["seconds"],
                                "ms_per_image": 1e3 * sum(results[t]["seconds"].values()) / max(1, results[t]["n"]),
                                "alerts": results[t]["variants"][t]["alert"]} for t in threats}
     result["note"] = ("clean: Algorithm 1 returns the true label (an alert is not correct); certified: correct and "
                       "Algorithm 2 holds; alerts: clean images Algorithm 1 flagged")
-    report(result, out, plot, plot_scalecert)
     return result
 
 
@@ -331,82 +306,27 @@ def merge_scalecert(results: list[dict]) -> dict:
         merged[t] = {"windows_per_image": sum(p["windows_per_image"] * r["n"] for p, r in zip(parts, results)) / n,
                      "seconds": seconds, "ms_per_image": 1e3 * sum(seconds.values()) / n,
                      "alerts": sum(p["alerts"] for p in parts)}
-    return merged
+    return {"scalecert": merged}
 
 
-def plot_scalecert(result: dict, path: Path) -> None:
-    """Clean and certified detection accuracy per threat, windows per image, the paper's CIFAR-10 Table 2 beside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["certified_accuracy"])
-    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(names)), 4))
-    xs = np.arange(len(names))
-    ax.bar(xs - 0.2, [result["clean_accuracy_per_variant"][n] for n in names], 0.4, label="clean (ours)")
-    ax.bar(xs + 0.2, [result["certified_accuracy"][n] for n in names], 0.4, label="certified detection (ours)")
-    if str(result.get("data", "")).startswith("cifar10"):
-        paper = [SCALECERT_TABLE2.get(n) for n in names]
-        for x, p in zip(xs, paper):
-            if p:
-                ax.plot([x - 0.4, x], [p[0] / 100] * 2, color="black", linestyle="--")
-                ax.plot([x, x + 0.4], [p[1] / 100] * 2, color="black", linestyle=":")
-        ax.plot([], [], color="black", linestyle="--", label="paper Table 2 clean (exact CIFAR-10)")
-        ax.plot([], [], color="black", linestyle=":", label="paper Table 2 certified")
-    extra = result.get("scalecert", {})
-    ax.set_xticks(list(xs), [f"{n}\n{extra.get(n, {}).get('windows_per_image', 0):.1f} windows/image, "
-                             f"{extra.get(n, {}).get('ms_per_image', 0):.0f} ms" for n in names], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
-    title = f"ScaleCert on {result['data']} ({result['n']} images, {result['backend']})"
-    ax.set_title(title + (f"\n{result['data_note']}" if result.get("data_note") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+scalecert = Evaluation(_scalecert, plot_scalecert, own_keys=lambda params, threat: [threat],
+                       merge_extra=merge_scalecert)
 
 
-# IBP (Chiang et al.): the paper's patch sizes; shape transfer (Table 5) at 4 pixels: every 4-pixel rectangle
-# (the 1x4 and 4x1 lines and the square) and the bounding box of the 45-degree rotated 2x2 square (3x3).
+# --- IBP: the paper's patch sizes, shape transfer (Table 5) at 4 pixels -----------------------------------
+
+# Every 4-pixel rectangle (the 1x4 and 4x1 lines and the square) and the bounding box of the 45-degree rotated
+# 2x2 square (3x3).
 IBP_THREAT = "2x2,5x5"
 IBP_SHAPES = "area:4,rot45:2x2"
 
 
-def ibp(bundle: Path, data: str, threat: str | None, backend: str, batch: int, limit: int | None, shard: str,
-        out: Path | None, plot: Path | None, params: dict[str, str], sha256: str | None = None) -> dict:
-    """IBP: clean accuracy and certified accuracy per rectangle. ``certified`` is for the threat (default 2x2 and 5x5
-    together); ``-p shapes=...`` adds rectangles reported per rectangle only (default: Table 5's 4-pixel shapes;
-    ``-p shapes=`` for none). Every location of every rectangle goes to the bounds engine."""
-    shapes = params.get("shapes", IBP_SHAPES)
-    result = run(bundle, data, threat or IBP_THREAT, backend, batch, limit, shard, extra_threat=shapes or None,
-                 sha256=sha256)
-    result["shapes"] = shapes
-    report(result, out, plot, plot_ibp)
-    return result
+def _ibp(job: Job) -> dict:
+    """``certified`` is for the threat (default 2x2 and 5x5 together); ``-p shapes=...`` adds rectangles reported
+    per rectangle only (default: Table 5's 4-pixel shapes; ``-p shapes=`` for none). Every location of every
+    rectangle goes to the bounds engine."""
+    shapes = job.params.get("shapes", IBP_SHAPES)
+    return with_rects(job, job.load(job.threat or IBP_THREAT), shapes) | {"shapes": shapes}
 
 
-def plot_ibp(result: dict, path: Path) -> None:
-    """Certified accuracy per rectangle (the threat's, then the shape-transfer ones), clean accuracy as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per = next(iter(result["certified_accuracy_per_rect"].values()))
-    names = list(per)
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
-    ax.bar(range(len(names)), [per[k] for k in names], 0.6, label="certified")
-    for i, k in enumerate(names):
-        ax.text(i, per[k] + 0.01, f"{100 * per[k]:.1f}", ha="center", fontsize=8)
-    ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", label="clean")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlabel(f"patch rectangle (threat {result['threat']}; shape transfer: {result.get('shapes') or 'none'})")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    title = f"IBP on {result['data']} ({result['n']} images)"
-    ax.set_title(title + (f"; {result['data_note']}" if result.get("data_note") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+ibp = Evaluation(_ibp, plot_ibp)

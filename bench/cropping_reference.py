@@ -7,7 +7,7 @@ the overlap count X (binomial with replacement, hypergeometric without; Eq. 4 to
 fractions until it reaches the threshold, which gives the overlap bound t. Certified for a rectangle when
 n1 - n2 > 2 t (ties as flips), exhaustive mode when n1 - n2 > 2 n_adv; margins in the units of
 ``cropping.vote_certificates`` (votes), so certificates compare number for number. ``certinfer bench latency``
-times this against the vectorized runtime.
+times this (:func:`reference`: from the votes of the certifier's own crops) against the vectorized runtime.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from certinfer.bench.reference import plain_reference
+from certinfer.runtime.defenses.cropping import CroppingCertifier
 from certinfer.runtime.verdict import Certificate, RectCert
 from certinfer.threat import Threat, rect_key
 
@@ -56,10 +58,9 @@ def overlap_bound_reference(n: int, adv: int, total: int, replace: bool, thresho
     return n
 
 
-def certify_reference(logits: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
-                      replace: bool, threshold: float, exhaustive: bool) -> Certificate:
-    """One frame's certificate from its crop logits (n, C)."""
-    votes = votes_reference(logits)
+def certify_votes_reference(votes: list[int], input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
+                            replace: bool, threshold: float, exhaustive: bool) -> Certificate:
+    """One frame's certificate from its votes per class (``sum(votes)`` crops)."""
     n1 = n2 = -1
     for v in votes:
         if v > n1:
@@ -71,6 +72,23 @@ def certify_reference(logits: np.ndarray, input_hw: tuple[int, int], crop_hw: tu
     per_rect = {}
     for rect in threat.rects:
         adv = axis_overlaps(input_hw[0], crop_hw[0], rect[0]) * axis_overlaps(input_hw[1], crop_hw[1], rect[1])
-        t = adv if exhaustive else overlap_bound_reference(len(logits), adv, total, replace, threshold)
+        t = adv if exhaustive else overlap_bound_reference(sum(votes), adv, total, replace, threshold)
         per_rect[rect_key(rect)] = RectCert(gap - 2 * t > 0, float(gap - 2 * t))
     return Certificate.from_rects(str(threat), per_rect, kind="recovery" if exhaustive else "probabilistic")
+
+
+def certify_reference(logits: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
+                      replace: bool, threshold: float, exhaustive: bool) -> Certificate:
+    """One frame's certificate from its crop logits (n, C)."""
+    return certify_votes_reference(votes_reference(logits), input_hw, crop_hw, threat, replace, threshold,
+                                   exhaustive)
+
+
+@plain_reference()
+def reference(certifier: CroppingCertifier, frames: np.ndarray) -> list[Certificate]:
+    """Randomized cropping's certificates from the votes of the certifier's crops, looping over classes, patch and
+    crop positions, and the terms of the overlap tail in exact fractions."""
+    votes = certifier.infer(certifier.prepare(frames)).votes
+    o = certifier.options
+    return [certify_votes_reference([int(v) for v in row], certifier.input_hw, certifier.crop_hw, certifier.threat,
+                                    o.replace, o.threshold, o.exhaustive) for row in votes]

@@ -6,11 +6,20 @@ layer with the positive/negative split of the weights (lower = W+ lo + W- hi + b
 paper's center/radius form), convolutions as sums over their windows, ReLU and Flatten elementwise; the last
 layer merged with (e_i - e_j). The certificate: min over locations and j != label of lower(z_label - z_j) minus
 the tolerance, > 0 when certified (the units of ``certinfer.runtime.defenses.ibp.certify``).
+
+:func:`reference` runs this on the network rebuilt from the bundle's torch bounds entry, against the runtime's
+whole certificate (its bounds engine included: the bounds are the math); margins agree to float32 rounding.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from certinfer.bench.reference import plain_reference
+from certinfer.runtime.defenses import defense
+from certinfer.runtime.defenses.ibp import IBPCertifier
+from certinfer.runtime.verdict import Certificate, RectCert
+from certinfer.threat import rect_key
 
 Layer = tuple  # ("conv", W, b, stride, padding) | ("linear", W, b) | ("relu",) | ("flatten",)
 
@@ -101,3 +110,32 @@ def certificate_reference(min_margins: np.ndarray, label: int, tolerance: float)
     """(certified, margin): the smallest lower(z_label - z_j) over j != label, minus the tolerance."""
     worst = min(min_margins[label, j] for j in range(len(min_margins)) if j != label)
     return bool(worst - tolerance > 0), float(worst - tolerance)
+
+
+def bundle_layers(certifier: IBPCertifier) -> list[Layer]:
+    """The layers of the network behind the bundle's bounds engine, from its torch entry (safetensors)."""
+    from safetensors.torch import load
+
+    entry = next((e for e in certifier.bundle.engines("bounds") if e["format"] == "torch"), None)
+    if entry is None:
+        raise ValueError("ibp bundle: no torch bounds entry to rebuild the network from (certinfer export torch)")
+    net = defense(certifier.name).load("builder")(entry["config"])
+    net.load_state_dict(load(certifier.bundle.read(entry)))
+    return layers_of(net)
+
+
+@plain_reference(margin_rtol=1e-3, engine_is_math=True)
+def reference(certifier: IBPCertifier, frames: np.ndarray) -> list[Certificate]:
+    """IBP's certificates from float64 interval bounds, looping over locations, pixels, convolution windows and
+    class pairs (the label: the model engine's argmax)."""
+    layers = bundle_layers(certifier)
+    x = certifier.prepare(frames)
+    labels = certifier.logits(x).argmax(axis=1)
+    out = []
+    for frame, label in zip(x, labels):
+        per_rect = {}
+        for rect in certifier.threat.rects:
+            m = min_margins_reference(layers, frame, rect, certifier.patch_lo, certifier.patch_hi)
+            per_rect[rect_key(rect)] = RectCert(*certificate_reference(m, int(label), certifier.options.tolerance))
+        out.append(Certificate.from_rects(str(certifier.threat), per_rect))
+    return out

@@ -8,8 +8,8 @@ only adds up masked cells. The bounds are the ones derived in ``certinfer.runtim
 * true class y: ``O_y - max_{w'} sum(u_y on w' minus w)`` (T < 1) or ``O_y + lo |w|`` (T = 1);
 
 ``O_c`` being class c's evidence outside the attacker's window w. Margins come out in the units of
-``masking.certify`` so certificates compare number for number. ``certinfer bench latency`` times this
-against the summed-area-table version.
+``masking.certify`` so certificates compare number for number (float sums in another order: within 1e-9).
+``certinfer bench latency`` times this against the summed-area-table version.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import math
 
 import numpy as np
 
-from certinfer.bench.reference import affected_set, locations
-from certinfer.runtime.defenses.masking import MaskingOptions
+from certinfer.bench.bagcert_reference import affected_set, locations
+from certinfer.bench.reference import plain_reference
+from certinfer.runtime.defenses.masking import MaskingCertifier, MaskingOptions
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 from certinfer.threat import Threat, rect_key
@@ -71,3 +72,15 @@ def certify_reference(local_logits: np.ndarray, label: int, geometry: Geometry, 
     tol = 1e-9 * (1.0 + np.abs(u).sum())
     margins = {rect_key(r): rect_margin_reference(u, label, geometry, r, threat.rects, agg) for r in threat.rects}
     return Certificate.from_rects(str(threat), {k: RectCert(bool(m > tol), m) for k, m in margins.items()})
+
+
+@plain_reference(margin_rtol=1e-9)
+def reference(certifier: MaskingCertifier, frames: np.ndarray) -> list[Certificate]:
+    """PatchGuard's certificates, looping over locations, windows and classes on the certifier's local features."""
+    local = certifier.infer(certifier.prepare(frames))
+    options, g = certifier.options, certifier.geometry
+    out = []
+    for z in local:
+        label = int(np.argmax(evidence_reference(options.features(z), g, certifier.threat.rects, options.threshold)))
+        out.append(certify_reference(z, label, g, certifier.threat, options))
+    return out

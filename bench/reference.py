@@ -1,120 +1,124 @@
-"""Plain reference implementations of BagCert certification, written straight from the paper.
+"""A defense's vectorized certification math against its plain reference, on the same engine outputs.
 
-Metzen & Yatsura 2021, Sec. 3.2. For predicted class ``t``, a patch at location ``l`` can change only the cells
-``R(l)`` whose receptive field meets it; output ``i`` (per axis) sees input pixels
-``[i*stride - padding, i*stride - padding + rf - 1]``.
+Each defense NAME has ``bench/NAME_reference.py`` with ``reference(certifier, frames) -> list[Certificate]``: the
+certificates written the obvious way, from the paper, with loops. It may call the certifier's engine (through
+``certifier.run_engine``, or ``infer`` for the features the math reads); that engine time is not counted as its
+math. :func:`math_vs_reference` times both and fails unless they agree on every compared frame.
 
-* Condition 3.1 (:func:`condition_31_margin`): build the worst-case map ``s_wc(l)`` for every location (every
-  cell of ``R(l)`` votes for every class but ``t``), sum it, and compare the classes. Literal and very slow:
-  only for tests on small maps.
-* Condition 3.2 (:func:`certify_reference`): ``out_t(l) - max_{c != t} out_c(l) > |R(l)|`` for every location
-  of every rectangle, where ``out_c(l)`` counts the votes of class ``c`` outside ``R(l)``. Loops over patch
-  locations, over outputs (to build ``R(l)`` from the formula above) and over classes; numpy only adds up the
-  cells outside ``R(l)``. No summed-area tables, no geometry helper: this is the "paper pseudo-code" baseline
-  that ``certinfer bench latency`` times against the vectorized :func:`certinfer.runtime.defenses.bagcert.certify`.
-
-Both return margins in the units of ``bagcert.certify`` (the slack of the deciding inequality, in cells; > 0
-exactly when certified), so certificates can be compared number for number.
+A reference declares, with :func:`plain_reference`, how its certificates compare: ``margin_rtol`` (float sums
+added up in another order differ in the last bits; integer margins compare exactly) and ``engine_is_math``
+(IBP: the bounds are the math, so the runtime's time includes its engine).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
-from certinfer.runtime.geometry import Geometry
-from certinfer.runtime.verdict import Certificate, RectCert
-from certinfer.threat import Threat, parse, rect_key
+from certinfer.runtime.certifier import Certifier, Decision
+from certinfer.runtime.verdict import Certificate
+
+Reference = Callable[[Certifier, np.ndarray], list[Certificate]]
 
 
-def sees(i: int, axis: int, geometry: Geometry, start: int, size: int) -> bool:
-    """Whether output ``i`` on ``axis`` sees any of the input pixels ``[start, start + size - 1]``."""
-    first = i * geometry.stride[axis] - geometry.padding[axis]
-    last = first + geometry.rf[axis] - 1
-    return first <= start + size - 1 and start <= last
+def plain_reference(margin_rtol: float = 0.0, engine_is_math: bool = False) -> Callable[[Reference], Reference]:
+    """Mark a reference with how its certificates compare with the runtime's (see the module docstring)."""
+    def mark(fn: Reference) -> Reference:
+        fn.margin_rtol = margin_rtol
+        fn.engine_is_math = engine_is_math
+        return fn
+    return mark
 
 
-def affected_set(geometry: Geometry, rect: tuple[int, int], location: tuple[int, int]) -> np.ndarray:
-    """R(l) as a boolean (H', W') mask: the outputs whose receptive field meets the patch at ``location``."""
-    h, w = rect
-    top, left = location
-    rows = [i for i in range(geometry.output_hw[0]) if sees(i, 0, geometry, top, h)]
-    cols = [j for j in range(geometry.output_hw[1]) if sees(j, 1, geometry, left, w)]
-    mask = np.zeros(geometry.output_hw, dtype=bool)
-    for i in rows:
-        for j in cols:
-            mask[i, j] = True
-    return mask
+def compare(fast: Decision, slow: Certificate, rtol: float = 0.0) -> list[str]:
+    """Differences between the runtime's decision and the reference's certificate; empty when they agree.
 
-
-def locations(geometry: Geometry, rect: tuple[int, int]):
-    """Every top-left corner of a ``rect`` patch fully inside the input."""
-    h, w = rect
-    for top in range(geometry.input_hw[0] - h + 1):
-        for left in range(geometry.input_hw[1] - w + 1):
-            yield top, left
-
-
-def worst_case_uncertain(s: np.ndarray, label: int, uncertain: np.ndarray | None) -> np.ndarray:
-    """Cells near the threshold are adversarial everywhere: ``label`` loses them, every other class gains them."""
-    s = (np.asarray(s) != 0).astype(np.int64)
-    if uncertain is None:
-        return s
-    u = np.asarray(uncertain).reshape(s.shape) != 0
-    out = s.copy()
-    for c in range(s.shape[-1]):
-        out[..., c][u[..., c]] = 0 if c == label else 1
-    return out
-
-
-def rect_margin_32(s: np.ndarray, label: int, geometry: Geometry, rect: tuple[int, int]) -> int:
-    """Condition 3.2 slack for one rectangle: min over locations of out_t - max_{c != t} out_c - |R(l)|."""
-    worst = None
-    for loc in locations(geometry, rect):
-        inside = affected_set(geometry, rect, loc)
-        outside = ~inside
-        votes = [int(s[..., c][outside].sum()) for c in range(s.shape[-1])]
-        best_other = max(votes[c] for c in range(len(votes)) if c != label)
-        slack = votes[label] - best_other - int(inside.sum())
-        worst = slack if worst is None else min(worst, slack)
-    return worst
-
-
-def certify_reference(scores: np.ndarray, label: int, geometry: Geometry, threat: Threat | str,
-                      uncertain: np.ndarray | None = None) -> Certificate:
-    """Condition 3.2 for every rectangle of ``threat`` on one binary map (H', W', C), the plain way."""
-    threat = parse(threat) if isinstance(threat, str) else threat
-    threat = threat.bind(geometry.input_hw)
-    s = worst_case_uncertain(scores, int(label), uncertain)
-    if s.ndim != 3:
-        raise ValueError(f"scores must be (H', W', C), got shape {np.shape(scores)}")
-    per_rect = {}
-    for rect in threat.rects:
-        m = rect_margin_32(s, int(label), geometry, rect)
-        per_rect[rect_key(rect)] = RectCert(bool(m > 0), float(m))
-    return Certificate.from_rects(str(threat), per_rect)
-
-
-def condition_31_margin(s: np.ndarray, label: int, geometry: Geometry, rect: tuple[int, int]) -> int:
-    """Condition 3.1 literally: the worst-case map for every location, summed, classes compared.
-
-    Returns min over l of [votes_t - max_{c != t} votes_c] in s_wc(l); Condition 3.2's slack equals it number
-    for number (|R(l)| is already inside s_wc). Pure Python loops over cells: small maps only.
+    Compared: the rectangles, each one's flag and margin (within ``rtol`` of the reference's, relative to at least
+    1), the threat's flag, and, where the reference says (``slow.alert``), whether the frame raises an alert.
     """
-    s = (np.asarray(s) != 0).astype(np.int64)
-    h, w = rect
-    worst = None
-    for top, left in locations(geometry, rect):
-        wc = s.copy()
-        for i in range(geometry.output_hw[0]):
-            for j in range(geometry.output_hw[1]):
-                rows = range(i * geometry.stride[0] - geometry.padding[0],
-                             i * geometry.stride[0] - geometry.padding[0] + geometry.rf[0])
-                cols = range(j * geometry.stride[1] - geometry.padding[1],
-                             j * geometry.stride[1] - geometry.padding[1] + geometry.rf[1])
-                if set(rows) & set(range(top, top + h)) and set(cols) & set(range(left, left + w)):
-                    wc[i, j, :] = 1
-                    wc[i, j, label] = 0
-        votes = wc.sum(axis=(0, 1))
-        gap = int(votes[label] - np.delete(votes, label).max())
-        worst = gap if worst is None else min(worst, gap)
-    return worst
+    a = fast.certificate
+    if set(a.per_rect) != set(slow.per_rect):
+        return [f"rectangles differ: {sorted(a.per_rect)} vs {sorted(slow.per_rect)}"]
+    diffs = []
+    for key, r in a.per_rect.items():
+        s = slow.per_rect[key]
+        if r.certified != s.certified or abs(r.margin - s.margin) > rtol * max(1.0, abs(s.margin)):
+            diffs.append(f"{key}: vectorized ({r.certified}, {r.margin}) vs reference ({s.certified}, {s.margin})")
+    if a.certified != slow.certified:
+        diffs.append(f"threat: vectorized {a.certified} vs reference {slow.certified}")
+    alert = getattr(slow, "alert", None)
+    if alert is not None and alert != (fast.status == "alert"):
+        diffs.append(f"alert: vectorized {fast.status == 'alert'} vs reference {alert}")
+    return diffs
+
+
+def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def _timed_math(chunks: list[tuple[Certifier, np.ndarray]], engine_is_math: bool, repeats: int):
+    """(seconds, decisions) of the math over every chunk of frames, each certified by its own certifier: on
+    features inferred beforehand, or (``engine_is_math``) inference included. Best of ``repeats``."""
+    if engine_is_math:
+        return _best_of(lambda: [d for c, x in chunks for d in c.decide(c.infer(c.prepare(x)), c.options)], repeats)
+    inferred = [(c, c.infer(c.prepare(x))) for c, x in chunks]
+    return _best_of(lambda: [d for c, f in inferred for d in c.decide(f, c.options)], repeats)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def math_vs_reference(certifier: Certifier, frames: np.ndarray, reference: Reference, reference_frames: int = 5,
+                      reference_seconds: float = 60.0, repeats: int = 3,
+                      progress: Callable[[int], None] | None = None) -> dict:
+    """Time the certifier's pure certification (:meth:`Certifier.decide`) on ``frames`` against ``reference``.
+
+    The vectorized math runs on all frames, batched (best of ``repeats``) and one frame per call (what a batch-1
+    stream pays); the reference on the first ``reference_frames`` (fewer once it has run ``reference_seconds``;
+    at least one), one frame per call, extrapolated per frame. Frame i's inference draws from seed i (randomized
+    defenses), for the runtime and the reference alike. Raises AssertionError unless every certificate agrees.
+    """
+    rtol, engine_is_math = getattr(reference, "margin_rtol", 0.0), getattr(reference, "engine_is_math", False)
+    n = len(frames)
+    t_batched, batched = _timed_math([(certifier.seeded(n), frames)], engine_is_math, repeats)
+    t_single, single = _timed_math([(certifier.seeded(i), frames[i:i + 1]) for i in range(n)], engine_is_math,
+                                   1 if engine_is_math else repeats)
+    mismatches, t_ref, compared = [], 0.0, 0
+    while compared < min(reference_frames, n) and (compared == 0 or t_ref < reference_seconds):
+        i, plain = compared, certifier.seeded(compared)
+        with plain.engine_clock() as clock:
+            t0 = time.perf_counter()
+            slow = reference(plain, frames[i:i + 1])[0]
+            wall = time.perf_counter() - t0
+        t_ref += wall - clock.seconds
+        mismatches += [f"frame {i}: {d}" for d in compare(single[i], slow, rtol)]
+        if not certifier.randomized:  # a randomized batch draws other crops than frame by frame
+            mismatches += [f"frame {i} (batched): {d}" for d in compare(batched[i], single[i].certificate, rtol)]
+        compared += 1
+        if progress:
+            progress(1)
+    if mismatches:
+        raise AssertionError(f"vectorized and reference {certifier.name} certificates differ: "
+                             + "; ".join(mismatches[:5]))
+    ms = {"vectorized_batched": t_batched * 1e3 / n, "vectorized_one_frame_per_call": t_single * 1e3 / n,
+          "reference": t_ref * 1e3 / compared}
+    return {
+        "defense": certifier.name, "params": certifier.params, "threat": str(certifier.threat),
+        "rects": list(certifier.threat.keys), "maps_from_backend": certifier.engine.name,
+        "reference": f"{reference.__module__}: {' '.join((reference.__doc__ or '').split())}",
+        "engine_counted": engine_is_math, "frames_vectorized": n, "frames_reference": compared,
+        "repeats_vectorized": repeats, "ms_per_frame": ms,
+        "speedup": _ratio(ms["reference"], ms["vectorized_one_frame_per_call"]),
+        "speedup_batched": _ratio(ms["reference"], ms["vectorized_batched"]),
+        "identical_certificates": True, "margin_rtol": rtol, "frames_compared": compared,
+        "certified_among_compared": int(sum(d.certificate.certified for d in single[:compared])),
+    }

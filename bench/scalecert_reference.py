@@ -6,18 +6,27 @@
 * R(x): for every winner, every input pixel of its receptive field from the formula
   ``[i*stride - padding, i*stride - padding + rf - 1]``; a window is evaluated when one of its pixels is in R.
 * Each evaluated window: the frame with the window's pixels occluded, run alone through the engine.
-* Algorithm 2: every evaluated window's label equals the frame's, with a strictly positive logit gap.
-* Algorithm 1: for every patch location, the windows containing it; alert when all are evaluated and share one
-  label other than the frame's; else the majority vote over the evaluated windows' labels (ties alert).
+* Algorithm 2: every evaluated window's label equals the frame's, with a strictly positive logit gap; the margin
+  is the smallest gap over the frame and the evaluated windows.
+* Algorithm 1: for every patch location of every rectangle, the windows containing it; alert when all are
+  evaluated and share one label other than the frame's; else the majority vote over the evaluated windows'
+  labels of all rectangles (ties alert).
 
-``run``: (N, C+1, H, W) float32 -> (logits (N, K), winners (N, H', W')), the bundle's engine.
+``run``: (N, C+1, H, W) float32 -> (logits (N, K), winners (N, H', W')), the bundle's engine. Logits come from
+one engine call per window where the runtime batches them, so margins agree to float32 rounding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from certinfer.bench.reference import plain_reference
+from certinfer.runtime.defenses.scalecert import ScaleCertCertifier
 from certinfer.runtime.geometry import Geometry
+from certinfer.runtime.verdict import Certificate, RectCert
+from certinfer.threat import rect_key
 
 
 def axis_groups(side: int, window: int, tau: float) -> list[tuple[int, int]]:
@@ -72,31 +81,65 @@ def evaluate(run, x: np.ndarray, geometry: Geometry, rect: tuple[int, int], r: i
     return int(np.argmax(logits0[0])), logits0[0], results
 
 
+def gap(z: np.ndarray, label: int) -> float:
+    """The label's logit minus the best other class's."""
+    return float(z[label]) - max(float(v) for c, v in enumerate(z) if c != label)
+
+
+def margin_reference(label: int, z0: np.ndarray, results) -> float:
+    """Algorithm 2's margin: the smallest gap over the frame and every evaluated window (> 0 iff certified)."""
+    return min(gap(z, label) for z in [z0] + [z for _, used, z in results if used])
+
+
 def certify_reference(run, x: np.ndarray, geometry: Geometry, rect: tuple[int, int], r: int, tau: float) -> bool:
     """Algorithm 2, with ties as failures."""
     label, z0, results = evaluate(run, x, geometry, rect, r, tau)
-    for z in [z0] + [z for _, used, z in results if used]:
-        if int(np.argmax(z)) != label or z[label] <= max(v for c, v in enumerate(z) if c != label):
-            return False
-    return True
+    return margin_reference(label, z0, results) > 0
+
+
+def alerts(label: int, hw: tuple[int, int], evaluated: dict[tuple[int, int], list]) -> bool:
+    """Algorithm 1 over the evaluated windows of every rectangle (rect -> ``evaluate``'s results)."""
+    labels = [int(np.argmax(z)) for results in evaluated.values() for _, used, z in results if used]
+    if all(v == label for v in labels):
+        return False
+    for rect, results in evaluated.items():
+        for top in range(hw[0] - rect[0] + 1):
+            for left in range(hw[1] - rect[1] + 1):
+                covering = [(used, z) for (t, b, l, rr), used, z in results
+                            if t <= top and top + rect[0] <= b and l <= left and left + rect[1] <= rr]
+                said = {int(np.argmax(z)) if used else None for used, z in covering}
+                if len(said) == 1 and None not in said and said != {label}:
+                    return True
+    counts = {v: labels.count(v) for v in set(labels)}
+    top_count = max(counts.values())
+    return counts.get(label, 0) != top_count or sum(c == top_count for c in counts.values()) > 1
 
 
 def detect_reference(run, x: np.ndarray, geometry: Geometry, rect: tuple[int, int], r: int, tau: float) -> str:
-    """Algorithm 1: ``"alert"`` or ``"label"``."""
+    """Algorithm 1 for one rectangle: ``"alert"`` or ``"label"``."""
     label, _, results = evaluate(run, x, geometry, rect, r, tau)
-    labels = [int(np.argmax(z)) for _, used, z in results if used]
-    if all(v == label for v in labels):
-        return "label"
-    h, w = x.shape[1:]
-    for top in range(h - rect[0] + 1):
-        for left in range(w - rect[1] + 1):
-            covering = [(used, z) for (t, b, l, rr), used, z in results
-                        if t <= top and top + rect[0] <= b and l <= left and left + rect[1] <= rr]
-            said = {int(np.argmax(z)) if used else None for used, z in covering}
-            if len(said) == 1 and None not in said and said != {label}:
-                return "alert"
-    counts = {v: labels.count(v) for v in set(labels)}
-    top_count = max(counts.values())
-    if counts.get(label, 0) != top_count or sum(c == top_count for c in counts.values()) > 1:
-        return "alert"
-    return "label"
+    return "alert" if alerts(label, x.shape[1:], {rect: results}) else "label"
+
+
+@dataclass
+class Detection(Certificate):
+    """A detection certificate that also says whether Algorithm 1 raised an alert on the frame."""
+
+    alert: bool = False
+
+
+@plain_reference(margin_rtol=1e-4)
+def reference(certifier: ScaleCertCertifier, frames: np.ndarray) -> list[Certificate]:
+    """ScaleCert's certificates and alerts, looping over winners and pixels (R), windows and patch positions, one
+    engine call per evaluated window."""
+    o = certifier.options
+    out = []
+    for x in certifier.prepare(frames):
+        evaluated, per_rect, label = {}, {}, -1
+        for rect in certifier.threat.rects:
+            label, z0, evaluated[rect] = evaluate(certifier.run_engine, x, certifier.geometry, rect, o.r, o.tau)
+            m = margin_reference(label, z0, evaluated[rect])
+            per_rect[rect_key(rect)] = RectCert(m > 0, m)
+        cert = Certificate.from_rects(str(certifier.threat), per_rect, kind="detection")
+        out.append(Detection(**vars(cert), alert=alerts(label, x.shape[1:], evaluated)))
+    return out

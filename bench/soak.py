@@ -13,11 +13,7 @@ fail-safe reasons; frames/s; and ``ok``: every frame answered, exactly the bad f
 from __future__ import annotations
 
 import json
-import os
 import platform
-import re
-import resource
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,29 +24,15 @@ from typing import Optional
 import numpy as np
 import typer
 
+from certinfer.bench.bundles import load_certifier, packaged
+from certinfer.bench.machine import machine_info, machine_slug, peak_rss_mib, rss_mib, slug
+
 FLAT_MB = 32.0  # RSS growth after warm-up tolerated as allocator noise (onnxruntime arenas, numpy caches)
 CHECKPOINTS = 10
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def rss_mb() -> float:
-    """Resident set size now (Linux /proc), else the peak so far, in MiB."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-
-
 def machine() -> tuple[dict, str]:
     """This machine's description and file-name tag, as the latency bench names them (GPU, else CPU and cores)."""
-    from certinfer.bench.latency import machine_info, machine_slug
-
     info = machine_info()
     return info, machine_slug(info)
 
@@ -73,11 +55,10 @@ def bad_frames(hw: tuple[int, int]) -> list[tuple[str, object]]:
 def good_frames(source: str, hw: tuple[int, int], seed: int = 0) -> tuple[list[np.ndarray], str]:
     """The packaged sample frames (when this install has them and source is ``samples``), else random ones."""
     if source == "samples":
-        import certinfer
         from certinfer.runtime.stream import folder
 
         try:
-            frames = [f for _, f in folder(certinfer.sample_frames()) if isinstance(f, np.ndarray)]
+            frames = [f for _, f in folder(packaged("samples")) if isinstance(f, np.ndarray)]
             if frames:
                 return frames, "samples"
         except FileNotFoundError:
@@ -108,21 +89,6 @@ def expected_bad(n: int, bad_every: int, start: int = 0) -> int:
 
 # --- the soak -----------------------------------------------------------------------------------------
 
-def _load(bundle, backend: str, threads: int | None):
-    """certinfer.load with an engine thread cap (onnxruntime backends take ``threads``)."""
-    import certinfer
-    from certinfer.runtime.bundle import load_bundle
-    from certinfer.runtime.defenses import certifier_class
-    from certinfer.runtime.engines import load_engine
-    from certinfer.threat import parse
-
-    loaded = load_bundle(Path(bundle) if bundle is not None else certinfer.default_bundle())
-    options = {"threads": threads} if threads and (backend == "auto" or backend.startswith(("onnxruntime", "ort"))) \
-        else {}
-    cls = certifier_class(loaded.manifest["defense"]["kind"])
-    return cls(loaded, load_engine(loaded, backend=backend, **options), parse(loaded.manifest["threat"]))
-
-
 def soak(bundle=None, frames: int = 100_000, bad_every: int = 100, batch: int = 1, cameras: int = 1,
          source: str = "samples", backend: str = "auto", threads: int | None = 1, deadline_ms: float | None = None,
          checkpoints: int = CHECKPOINTS, progress=None) -> dict:
@@ -131,13 +97,13 @@ def soak(bundle=None, frames: int = 100_000, bad_every: int = 100, batch: int = 
 
     if frames < 1 or cameras < 1 or batch < 1 or bad_every < 0:
         raise ValueError("frames, cameras and batch must be >= 1 and bad_every >= 0")
-    rss_start = rss_mb()
-    certifier = _load(bundle, backend, threads)
+    rss_start = rss_mib()
+    certifier = load_certifier(bundle, backend, threads=threads)
     good, good_source = good_frames(source, certifier.input_hw)
     bad = bad_frames(certifier.input_hw)
     for _ in range(3):  # warm-up: engine arenas, first-call allocations
         certifier(np.stack([good[0]] * batch))
-    rss_warm = rss_mb()
+    rss_warm = rss_mib()
 
     per_camera = [frames // cameras + (1 if c < frames % cameras else 0) for c in range(cameras)]
     starts = [sum(per_camera[:c]) for c in range(cameras)]
@@ -158,7 +124,7 @@ def soak(bundle=None, frames: int = 100_000, bad_every: int = 100, batch: int = 
                 while next_mark[0] <= total:
                     next_mark[0] += step
                 elapsed = time.perf_counter() - t0
-                samples.append({"frames": total, "seconds": round(elapsed, 3), "rss_mb": round(rss_mb(), 1)})
+                samples.append({"frames": total, "seconds": round(elapsed, 3), "rss_mb": round(rss_mib(), 1)})
                 if progress is not None:
                     progress(f"soak: {total}/{frames} frames, {total / max(elapsed, 1e-9):.0f} frames/s, "
                              f"rss {samples[-1]['rss_mb']:.1f} MB")
@@ -200,7 +166,7 @@ def soak(bundle=None, frames: int = 100_000, bad_every: int = 100, batch: int = 
         total.reasons.update(s.reasons)
     n_bad = sum(expected_bad(per_camera[c], bad_every, starts[c]) for c in range(cameras))
     problems = sum((m for m in mismatches), Counter())
-    rss_end = rss_mb()
+    rss_end = rss_mib()
     growth = rss_end - rss_warm
     info, tag = machine()
     report = {
@@ -220,7 +186,7 @@ def soak(bundle=None, frames: int = 100_000, bad_every: int = 100, batch: int = 
         "mismatches": dict(problems),
         "seconds": round(elapsed, 3), "frames_per_s": round(frames / elapsed, 1),
         "rss_mb": {"start": round(rss_start, 1), "after_warmup": round(rss_warm, 1), "end": round(rss_end, 1),
-                   "peak": round(max(peak_rss_mb(), rss_end, *(c["rss_mb"] for c in samples)), 1),
+                   "peak": round(max(peak_rss_mib(), rss_end, *(c["rss_mb"] for c in samples)), 1),
                    "growth_after_warmup": round(growth, 1),
                    "flat_tolerance": FLAT_MB, "checkpoints": samples},
         "summary": str(total),
@@ -253,8 +219,7 @@ def soak_command(
                   progress=lambda line: typer.echo(line, err=True))
     if machine:
         report["machine"] = machine
-    tag = re.sub(r"[^a-z0-9]+", "-", report["machine"].lower()).strip("-")
-    path = out or Path("bench") / "results" / f"soak-{tag}.json"
+    path = out or Path("bench") / "results" / f"soak-{slug(report['machine'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     rss = report["rss_mb"]

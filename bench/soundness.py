@@ -17,16 +17,22 @@ import numpy as np
 import torch
 import typer
 
-import certinfer
 from certinfer.bench.attacks import (copied_contents, count_flips, locations, pgd_contents, random_contents,
                                      solid_contents)
+from certinfer.bench.bundles import load_certifier, packaged
 from certinfer.provenance import git_commit
+from certinfer.runtime.bundle import load_bundle
+from certinfer.runtime.certifier import Certifier
+from certinfer.runtime.defenses import DefenseError, defense
 from certinfer.train import data as datasets
 
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 # (label, rect, locations) -> a differentiable per-sample objective on a (L, C, H, W) batch of patched inputs
 Surrogate = Callable[[int, tuple[int, int], np.ndarray], Objective]
+Labels = Callable[[np.ndarray], np.ndarray]  # prepared (N, C, H, W) frames -> the label each would get
+ENGINE = "onnxruntime-cpu"  # the attacked bundles run where their certificates hold (bit-exact, fp32)
+ALERT = -2  # a patched frame the detector flagged
 
 
 def vote_gap_objective(scorer: torch.nn.Module, label: int) -> Objective:
@@ -102,23 +108,30 @@ def crop_vote_objective(model: torch.nn.Module, input_hw: tuple[int, int], crop_
     return objective
 
 
-def attack_certified(cert, surrogate: Surrogate, frames: np.ndarray, images: int, pgd_steps: int,
-                     seed: int = 0, chunk: int = 512) -> dict:
+def decided_labels(cert: Certifier) -> Labels:
+    """The certifier's own labels for prepared frames; an alert (a detection defense such as ScaleCert) is the
+    certificate holding, never a flip: it reads as :data:`ALERT`, which :func:`attack_certified` counts as none."""
+    return lambda batch: np.array([ALERT if d.status == "alert" else d.label for d in cert.certify(cert.infer(batch))])
+
+
+def attack_certified(cert: Certifier, surrogate: Surrogate, frames: np.ndarray, images: int, pgd_steps: int,
+                     seed: int = 0, chunk: int = 512, labels: Labels | None = None) -> dict:
     """Attack the first ``images`` certified frames at every location of every threat rectangle.
 
     Contents: random, solid, copied from a frame the certifier labels differently, and PGD on the torch
-    surrogate (transferred to the engine). The certifier's own engine and decision rule judge every patched
-    frame; returns the flips of certified labels per content kind.
+    surrogate (transferred to the engine). ``labels`` (default: the certifier's own decisions) judges every
+    patched frame; returns the flips of certified labels per content kind.
     """
     rng = np.random.default_rng(seed)
     x_all = cert.prepare(frames)
     verdicts = cert(frames)
     chosen = [i for i, v in enumerate(verdicts) if v.status == "certified"][:images]
     lo, hi = x_all.min(axis=(0, 2, 3)), x_all.max(axis=(0, 2, 3))
+    labels = labels or decided_labels(cert)
 
     def decide(batch: np.ndarray, label: int) -> np.ndarray:
-        # detection defenses (ScaleCert): an alert is the certificate holding, never a flip
-        return np.array([label if d.status == "alert" else d.label for d in cert.decide(batch, cert.run_engine(batch))])
+        found = labels(batch)
+        return np.where(found == ALERT, label, found)
 
     flips = {"random": 0, "solid": 0, "copied": 0, "pgd": 0}
     evaluated, t0 = 0, time.perf_counter()
@@ -144,7 +157,7 @@ def bagcert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, th
                       seed: int = 0) -> dict:
     from certinfer.export.bagcert import load_scorer
 
-    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    cert = load_certifier(bundle, ENGINE, threat)
     scorer, _ = load_scorer(checkpoint)
     report = attack_certified(cert, lambda label, rect, locs: vote_gap_objective(scorer, label),
                               datasets.load(data).x[:2000], images, pgd_steps, seed)
@@ -154,9 +167,9 @@ def bagcert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, th
 def masking_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,
                       seed: int = 0) -> dict:
     """PatchGuard bundles: local-logit (Mask-BN, CBN) or ablation (Mask-DS, DRS) per the bundle's params."""
-    from certinfer.export.patchguard import load_network
+    from certinfer.export.masking import load_network
 
-    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    cert = load_certifier(bundle, ENGINE, threat)
     model, _, _ = load_network(checkpoint)
     model.eval()
     if cert.source == "local-logits":
@@ -179,17 +192,19 @@ def cropping_soundness(bundle: Path, checkpoint: Path, data: str, images: int, t
     ``budget`` is (1 - threshold) x the patched frames. Exhaustive bundles are deterministic: the budget is 0."""
     from certinfer.export.cropping import load_network
 
-    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    cert = load_certifier(bundle, ENGINE, threat)
     if crop_seed is not None:
-        cert.fix_seed(crop_seed)
+        cert = cert.seeded(crop_seed)
     model, _, _ = load_network(checkpoint)
 
     def surrogate(label, rect, locs):
         return crop_vote_objective(model, cert.input_hw, cert.crop_hw, rect, locs, label, seed=seed)
 
+    o = cert.options
+    crops = cert.locations if o.exhaustive else o.crops
     report = attack_certified(cert, surrogate, datasets.load(data).x[:2000], images, pgd_steps, seed,
-                              chunk=max(1, 65536 // cert.crops))
-    budget = 0.0 if cert.mode == "exhaustive" else (1 - cert.threshold) * report["patched_frames_evaluated"]
+                              chunk=max(1, 65536 // crops))
+    budget = 0.0 if o.exhaustive else (1 - o.threshold) * report["patched_frames_evaluated"]
     return {"defense": "cropping", "params": cert.manifest["defense"]["params"], "bundle": str(bundle), "data": data,
             "budget": budget, **report}
 
@@ -200,7 +215,7 @@ def scalecert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, 
     the unoccluded frame's prediction (Algorithm 1's label) to the best rival through the SIN network."""
     from certinfer.export.scalecert import load_network
 
-    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    cert = load_certifier(bundle, ENGINE, threat)
     model, _, _ = load_network(checkpoint)
 
     def surrogate(label, rect, locs):
@@ -214,43 +229,18 @@ def scalecert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, 
             **report}
 
 
-class _IBPLabels:
-    """An IBP certifier as ``attack_certified`` sees it: clean frames get the full certifier's verdicts; a patched
-    frame needs only its label, the model engine's argmax (the certifier's label), so its bounds are skipped."""
-
-    def __init__(self, cert):
-        self.cert, self.threat, self.input_hw, self.engine = cert, cert.threat, cert.input_hw, cert.engine
-
-    def __call__(self, frames: np.ndarray):
-        return self.cert(frames)
-
-    def prepare(self, frames: np.ndarray) -> np.ndarray:
-        return self.cert.prepare(frames)
-
-    def run_engine(self, x: np.ndarray) -> np.ndarray:
-        return self.cert.logits(x)
-
-    def decide(self, x: np.ndarray, logits: np.ndarray) -> list:
-        from certinfer.runtime.certifier import Decision
-
-        return [Decision(label=int(label), certificate=None) for label in logits.argmax(axis=1)]
-
-
 def ibp_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,
                   seed: int = 0) -> dict:
     """IBP: PGD pushes the best rival's logit above the label's on the torch network the bundle was exported from."""
     from certinfer.export.ibp import load_network
 
-    cert = certinfer.load(bundle, backend="onnxruntime-cpu", threat=threat)
+    cert = load_certifier(bundle, ENGINE, threat)
     net, _, _ = load_network(checkpoint)
-    report = attack_certified(_IBPLabels(cert), lambda label, rect, locs: (lambda adv: _rival_gap(net(adv), label)),
-                              datasets.load(data).x[:2000], images, pgd_steps, seed)
+    report = attack_certified(cert, lambda label, rect, locs: (lambda adv: _rival_gap(net(adv), label)),
+                              datasets.load(data).x[:2000], images, pgd_steps, seed,
+                              labels=lambda batch: cert.logits(batch).argmax(axis=1))  # a label needs no bounds
     return {"defense": "ibp", "params": cert.manifest["defense"]["params"], "bundle": str(bundle), "data": data,
             **report}
-
-
-SOUNDNESS = {"bagcert": bagcert_soundness, "masking": masking_soundness, "cropping": cropping_soundness,
-             "scalecert": scalecert_soundness, "ibp": ibp_soundness}
 
 
 cli = typer.Typer(add_completion=False)
@@ -264,17 +254,19 @@ def soundness_command(
     images: int = typer.Option(20, min=1, help="Certified frames to attack"),
     threat: str = typer.Option("5x5,2x12,12x2", help="Rectangles to attack at every location"),
     pgd_steps: int = typer.Option(10, min=1),
-    out: Path = typer.Option(Path("bench/results/soundness-bagcert.json")),
+    out: Optional[Path] = typer.Option(None, help="Report JSON [default: bench/results/soundness-DEFENSE.json]"),
 ) -> None:
-    """Attack certified frames at every patch location; exit 1 if any certified label flips."""
-    from certinfer.runtime.bundle import load_bundle
-
+    """Attack certified frames at every patch location; exit 1 if any certified label flips (beyond a
+    probabilistic certificate's budget)."""
     torch.set_num_threads(1)
-    bundle = bundle or certinfer.default_bundle()
+    bundle = bundle or packaged("default_bundle")
     kind = load_bundle(bundle).manifest["defense"]["kind"]
-    if kind not in SOUNDNESS:
-        raise typer.BadParameter(f"no soundness attack for defense {kind!r} (have: {', '.join(SOUNDNESS)})")
-    report = SOUNDNESS[kind](bundle, checkpoint, data, images, threat, pgd_steps)
+    try:
+        attack = defense(kind).load("surrogate")
+    except DefenseError as e:
+        raise typer.BadParameter(f"no soundness attack for defense {kind!r}: {e}") from None
+    report = attack(bundle, checkpoint, data, images, threat, pgd_steps)
+    out = out or Path("bench/results") / f"soundness-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     typer.echo(json.dumps(report))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import typer
 
-from certinfer.bench.latency import defense_label, machine_slug, markdown_table
+from certinfer.bench.machine import machine_line, machine_slug
+from certinfer.bench.plots import defense_label, markdown_table, measured
 
 MARKERS = {"onnxruntime-cpu": "o", "torch-cpu": "s", "onnxruntime-cuda": "D", "torch-cuda": "v",
            "torch-cuda-graphs": "P", "tensorrt": "*"}
@@ -38,17 +39,10 @@ def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
 
 def certify_key(latency: dict) -> list[str]:
     """The keys under which ``certinfer certify`` reports the bundle's own decision rule, best first."""
-    d, threat = latency["bundle"]["defense"], latency["bundle"]["threat"]
-    params = d.get("params", {})
-    if d["kind"] == "bagcert":
-        return [params.get("condition", "3.2")]
-    if d["kind"] == "masking":
-        return [f"{params.get('variant')}@{threat}"]
-    if d["kind"] == "cropping":
-        if params.get("mode") == "exhaustive":
-            return ["exhaustive"]
-        return [f"{'r' if params.get('replace', True) else 'nr'}{params.get('crops')}"]
-    return ["default"]
+    from certinfer.bench.certify import evaluation_of
+
+    d = latency["bundle"]["defense"]
+    return evaluation_of(d["kind"]).own_keys(d.get("params", {}), latency["bundle"]["threat"])
 
 
 def _value(c: dict, key: str, threat: str, rect_keys: list[str]) -> float | None:
@@ -80,10 +74,6 @@ def certified_accuracy(latency: dict, certify: list[dict]) -> dict | None:
     return max(found, key=lambda f: (f["n"], f["mtime"])) if found else None
 
 
-def _measured(r: dict) -> dict:
-    return {k: b for k, b in r["backends"].items() if "skipped" not in b}
-
-
 def plot_latency(results: list[dict], path: Path) -> Path:
     """Per-frame ms by defense (one group each) and backend: batch-1 p50 and the best batch (log scale)."""
     import matplotlib
@@ -92,14 +82,14 @@ def plot_latency(results: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    backends = sorted({b["engine"] for r in results for b in _measured(r).values()})
+    backends = sorted({b["engine"] for r in results for b in measured(r).values()})
     fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(results)), 4.5))
     width = 0.8 / max(1, 2 * len(backends))
     for j, engine in enumerate(backends):
         for k, (what, hatch) in enumerate((("batch 1 p50", ""), ("best batch", "//"))):
             xs, ys = [], []
             for i, r in enumerate(results):
-                b = next((b for b in _measured(r).values() if b["engine"] == engine), None)
+                b = next((b for b in measured(r).values() if b["engine"] == engine), None)
                 if b is not None:
                     xs.append(i + (2 * j + k - len(backends) + 0.5) * width)
                     ys.append(b["batch1"]["stages_ms"]["total"]["p50"] if k == 0
@@ -132,7 +122,7 @@ def plot_accuracy_vs_latency(results: list[dict], certify: list[dict], path: Pat
         if acc is None:
             continue
         plotted = True
-        points = [(b["batch1"]["stages_ms"]["total"]["p50"], b["engine"]) for b in _measured(r).values()]
+        points = [(b["batch1"]["stages_ms"]["total"]["p50"], b["engine"]) for b in measured(r).values()]
         for ms, engine in points:
             ax.scatter([ms], [acc["value"]], color=f"C{i}", marker=MARKERS.get(engine, "^"))
         ax.annotate(f"{defense_label(r)} ({acc['data']}, {r['bundle']['threat']})", (min(points)[0], acc["value"]),
@@ -153,9 +143,7 @@ def plot_accuracy_vs_latency(results: list[dict], certify: list[dict], path: Pat
 
 
 def _machine_line(results: list[dict]) -> str:
-    machines = {f"{r['machine']['cpu']}, {r['machine']['cores']} cores"
-                + (f", {r['machine']['gpus'][0]['name']}" if r["machine"]["gpus"] else " (no GPU)") for r in results}
-    return "; ".join(sorted(machines))
+    return "; ".join(sorted({machine_line(r["machine"]) for r in results}))
 
 
 cli = typer.Typer(add_completion=False)

@@ -1,11 +1,11 @@
 """The ``certinfer`` command line.
 
-``run`` and ``inspect`` work against any bundle. ``train``, ``export`` and ``bench`` are groups whose
-subcommands come from the defenses: each registers ``name -> "module:attr"`` in :data:`TRAIN`,
-:data:`EXPORT` or :data:`BENCH` (attr: a typer.Typer with one command, or a click command), e.g.
-``certinfer train bagcert --preset gtsrb-cpu``. ``certify`` is one command for every bundle; its
-defense's function is registered in :data:`CERTIFY`. Modules are imported only when their command
-runs, so ``certinfer run`` never imports torch. Errors are one line on stderr unless ``--debug``.
+``run`` and ``inspect`` work against any bundle. ``train NAME`` and ``export NAME`` run a defense's trainer and
+exporter, found in the defense registry (:data:`certinfer.runtime.defenses.REGISTRY`), e.g.
+``certinfer train bagcert --preset gtsrb-cpu``; ``export`` also holds tools for any bundle (:data:`EXPORT_TOOLS`),
+``bench`` the benchmarks (:data:`BENCH`). ``certify`` is one command for every bundle: its defense's dataset
+evaluation comes from the registry. Modules are imported only when their command runs, so ``certinfer run``
+never imports torch. Errors are one line on stderr unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
@@ -21,24 +22,13 @@ from typing import Iterator, Optional
 import typer
 from typer.core import TyperGroup
 
-# Defense plug-ins: subcommand -> "module:attr". Registered here, imported on first use.
-TRAIN: dict[str, str] = {"bagcert": "certinfer.train.bagcert:cli", "patchguard": "certinfer.train.patchguard:cli",
-                         "cropping": "certinfer.train.cropping:cli", "ibp": "certinfer.train.ibp:cli",
-                         "scalecert": "certinfer.train.scalecert:cli"}
-EXPORT: dict[str, str] = {"bagcert": "certinfer.export.bagcert:cli", "patchguard": "certinfer.export.patchguard:cli",
-                          "cropping": "certinfer.export.cropping:cli",
-                          "ibp": "certinfer.export.ibp:cli",
-                          "scalecert": "certinfer.export.scalecert:cli",
-                          # any defense's bundle: a TensorRT plan, backend parity against onnxruntime CPU, a torch engine
-                          "trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli",
-                          "torch": "certinfer.export.torch_weights:cli"}
+from certinfer.runtime.defenses import REGISTRY, canonical
+
+# Subcommands that are no defense's: name -> "module:attr" (a typer.Typer with one command, or a click command).
+EXPORT_TOOLS: dict[str, str] = {"trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli",
+                                "torch": "certinfer.export.torch_weights:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
-                         "soak": "certinfer.bench.soak:cli",
-                         "soundness": "certinfer.bench.soundness:cli"}
-# defense kind -> "module:function"; called with the certify command's options as keyword arguments.
-CERTIFY: dict[str, str] = {"bagcert": "certinfer.bench.certify:bagcert", "masking": "certinfer.bench.certify:masking",
-                           "cropping": "certinfer.bench.certify:cropping", "ibp": "certinfer.bench.certify:ibp",
-                           "scalecert": "certinfer.bench.certify:scalecert"}
+                         "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli"}
 
 _state = {"debug": False}
 
@@ -64,36 +54,52 @@ def _stub(name: str, message: str):
     return typer.main.get_command(stub)
 
 
-def _plugin_group(registry: dict[str, str], what: str = "defense") -> type[TyperGroup]:
-    """A typer group whose subcommands are those registered in ``registry``, imported lazily."""
+def _defense_commands(part: str) -> Callable[[], dict[str, str]]:
+    """The registry's defenses that have ``part`` (``trainer``, ``exporter``), as subcommand -> target."""
+    return lambda: {name: getattr(d, part) for name, d in REGISTRY.items() if getattr(d, part)}
+
+
+def _missing(group: str, name: str, e: ImportError) -> str:
+    missing = e.name or str(e)
+    if missing == "certinfer" or missing.startswith("certinfer."):
+        return f"{group} {name}: {e}"
+    return f"{group} {name} needs {missing}: pip install 'certinfer[train]'"
+
+
+def _plugin_group(commands: Callable[[], dict[str, str]], what: str) -> type[TyperGroup]:
+    """A typer group whose subcommands are ``commands()`` (name -> "module:attr"), imported lazily; a defense's
+    older name (``patchguard``) finds its registry name's command."""
 
     class PluginGroup(TyperGroup):
         def list_commands(self, ctx: typer.Context) -> list[str]:
-            return [*super().list_commands(ctx), *sorted(registry)]
+            return [*super().list_commands(ctx), *sorted(commands())]
 
         def get_command(self, ctx: typer.Context, name: str):
-            group = self.name or ""
-            if name in registry:
-                try:
-                    target = _import(registry[name])
-                except ImportError as e:  # e.g. torch on a runtime-only install
-                    return _stub(name, f"{group} {name} needs {e.name or e}: pip install 'certinfer[train]'")
-                return typer.main.get_command(target) if isinstance(target, typer.Typer) else target
-            known = ", ".join(sorted(registry)) or "none yet"
-            return super().get_command(ctx, name) or _stub(
-                name, f"{group}: not available yet for {what} {name!r} (available: {known})")
+            group, known = self.name or "", commands()
+            target = known.get(name) or known.get(canonical(name))
+            if target is None:
+                return super().get_command(ctx, name) or _stub(
+                    name, f"{group}: no {what} {name!r} (available: {', '.join(sorted(known)) or 'none'})")
+            try:
+                command = _import(target)
+            except ImportError as e:  # e.g. torch on a runtime-only install
+                return _stub(name, _missing(group, name, e))
+            return typer.main.get_command(command) if isinstance(command, typer.Typer) else command
 
     return PluginGroup
 
 
 app = typer.Typer(name="certinfer", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certified patch defenses: certify every frame, train, export, benchmark.")
-train_app = typer.Typer(cls=_plugin_group(TRAIN), no_args_is_help=True, help="Train a defense: certinfer train DEFENSE ...")
-export_app = typer.Typer(cls=_plugin_group(EXPORT), no_args_is_help=True,
+train_app = typer.Typer(cls=_plugin_group(_defense_commands("trainer"), "defense"), no_args_is_help=True,
+                        help="Train a defense: certinfer train DEFENSE ...")
+export_app = typer.Typer(cls=_plugin_group(lambda: {**_defense_commands("exporter")(), **EXPORT_TOOLS},
+                                           "defense or tool"), no_args_is_help=True,
                          help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...; "
                               "add a TensorRT plan to any bundle: certinfer export trt BUNDLE; a torch engine: "
                               "certinfer export torch BUNDLE CHECKPOINT")
-bench_app = typer.Typer(cls=_plugin_group(BENCH, "benchmark"), no_args_is_help=True, help="Latency and accuracy benchmarks.")
+bench_app = typer.Typer(cls=_plugin_group(lambda: BENCH, "benchmark"), no_args_is_help=True,
+                        help="Latency and accuracy benchmarks.")
 app.add_typer(train_app, name="train")
 app.add_typer(export_app, name="export")
 app.add_typer(bench_app, name="bench")
@@ -263,8 +269,10 @@ def certify(
         None, "--bundle-sha256", help="Refuse any bundle but the one with this digest (certinfer inspect prints it)"),
 ) -> None:
     """Certified accuracy of a bundle on a dataset against threats (or --merge shard results)."""
+    from certinfer.bench.certify import Job, merge_files
+
     if merge:
-        _import("certinfer.bench.certify:merge_files")(merge, out, plot)
+        merge_files(merge, out, plot)
         return
     if bundle is None or data is None:
         raise CLIError("certify needs a BUNDLE and --data (or --merge shard results)")
@@ -272,11 +280,12 @@ def certify(
 
     verified = load_bundle(bundle, expect_sha256=bundle_sha256)
     kind = verified.manifest["defense"]["kind"]
-    if kind not in CERTIFY:
-        raise CLIError(f"certify: not available yet for defense {kind!r} "
-                       f"(available: {', '.join(sorted(CERTIFY)) or 'none yet'})")
-    _import(CERTIFY[kind])(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit,
-                           shard=shard, out=out, plot=plot, params=_param(param), sha256=verified.digest)
+    entry = REGISTRY.get(canonical(kind))
+    if entry is None or not entry.certify:
+        available = ", ".join(sorted(n for n, d in REGISTRY.items() if d.certify))
+        raise CLIError(f"certify: no dataset evaluation for defense {kind!r} (available: {available})")
+    entry.load("certify")(Job(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit, shard=shard,
+                   params=_param(param), sha256=verified.digest), out, plot)
 
 
 def _one_line(e: BaseException) -> str:

@@ -6,7 +6,7 @@ import pytest
 from certinfer.threat import parse, rect_key
 from certinfer.runtime.defenses import bagcert
 from certinfer.runtime.geometry import Geometry
-from certinfer.bench.reference import condition_31_margin as brute_force_31
+from certinfer.bench.bagcert_reference import condition_31_margin as brute_force_31
 
 
 def random_geometry(rng):

@@ -1,4 +1,5 @@
-"""Benchmarks: the plain BagCert reference agrees with the vectorized math; `certinfer bench latency` runs."""
+"""Benchmarks: every defense's plain reference agrees with its vectorized math; `certinfer bench latency` runs;
+cropping's dataset variants read off one exhaustive pass equal their own inference."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from certinfer.bench.reference import certify_reference, condition_31_margin
-from certinfer.runtime.defenses import bagcert
+from certinfer.bench.bagcert_reference import certify_reference, condition_31_margin
+from certinfer.runtime.defenses import bagcert, defense
 from certinfer.runtime.geometry import Geometry
+from certinfer.runtime.loader import load
 from certinfer.threat import parse, rect_key
 
 TINY = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
 CLASSES = ["a", "b", "c", "d"]
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def _random_case(rng):
@@ -32,15 +35,16 @@ def _random_case(rng):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_reference_equals_vectorized_certify(seed):
+@pytest.mark.parametrize("condition", ["3.2", "3.3"])
+def test_reference_equals_vectorized_certify(seed, condition):
     rng = np.random.default_rng(seed)
     g, s = _random_case(rng)
     threat = parse("1x1,2x3,area:6", input_hw=g.input_hw)
     labels = np.zeros(len(s), np.intp)
     uncertain = (rng.random(s.shape) < 0.05).astype(np.uint8) if seed % 2 else None
-    fast = bagcert.certify(s, labels, g, threat, uncertain=uncertain)
+    fast = bagcert.certify(s, labels, g, threat, condition=condition, uncertain=uncertain)
     for i in range(len(s)):
-        ref = certify_reference(s[i], 0, g, threat, uncertain=None if uncertain is None else uncertain[i])
+        ref = certify_reference(s[i], 0, g, threat, None if uncertain is None else uncertain[i], condition)
         assert ref == fast[i]  # same flag and margin for every rectangle, and for the threat as a whole
 
 
@@ -52,14 +56,81 @@ def test_reference_condition_31_equals_32():
         assert ref.per_rect[rect_key(rect)].margin == condition_31_margin(s[0], 0, g, rect)
 
 
+def _golden_frames(hw: tuple[int, int], n: int = 3) -> np.ndarray:
+    """The golden frames of the model's input size, then random ones up to ``n``."""
+    with np.load(GOLDEN / "frames.npz", allow_pickle=False) as f:
+        frames = f[f"{hw[0]}x{hw[1]}"][:n]
+    extra = np.random.default_rng(0).integers(0, 256, (n - len(frames), *hw, 3), dtype=np.uint8)
+    return np.concatenate([frames, extra])
+
+
+@pytest.mark.parametrize("name, threat", [("bagcert", None), ("masking-bn", None), ("masking-ds", None),
+                                          ("cropping-sample", None), ("cropping-exhaustive", None),
+                                          ("scalecert", None), ("ibp", "2x2")])
+def test_every_defense_math_equals_its_plain_reference(name: str, threat: str | None):
+    """The registry's reference of each golden bundle's defense gives the runtime's certificates (and ScaleCert's
+    alerts) frame for frame; the result reports the timings latency writes."""
+    pytest.importorskip("torch")
+    from certinfer.bench.reference import math_vs_reference
+
+    certifier = load(GOLDEN / "bundles" / name, backend="onnxruntime-cpu", threat=threat)
+    frames = _golden_frames(certifier.input_hw)
+    reference = defense(certifier.name).load("reference")
+    m = math_vs_reference(certifier, frames, reference, reference_frames=2, repeats=1)
+    assert m["identical_certificates"] and m["frames_compared"] == 2 and m["frames_vectorized"] == 3
+    assert m["defense"] == certifier.name and m["rects"] == list(certifier.threat.keys)
+    assert set(m["ms_per_frame"]) == {"vectorized_batched", "vectorized_one_frame_per_call", "reference"}
+    assert m["speedup"] > 0 and m["engine_counted"] == (name == "ibp")
+
+
+def test_a_reference_that_disagrees_fails_the_comparison():
+    from certinfer.bench.reference import math_vs_reference, plain_reference
+    from certinfer.runtime.verdict import RectCert
+
+    certifier = load(GOLDEN / "bundles" / "bagcert", backend="onnxruntime-cpu")
+    plain = defense("bagcert").load("reference")
+
+    @plain_reference()
+    def off_by_one(c, frames):
+        certs = plain(c, frames)
+        for cert in certs:
+            key = next(iter(cert.per_rect))
+            cert.per_rect[key] = RectCert(cert.per_rect[key].certified, cert.per_rect[key].margin + 1)
+        return certs
+
+    with pytest.raises(AssertionError, match="vectorized and reference bagcert certificates differ"):
+        math_vs_reference(certifier, _golden_frames(certifier.input_hw, 2), off_by_one, reference_frames=1)
+
+
+def test_cropping_variants_read_off_one_exhaustive_pass_equal_their_own_inference():
+    """A sampled variant certified from the exhaustive pass's predictions draws the crops its own seeded inference
+    draws, so its decisions are those of running it; the exhaustive variants are the pass's own."""
+    from certinfer.bench.certify import cropping_variants
+
+    base = load(GOLDEN / "bundles" / "cropping-sample", backend="onnxruntime-cpu")
+    source = base.with_options(exhaustive=True)
+    frames = _golden_frames(base.input_hw)
+    variants = cropping_variants(source, "3x1", seed=7)
+    assert next(iter(variants)) == "r128" and {"nr64", "r128-p0.99", "exhaustive@shapes"} <= set(variants)
+    assert "nr512" not in variants  # more crops than locations cannot be drawn without replacement
+    assert {v.infer_key() for v in variants.values()} == {source.infer_key()}  # one engine pass
+    features, _ = source.timed_features(frames)
+    for name in ("r64", "nr128", "r128-p0.93", "r128@shapes", "exhaustive", "exhaustive@shapes"):
+        got = variants[name].certify(features)
+        own = variants[name].variant
+        want = own.certify(own.infer(own.prepare(frames))) if own.options.exhaustive else \
+            own.seeded(7).certify(own.seeded(7).infer(own.prepare(frames)))
+        assert [(d.label, d.certificate) for d in got] == [(d.label, d.certificate) for d in want], name
+
+
 @pytest.fixture(scope="module")
 def bagcert_bundle(tmp_path_factory) -> Path:
     """A real (untrained, random-weight) BagCert bundle: enough for timing."""
     torch = pytest.importorskip("torch")
-    from certinfer.export.bagcert import CodeMap
     from certinfer.export.bundle_writer import write_bundle
     from certinfer.export.onnx_export import export_onnx
     from certinfer.train.bagcert import build_scorer
+    from certinfer.train.models.bagcert import CodeMap
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -93,12 +164,12 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     with pytest.raises(SystemExit) as e:
         main(["bench", "latency", str(bagcert_bundle), "--backend", "onnxruntime-cpu", "--backend", "torch-cpu",
               "--frames", "3", "--batches", "1,4,12", "--seconds", "0", "--threads", "1", "--vectorized-frames", "4",
-              "--reference-frames", "2", "--data", f"folder:{data}", "--limit", "5", "--out-dir", str(out),
-              "--machine", "testbox", "--threat", "3x3,2x2"])
+              "--reference-frames", "2", "--data", f"folder:{data}", "--limit", "5",
+              "--out", str(out / "latency-tinybag.json"), "--threat", "3x3,2x2"])
     captured = capsys.readouterr()
     assert e.value.code == 0, captured.err
     paths = json.loads(captured.out.strip().splitlines()[-1])
-    assert Path(paths["json"]) == out / "latency-bagcert-tinybag-testbox.json"
+    assert paths == {"json": str(out / "latency-tinybag.json"), "png": str(out / "latency-tinybag.png")}
     r = json.loads(Path(paths["json"]).read_text())
     assert {"machine", "versions", "commit", "date", "bundle", "settings", "note", "backends", "math_vs_reference",
             "dataset", "targets", "peak_rss_mib"} <= set(r)
@@ -110,6 +181,7 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     assert {"p50", "p90", "p99"} <= set(cpu["batch1"]["stages_ms"]["certify"])
     assert [p["batch"] for p in cpu["batches"]] == [1, 4, 12]  # 12 > the engine's max batch 8: chunked
     assert cpu["best_batch"]["batch"] in (1, 4, 12) and cpu["peak_rss_mib"] > 0
+    assert cpu["expansion"] is None  # one engine input per frame
     assert cpu["dataset"]["n"] == 5 and r["dataset"]["onnxruntime-cpu"]["images_per_second"] > 0
     m = r["math_vs_reference"]
     assert m["identical_certificates"] and m["frames_compared"] == 2 and m["rects"] == ["3x3", "2x2"]
@@ -118,7 +190,7 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     assert any("5%" in t["target"] for t in r["targets"])
     assert Path(paths["png"]).stat().st_size > 1000
     assert "math (3x3,2x2)" in captured.err
-    from certinfer.bench.latency import markdown_table
+    from certinfer.bench.plots import markdown_table
 
     assert "| tinybag | bagcert |" in markdown_table([r]).splitlines()[2]
     certify = {"bundle": str(bagcert_bundle), "data": "folder:x", "n": 5, "threat": "3x3,2x2",
@@ -137,7 +209,7 @@ def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
     """Randomized cropping with a torch engine: both backends measured, crop building timed apart from the engine,
     and the loop reference gives identical certificates."""
     torch = pytest.importorskip("torch")
-    from certinfer.bench.latency import run_latency
+    from certinfer.bench.latency import LatencyOptions, run_latency
     from certinfer.export.bundle_writer import write_bundle
     from certinfer.export.onnx_export import export_onnx
     from certinfer.export.torch_weights import torch_engine
@@ -145,8 +217,8 @@ def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = models.config("cropnet", len(CLASSES), dict(input_hw=(16, 16), crop_hw=(8, 8), widths=(4, 4, 8, 8)),
-                           (5, 8, 8))
+    config = models.config("cropnet", len(CLASSES),
+                           dict(input_hw=(16, 16), crop_hw=(8, 8), widths=(4, 4, 8, 8)), (5, 8, 8))
     net = models.build(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,14 +233,15 @@ def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
         "provenance": {"commit": "test"},
     }
     bundle = write_bundle(tmp_path / "tinycrop", manifest, {"model.onnx": model, "model.safetensors": weights})
-    r = run_latency(bundle, ("onnxruntime-cpu", "torch-cpu"), frames=3, batches=(1, 4), seconds=0.0, threads=1,
-                    vectorized_frames=4, reference_frames=2, progress=False, note="test")
+    options = LatencyOptions(backends=("onnxruntime-cpu", "torch-cpu"), frames=3, batches=(1, 4), seconds=0.0,
+                             threads=1, vectorized_frames=4, reference_frames=2, note="test")
+    r = run_latency(bundle, options, progress=False)
     assert {r["backends"][b]["engine"] for b in ("onnxruntime-cpu", "torch-cpu")} == {"onnxruntime-cpu", "torch-cpu"}
     e = r["backends"]["torch-cpu"]["expansion"]
     assert e["engine_inputs_per_frame"] == 16 and e["build_over_engine"] > 0
     m = r["math_vs_reference"]
     assert m["defense"] == "cropping" and m["identical_certificates"] and m["frames_compared"] == 2
-    assert any("crops (one gather) preparation" in t["target"] for t in r["targets"])
+    assert any("engine inputs built" in t["target"] for t in r["targets"])
     assert r["conditions"] == "test" and len(r["load_average"]["end"]) == 3 and m["rects"] == ["3x3"]
     from certinfer.export.parity import backend_parity
     from certinfer.runtime.bundle import load_bundle
@@ -183,6 +256,6 @@ def test_latency_cli_rejects_unknown_backends_and_bad_batches(bagcert_bundle: Pa
 
     for args, code, msg in ((["--backend", "nope"], 1, "unknown backend"), (["--batches", "0,2"], 2, "positive")):
         with pytest.raises(SystemExit) as e:
-            main(["bench", "latency", str(bagcert_bundle), "--out-dir", str(tmp_path), *args])
+            main(["bench", "latency", str(bagcert_bundle), "--out", str(tmp_path / "r.json"), *args])
         err = capsys.readouterr().err
         assert e.value.code == code and msg in err and err.count("\n") == 1
