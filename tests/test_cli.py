@@ -142,25 +142,48 @@ def test_bad_threat_and_usage_errors(capsys, tiny_bundle: Path, tmp_path: Path):
     assert code == 2 and err.startswith("certinfer: error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("args", [["train", "nodefense", "--preset", "gtsrb-cpu"], ["export", "nodefense", "ck", "out"],
-                                  ["bench", "nobench"]])
-def test_unregistered_plugin_commands_say_they_are_not_available(capsys, args: list[str]):
+@pytest.mark.parametrize("args, what", [(["train", "nodefense", "--preset", "gtsrb-cpu"], "defense"),
+                                        (["export", "nodefense", "ck", "out"], "defense or tool"),
+                                        (["bench", "nobench"], "benchmark")])
+def test_unknown_subcommands_name_what_is_available(capsys, args: list[str], what: str):
     code, _, err = cli(capsys, *args)
-    assert code == 1 and f"{args[0]}: not available yet for" in err and err.count("\n") == 1
+    assert code == 1 and err.startswith(f"certinfer: error: {args[0]}: no {what} {args[1]!r} (available: ")
+    assert err.count("\n") == 1
+
+
+def test_train_and_export_list_the_registry_and_tools(capsys):
+    from certinfer.runtime.defenses import REGISTRY
+
+    _, out, _ = cli(capsys, "train", "--help")
+    assert all(name in out for name, d in REGISTRY.items() if d.trainer) and "patchguard" not in out
+    _, out, _ = cli(capsys, "export", "--help")
+    assert all(name in out for name in ("bagcert", "masking", "trt", "parity", "torch"))
+
+
+@pytest.mark.parametrize("group", ["train", "export"])
+def test_the_older_name_patchguard_runs_masking(capsys, group: str):
+    pytest.importorskip("torch")
+
+    def help_of(name: str) -> tuple[int, list[str]]:
+        code, out, err = cli(capsys, group, name, "--help")
+        assert not err
+        return code, [line.strip() for line in out.splitlines() if "Usage:" not in line]  # the usage names the name
+
+    assert help_of("patchguard") == help_of("masking") and help_of("masking")[0] == 0
 
 
 def test_certify_names_the_bundles_defense(capsys, tiny_bundle: Path):
     code, _, err = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "--threat", "5x5")
-    assert code == 1 and err.startswith("certinfer: error: certify: not available yet for defense 'test-argmax'")
+    assert code == 1 and err.startswith("certinfer: error: certify: no dataset evaluation for defense 'test-argmax'")
 
 
-def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path):
+def _plugin(monkeypatch: pytest.MonkeyPatch):
+    """A defense 'toy' with a trainer, and a dataset evaluation for the test bundles' defense, in the registry."""
     import types
 
     import typer
 
-    from certinfer import cli as cli_module
-    from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.defenses import REGISTRY, Defense
 
     plugin = types.ModuleType("certinfer_test_plugin")
     plugin.app = typer.Typer()
@@ -169,21 +192,31 @@ def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch
     def train(preset: str = typer.Option(...), epochs: int = 1) -> None:
         typer.echo(f"training {preset} for {epochs}")
 
-    plugin.certify = lambda **options: typer.echo(f"certify {options['data']} {options['params']} {options['sha256']}")
+    plugin.certify = lambda job, out, plot: typer.echo(f"certify {job.data} {job.params} {job.sha256} {out}")
     monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
-    monkeypatch.setitem(cli_module.TRAIN, "toy", "certinfer_test_plugin:app")
-    monkeypatch.setitem(cli_module.CERTIFY, "test-argmax", "certinfer_test_plugin:certify")
+    monkeypatch.setitem(REGISTRY, "toy", Defense("toy", certifier="certinfer_test_plugin:none",
+                                                 trainer="certinfer_test_plugin:app", aliases=("toy-old",)))
+    monkeypatch.setitem(REGISTRY, "test-argmax", Defense("test-argmax", certifier="certinfer_test_plugin:none",
+                                                         certify="certinfer_test_plugin:certify"))
+
+
+def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path, tmp_path: Path):
+    from certinfer.runtime.bundle import load_bundle
+
+    _plugin(monkeypatch)
     assert cli(capsys, "train", "toy", "--preset", "gtsrb-cpu", "--epochs", "3")[:2] == (0, "training gtsrb-cpu for 3\n")
-    code, out, _ = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "-p", "condition=3.3")
+    assert cli(capsys, "train", "toy-old", "--preset", "x")[:2] == (0, "training x for 1\n")  # an alias
+    code, out, _ = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "-p", "condition=3.3",
+                       "--out", str(tmp_path / "r.json"))
     # the digest the CLI verified is pinned for the certify run's own load: a bundle swapped in between is refused
     digest = load_bundle(tiny_bundle).digest
-    assert (code, out) == (0, f"certify gtsrb:test {{'condition': '3.3'}} {digest}\n")
+    assert (code, out) == (0, f"certify gtsrb:test {{'condition': '3.3'}} {digest} {tmp_path / 'r.json'}\n")
 
 
 def test_a_plugin_whose_dependencies_are_missing_says_what_to_install(capsys, monkeypatch: pytest.MonkeyPatch):
     from certinfer import cli as cli_module
 
-    monkeypatch.setitem(cli_module.EXPORT, "toy", "certinfer_no_such_module:app")
+    monkeypatch.setitem(cli_module.EXPORT_TOOLS, "toy", "certinfer_no_such_module:app")
     code, _, err = cli(capsys, "export", "toy", "ck", "out")
     assert code == 1 and err == ("certinfer: error: export toy needs certinfer_no_such_module: "
                                  "pip install 'certinfer[train]'\n")
