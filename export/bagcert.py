@@ -18,25 +18,24 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.threat import parse
-from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.exporter import (cpu_session, eval_split, load_trained, manifest, onnx_engine, prepare,
+                                       publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.parity import backend_parity, parity_problems
 from certinfer.export.probe import expose_input_of, probe
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.geometry import Geometry
-from certinfer.train import data as datasets
-from certinfer.train.bagcert import build_scorer
+from certinfer.threat import parse
 from certinfer.train import models
-from certinfer.train.loop import load_checkpoint, normalize, to_nchw
+from certinfer.train.bagcert import build_scorer
 from certinfer.train.models.bagcert import CodeMap, RegionScorer
 
+DEFENSE = "bagcert"
 PARITY_EPS = 1e-4  # cells whose fp32 pre-activation is this close to 0 may legitimately differ between backends
+PARITY_FRAMES = 256  # test images for torch parity and for every other backend against onnxruntime CPU
 
 
 def load_scorer(checkpoint: Path) -> tuple[RegionScorer, dict]:
-    state, meta = load_checkpoint(checkpoint)
+    state, meta = load_trained(checkpoint, DEFENSE)
     scorer = build_scorer(meta["num_classes"], meta["config"]["model"])
     scorer.load_state_dict(state)
     return scorer.eval(), meta
@@ -47,14 +46,11 @@ def _torch_config(meta: dict, tolerance: float) -> dict:
                          tolerance=tolerance)
 
 
-def code_map(checkpoint: Path, tolerance: float) -> tuple[CodeMap, dict]:
-    """The module a BagCert bundle's ONNX is exported from, and its torch engine config."""
+def exported_module(checkpoint: Path, bundle_manifest: dict) -> tuple[CodeMap, dict]:
+    """The module a BagCert bundle's ONNX is exported from (at the bundle's tolerance), and its torch config."""
+    tolerance = float(bundle_manifest["defense"]["params"]["tolerance"])
     scorer, meta = load_scorer(Path(checkpoint))
     return CodeMap(scorer, tolerance).eval(), _torch_config(meta, tolerance)
-
-
-def _session(model: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
 def parity(scorer: RegionScorer, session: ort.InferenceSession, x: np.ndarray) -> dict:
@@ -73,14 +69,6 @@ def parity(scorer: RegionScorer, session: ort.InferenceSession, x: np.ndarray) -
     return report
 
 
-def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
-    """Accuracy measured through the runtime itself (bundle loaded and verified, onnxruntime CPU engine)."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
-
-    return evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y)
-
-
 def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: float = 0.05,
                    probe_trials: int = 96, max_batch: int = 1024, data_dir: str | None = None,
                    eval_data: str | None = None) -> dict:
@@ -88,47 +76,29 @@ def export_bagcert(checkpoint: Path, out: Path, threat: str = "5x5", tolerance: 
     scorer, meta = load_scorer(Path(checkpoint))
     hw = tuple(meta["input_hw"])
     geometry = Geometry.from_dict(meta["geometry"])
-    parse(threat, input_hw=hw)  # fail early on a threat that does not fit
-    test = datasets.load(eval_data or meta["dataset"]["test"], data_dir)
-    x = normalize(to_nchw(test.x[:256]), meta["mean"], meta["std"]).numpy()
+    rects = list(parse(threat, input_hw=hw).rects)  # fail early on a threat that does not fit
+    test = eval_split(meta, hw, data_dir, eval_data)
+    x = prepare(test.x[:PARITY_FRAMES], hw, meta["mean"], meta["std"])
     module = CodeMap(scorer, tolerance).eval()
     model = export_onnx(module, (torch.from_numpy(x[:2]),), ["input"], ["scores"])
     torch_entry, weights = torch_engine(module, _torch_config(meta, tolerance), max_batch)
-    files = {"model.onnx": model, "model.safetensors": weights}
-    session = _session(expose_input_of(model, "GreaterOrEqual"))
+    session = cpu_session(expose_input_of(model, "GreaterOrEqual"))
     parity_report = parity(scorer, session, x)
-    rects = list(parse(threat, input_hw=hw).rects) + [(1, 1)]
     probe_report = probe(lambda b: session.run(["preactivation"], {"input": b})[0].transpose(0, 2, 3, 1),
-                         x, geometry, rects, trials=probe_trials)
-    manifest = {
-        "schema": 1,
-        "defense": {"kind": "bagcert", "params": {"condition": "3.2", "tolerance": tolerance}},
-        "input": {"hw": list(hw), "channels": 3, "mean": meta["mean"], "std": meta["std"],
-                  "classes": meta["classes"], "resize": "bilinear"},
-        "geometry": geometry.to_dict(),
-        "threat": threat,
-        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}, torch_entry],
-        "probe": {"backend": "onnxruntime-cpu", "op": "GreaterOrEqual", **probe_report,
-                  "exact_backends": ["onnxruntime-cpu"]},
-        "parity": {"torch_vs_onnxruntime-cpu": parity_report},
-        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
-                      | {"train_metrics": meta.get("metrics", {})},
-    }
-    write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
-    # every other backend installed here against onnxruntime CPU (GPU backends where they exist)
-    manifest["parity"]["backends"] = backend_parity(load_bundle(out), test.x[:256], source=test.name)
-    if problems := parity_problems(manifest["parity"]["backends"]):
-        raise AssertionError(f"a backend installed here breaks the certificate policy: {'; '.join(problems)}")
-    write_bundle(out, manifest, files)
-    return manifest
+                         x, geometry, rects + [(1, 1)], trials=probe_trials)
+    m = manifest(DEFENSE, {"condition": "3.2", "tolerance": tolerance}, hw, meta["mean"], meta["std"],
+                 meta["classes"], threat, [onnx_engine(max_batch), torch_entry],
+                 {"torch_vs_onnxruntime-cpu": parity_report}, meta, geometry=geometry.to_dict(),
+                 probe={"backend": "onnxruntime-cpu", "op": "GreaterOrEqual", **probe_report,
+                        "exact_backends": ["onnxruntime-cpu"]})
+    return publish(out, m, {"model.onnx": model, "model.safetensors": weights}, test,
+                   parity_frames=test.x[:PARITY_FRAMES])
 
 
 cli = typer.Typer(add_completion=False)
 
 
-@cli.command("bagcert")
+@cli.command(DEFENSE)
 def export_command(
     checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train bagcert"),
     out: Path = typer.Argument(..., help="Bundle folder to write"),
@@ -138,6 +108,4 @@ def export_command(
     data_dir: Optional[str] = typer.Option(None, help="Data folder for parity images and the accuracy check"),
 ) -> None:
     """Export to ONNX, check parity and the receptive field, measure accuracy, write the bundle."""
-    manifest = export_bagcert(checkpoint, out, threat, tolerance, probe_trials, data_dir=data_dir)
-    typer.echo(json.dumps({"bundle": str(out), "metrics": manifest["provenance"]["metrics"]["certified_accuracy"],
-                           "clean": manifest["provenance"]["metrics"]["clean_accuracy"]}))
+    typer.echo(summary(out, export_bagcert(checkpoint, out, threat, tolerance, probe_trials, data_dir=data_dir)))

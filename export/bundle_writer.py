@@ -1,4 +1,4 @@
-"""Write a bundle folder (manifest + engine files, hashes filled in) and pack it as a .tar.
+"""Write a bundle folder (engine files, then the sealed manifest with their hashes) and pack it as a .tar.
 
 numpy/stdlib only: the export side of every defense calls this, and so may tools where torch is absent.
 """
@@ -12,16 +12,17 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from certinfer.runtime.bundle import (DIGEST_KEY, MANIFEST, SCHEMA, BundleError, check_name, manifest_digest,
-                                      sha256_file, validate_manifest)
+from certinfer.runtime.bundle import (DIGEST_KEY, MANIFEST, SCHEMA, Bundle, BundleError, check_name,
+                                      manifest_digest, sha256_file, validate_manifest)
 
 
-def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path | bytes]) -> Path:
-    """Copy ``files`` (name -> source path or bytes) into ``out_dir`` and write ``manifest.json``.
+def stage_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path | bytes]) -> Bundle:
+    """Copy ``files`` (name -> source path or bytes) into ``out_dir``: the bundle ``manifest`` describes, before
+    its ``manifest.json`` is written (:func:`write_manifest`), e.g. to measure it through the runtime first.
 
-    Every engine entry gets the sha256 of its copied file; ``schema`` defaults to the current version; the
-    manifest is sealed with ``manifest_sha256`` (any digest given in ``manifest`` is replaced). The manifest is
-    validated before anything is written, so a bad one leaves no half-written bundle behind.
+    Every engine entry gets the sha256 of its copied file; ``schema`` defaults to the current version. The
+    manifest is validated before anything is written, and a ``manifest.json`` already in ``out_dir`` is removed
+    first, so the folder is a loadable bundle only once :func:`write_manifest` has run.
     """
     out = Path(out_dir)
     m = copy.deepcopy(manifest)
@@ -38,6 +39,7 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path |
     if missing:
         raise BundleError(f"engine files not given to write_bundle: {missing}")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     for name, src in files.items():
         if isinstance(src, (bytes, bytearray, memoryview)):
             (out / name).write_bytes(src)
@@ -45,19 +47,28 @@ def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path |
             shutil.copyfile(src, out / name)
     for e in m["engines"]:
         e["sha256"] = sha256_file(out / e["file"])  # the hash of what the bundle holds, not of the source
-    _write_manifest(out, m)
-    return out
+    return Bundle(path=out, manifest=m)
 
 
-def runtime_metrics(bundle_dir: str | Path, split, threat: str, batch: int = 256) -> dict:
-    """Accuracy measured through the runtime itself on a written bundle (loaded and verified, onnxruntime CPU
-    engine), with the data it was measured on: what an exporter records as ``provenance.metrics``."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
+def write_manifest(bundle: Bundle) -> Path:
+    """Validate, seal and write a staged bundle's manifest; returns the bundle folder."""
+    bundle.manifest.pop(DIGEST_KEY, None)
+    validate_manifest(bundle.manifest)
+    _write_manifest(bundle.path, bundle.manifest)
+    return bundle.path
 
-    result = evaluate_certifier(certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat), split.x, split.y,
-                                batch=batch)
-    return {**result, "data": split.name, "data_note": split.note}
+
+def write_bundle(out_dir: str | Path, manifest: dict, files: Mapping[str, Path | bytes]) -> Path:
+    """Copy ``files`` (name -> source path or bytes) into ``out_dir`` and write the sealed ``manifest.json``
+    (see :func:`stage_bundle`); any digest given in ``manifest`` is replaced."""
+    return write_manifest(stage_bundle(out_dir, manifest, files))
+
+
+def rewrite_bundle(bundle: Bundle, manifest: dict, out: Path, new_files: Mapping[str, bytes | Path]) -> Path:
+    """Write ``manifest`` with the bundle's (hash-checked) files it still names, plus ``new_files``, to ``out``."""
+    files: dict[str, bytes | Path] = {e["file"]: bundle.read(e) for e in bundle.manifest["engines"]
+                                      if any(e["file"] == m["file"] for m in manifest["engines"])}
+    return write_bundle(out, manifest, {**files, **new_files})
 
 
 def _write_manifest(folder: Path, m: dict) -> None:

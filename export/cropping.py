@@ -2,15 +2,13 @@
 
 The graph is the crop classifier: (N, 5, ch, cw) float32, the normalized crop plus its top/left offset planes
 (``certinfer.runtime.defenses.cropping.cut``) -> (N, C) logits. Parity with torch is checked on crops of real
-test images; then the bundle's accuracy is measured through the runtime itself (``certinfer.load`` +
-``evaluate_certifier``, crops drawn from a fixed seed so the number is reproducible) and stored in the
-manifest's provenance. No receptive-field probe is needed: the runtime cuts the crops, so a crop's prediction
-cannot see pixels outside it on any backend.
+test images; then the bundle's accuracy is measured through the runtime itself (its Certifier, crops drawn from
+a fixed seed so the number is reproducible) and stored in the manifest's provenance. No receptive-field probe
+is needed: the runtime cuts the crops, so a crop's prediction cannot see pixels outside it on any backend.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -19,26 +17,21 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import write_bundle
+from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
+                                       manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, crop_locations
 from certinfer.threat import parse
-from certinfer.train import data as datasets
-from certinfer.train.cropping import TrainConfig, normalized, random_crops
 from certinfer.train import models
-from certinfer.train.loop import load_checkpoint
-from certinfer.train.models.cropnet import build_cropnet
+from certinfer.train.cropping import TrainConfig, random_crops
+from certinfer.train.models.cropping import build_cropnet
 
-PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
-METRICS_SEED = 0  # crops of the export-time accuracy check (reproducible; never a deployment setting)
+DEFENSE = "cropping"
 
 
 def load_network(checkpoint: Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
-    state, meta = load_checkpoint(Path(checkpoint))
-    if meta.get("defense") != "cropping":
-        raise ValueError(f"{checkpoint}: not a randomized-cropping checkpoint (defense {meta.get('defense')!r})")
+    state, meta = load_trained(checkpoint, DEFENSE)
     cfg = TrainConfig(**meta["config"])
     model = build_cropnet(meta["num_classes"], cfg.model)
     model.load_state_dict(state)
@@ -49,7 +42,7 @@ def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
     return models.config("cropnet", meta["num_classes"], cfg.model, (5, *cfg.crop_hw))
 
 
-def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+def exported_module(checkpoint: Path, bundle_manifest: dict) -> tuple[torch.nn.Module, dict]:
     """The crop classifier a cropping bundle's ONNX is exported from, and its torch engine config."""
     model, meta, cfg = load_network(Path(checkpoint))
     return model, _torch_config(meta, cfg)
@@ -74,32 +67,7 @@ def parity(model: torch.nn.Module, session: ort.InferenceSession, x: np.ndarray)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     got = session.run(["logits"], {"input": x})[0]
-    scale = max(1.0, float(np.abs(ref).max()))
-    error = float(np.abs(got - ref).max())
-    report = {"inputs": len(x), "max_abs_error": error, "scale": scale, "rtol": PARITY_RTOL,
-              "argmax_disagreements": int((ref.argmax(1) != got.argmax(1)).sum())}
-    if error > PARITY_RTOL * scale:
-        raise AssertionError(f"ONNX engine disagrees with torch: {json.dumps(report)}")
-    return report
-
-
-def _runtime_metrics(bundle_dir: Path, split: datasets.Split, threat: str) -> dict:
-    """Accuracy measured through the runtime (bundle loaded and verified, onnxruntime CPU engine)."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-    import certinfer
-
-    cert = certinfer.load(bundle_dir, backend="onnxruntime-cpu", threat=threat)
-    cert.fix_seed(METRICS_SEED)
-    result = evaluate_certifier(cert, split.x, split.y, batch=32)
-    return {**result, "data": split.name, "data_note": split.note, "crop_seed": METRICS_SEED}
-
-
-def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
-    test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
-    if eval_limit and eval_limit < len(test.y):
-        test = datasets.Split(test.x[:eval_limit], test.y[:eval_limit], test.classes, test.name,
-                              f"{test.note + '; ' if test.note else ''}first {eval_limit} images")
-    return test
+    return float_parity(ref, got, inputs=len(x), argmax_disagreements=argmax_disagreements(ref, got))
 
 
 def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: int = 128, replace: bool = True,
@@ -110,36 +78,22 @@ def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: in
     hw, crop_hw = tuple(cfg.input_hw), cfg.crop_hw
     params = defense_params(crop_hw, hw, crops, replace, mode, threshold)
     parse(threat, input_hw=hw)  # fails early on a threat that does not fit
-    test = _test_images(meta, cfg, data_dir, eval_limit)
-    # crops exactly as the runtime cuts them: bilinear resize to the input size, /255, normalized, one gather
-    x = normalized(resize(test.x[:64], hw).transpose(0, 3, 1, 2), meta["mean"], meta["std"])
-    rows = random_crops(x, crop_hw, np.random.default_rng(0), per_image=8)
+    test = eval_split(meta, hw, data_dir, limit=eval_limit)
+    # crops exactly as the runtime cuts them from its prepared frames, one gather
+    rows = random_crops(prepare(test.x[:64], hw, meta["mean"], meta["std"]), crop_hw, np.random.default_rng(0),
+                        per_image=8)
     onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits"])
-    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
-    files = {"model.onnx": onnx_model, "model.safetensors": weights}
-    manifest = {
-        "schema": 1,
-        "defense": {"kind": "cropping", "params": params},
-        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in meta["mean"]],
-                  "std": [float(v) for v in meta["std"]], "classes": meta["classes"], "resize": "bilinear"},
-        "threat": threat,
-        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}, torch_entry],
-        "parity": {"torch_vs_onnxruntime-cpu": parity(model, session, rows)},
-        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
-                      | {"train_metrics": meta.get("metrics", {})},
-    }
-    write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = _runtime_metrics(Path(out), test, threat)
-    write_bundle(out, manifest, files)
-    return manifest
+    m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat,
+                 [onnx_engine(max_batch), torch_entry],
+                 {"torch_vs_onnxruntime-cpu": parity(model, cpu_session(onnx_model), rows)}, meta)
+    return publish(out, m, {"model.onnx": onnx_model, "model.safetensors": weights}, test, metrics_batch=32)
 
 
 cli = typer.Typer(add_completion=False)
 
 
-@cli.command("cropping")
+@cli.command(DEFENSE)
 def export_command(
     checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train cropping"),
     out: Path = typer.Argument(..., help="Bundle folder to write"),
@@ -154,8 +108,5 @@ def export_command(
     data_dir: Optional[str] = typer.Option(None, help="Data folder for parity crops and the accuracy check"),
 ) -> None:
     """Export to ONNX, check parity, measure accuracy through the runtime, write the bundle."""
-    manifest = export_cropping(checkpoint, out, threat, crops, replace, mode, threshold, max_batch, data_dir,
-                               eval_limit)
-    m = manifest["provenance"]["metrics"]
-    typer.echo(json.dumps({"bundle": str(out), "defense": manifest["defense"]["params"],
-                           "clean": m["clean_accuracy"], "certified": m["certified_accuracy"]}))
+    typer.echo(summary(out, export_cropping(checkpoint, out, threat, crops, replace, mode, threshold, max_batch,
+                                            data_dir, eval_limit)))

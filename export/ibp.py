@@ -6,12 +6,12 @@
 * ``model.safetensors``: the torch engine for both roles (the two modules share their state dict).
 
 Checks before the bundle is written (export fails otherwise):
-1. torch fp32 vs onnxruntime CPU for both graphs (relative error below PARITY_RTOL);
+1. torch fp32 vs onnxruntime CPU for both graphs (relative error below ``exporter.PARITY_RTOL``);
 2. the bounds graph on a point box (lower == upper == frame) equals the model's logit differences;
 3. rounding: on real frames at every location of the threat's rectangles, the fp32 bounds (onnxruntime CPU and
    torch CPU) and the fp32 model margins differ from a float64 evaluation by at most ``tolerance / 10`` together
    (the runtime certifies only margins above ``tolerance``; see ``certinfer.runtime.defenses.ibp``). The backends
-   that pass are the manifest's ``defense.params.verified_backends``.
+   that pass are the manifest's ``probe.exact_backends``: the only ones whose certificates the runtime trusts.
 Then the bundle's accuracy is measured through the runtime and stored in the manifest's provenance.
 """
 
@@ -27,29 +27,24 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import runtime_metrics, write_bundle
+from certinfer.export.exporter import (cpu_session, eval_split, float_parity, load_trained, manifest, onnx_engine,
+                                       prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.ibp import (DEFAULT_CHUNK, DEFAULT_TOLERANCE, interval_inputs, patch_interval,
                                             patch_locations)
 from certinfer.threat import parse
-from certinfer.train import data as datasets
 from certinfer.train import models
-from certinfer.train.cropping import normalized
 from certinfer.train.ibp import TrainConfig
-from certinfer.train.loop import load_checkpoint
 from certinfer.train.models.ibp import IBPBounds, IBPNet
 
-PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
+DEFENSE = "ibp"
 ROUNDING_SHARE = 0.1  # measured float32 rounding (bounds + model) may use at most this share of the tolerance
 ROUNDING_FRAMES = 4  # real frames whose boxes at every location are compared with float64
 
 
 def load_network(checkpoint: Path) -> tuple[IBPNet, dict, TrainConfig]:
-    state, meta = load_checkpoint(Path(checkpoint))
-    if meta.get("defense") != "ibp":
-        raise ValueError(f"{checkpoint}: not an IBP checkpoint (defense {meta.get('defense')!r})")
+    state, meta = load_trained(checkpoint, DEFENSE)
     cfg = TrainConfig(**meta["config"])
     net = IBPNet(meta["num_classes"], cfg.model)
     net.load_state_dict(state)
@@ -63,20 +58,10 @@ def _configs(meta: dict, cfg: TrainConfig) -> tuple[dict, dict]:
             models.config("ibp-bounds", meta["num_classes"], cfg.model, (2 * c, *cfg.input_hw)))
 
 
-def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """The logits network an IBP bundle's ``model`` ONNX is exported from, and its torch engine config."""
-    net, meta, cfg = load_network(Path(checkpoint))
-    return net, _configs(meta, cfg)[0]
-
-
 def _bounds_module(net: IBPNet, config: dict, dtype=torch.float32) -> IBPBounds:
     bounds = models.build(config)
     bounds.load_state_dict(net.state_dict())
     return bounds.eval().to(dtype)
-
-
-def _rel_error(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    return float(np.abs(got - ref).max()), max(1.0, float(np.abs(ref).max()))
 
 
 def parity(net: IBPNet, bounds: IBPBounds, sessions: dict[str, ort.InferenceSession], x: np.ndarray,
@@ -88,16 +73,10 @@ def parity(net: IBPNet, bounds: IBPBounds, sessions: dict[str, ort.InferenceSess
         point = bounds(torch.from_numpy(np.concatenate([x, x], axis=1))).numpy()
     got_logits = sessions["model"].run(None, {"input": x})[0]
     got_margins = sessions["bounds"].run(None, {"input": boxes})[0]
-    report = {}
-    for name, ref, got in (("model", logits, got_logits), ("bounds", margins, got_margins)):
-        error, scale = _rel_error(ref, got)
-        report[name] = {"inputs": len(ref), "max_abs_error": error, "scale": scale, "rtol": PARITY_RTOL}
-        if error > PARITY_RTOL * scale:
-            raise AssertionError(f"ONNX {name} graph disagrees with torch: {json.dumps(report[name])}")
-    error, scale = _rel_error(logits[:, :, None] - logits[:, None, :], point)
-    report["point_boxes_vs_logit_differences"] = {"max_abs_error": error, "scale": scale}
-    if error > PARITY_RTOL * scale:
-        raise AssertionError(f"bounds graph on point boxes is not the model's logit differences: {error}")
+    report = {name: float_parity(ref, got, f"ONNX {name} graph", inputs=len(ref))
+              for name, ref, got in (("model", logits, got_logits), ("bounds", margins, got_margins))}
+    report["point_boxes_vs_logit_differences"] = float_parity(
+        logits[:, :, None] - logits[:, None, :], point, "the bounds graph on point boxes (vs the logit differences)")
     return report
 
 
@@ -137,14 +116,6 @@ def rounding_check(net: IBPNet, config: dict, sessions: dict[str, ort.InferenceS
     return report
 
 
-def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
-    test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
-    if eval_limit and eval_limit < len(test.y):
-        test = datasets.Split(test.x[:eval_limit], test.y[:eval_limit], test.classes, test.name,
-                              f"{test.note + '; ' if test.note else ''}first {eval_limit} images")
-    return test
-
-
 def export_ibp(checkpoint: Path, out: Path, threat: str = "2x2", tolerance: float = DEFAULT_TOLERANCE,
                chunk: int = DEFAULT_CHUNK, max_batch: int = 4096, data_dir: str | None = None,
                eval_limit: int | None = 200) -> dict:
@@ -156,8 +127,8 @@ def export_ibp(checkpoint: Path, out: Path, threat: str = "2x2", tolerance: floa
         raise ValueError(f"tolerance must be positive, got {tolerance}")
     logits_config, bounds_config = _configs(meta, cfg)
     bounds = _bounds_module(net, bounds_config)
-    test = _test_images(meta, cfg, data_dir, eval_limit)
-    x = normalized(resize(test.x[:64], hw).transpose(0, 3, 1, 2), meta["mean"], meta["std"])
+    test = eval_split(meta, hw, data_dir, limit=eval_limit)
+    x = prepare(test.x[:64], hw, meta["mean"], meta["std"])
     lo, hi = patch_interval(meta["mean"], meta["std"])
     corners = patch_locations(hw, rects[0])
     boxes = interval_inputs(x, rects[0], corners[np.random.default_rng(0).integers(0, len(corners), len(x))], lo, hi)
@@ -165,40 +136,26 @@ def export_ibp(checkpoint: Path, out: Path, threat: str = "2x2", tolerance: floa
     with warnings.catch_warnings():  # the class-pair indices are numpy constants on purpose
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         onnx_bounds = export_onnx(bounds, (torch.from_numpy(boxes[:2]),), ["input"], ["margins"])
-    sessions = {name: ort.InferenceSession(g, providers=["CPUExecutionProvider"])
-                for name, g in (("model", onnx_model), ("bounds", onnx_bounds))}
+    sessions = {"model": cpu_session(onnx_model), "bounds": cpu_session(onnx_bounds)}
     report = parity(net, bounds, sessions, x, boxes)
     rounding = rounding_check(net, bounds_config, sessions, x[:ROUNDING_FRAMES], rects, meta["mean"], meta["std"],
                               tolerance)
     model_entry, weights = torch_engine(net, logits_config, max_batch)
     bounds_entry = {**model_entry, "role": "bounds", "config": bounds_config}
-    params = {"tolerance": float(tolerance), "verified_backends": rounding["verified_backends"], "chunk": int(chunk),
-              "trained_patch": f"{cfg.patch}x{cfg.patch}", "strategy": cfg.strategy}
+    params = {"tolerance": float(tolerance), "chunk": int(chunk), "trained_patch": f"{cfg.patch}x{cfg.patch}",
+              "strategy": cfg.strategy}
+    m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat,
+                 [onnx_engine(max_batch), onnx_engine(max_batch, "bounds.onnx", "bounds"), model_entry, bounds_entry],
+                 {"torch_vs_onnxruntime-cpu": report, "rounding_vs_float64": rounding}, meta,
+                 probe={"exact_backends": rounding["verified_backends"]})
     files = {"model.onnx": onnx_model, "bounds.onnx": onnx_bounds, "model.safetensors": weights}
-    manifest = {
-        "schema": 1,
-        "defense": {"kind": "ibp", "params": params},
-        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in meta["mean"]],
-                  "std": [float(v) for v in meta["std"]], "classes": meta["classes"], "resize": "bilinear"},
-        "threat": threat,
-        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]},
-                    {"file": "bounds.onnx", "format": "onnx", "precision": "fp32", "role": "bounds",
-                     "batch": [1, max_batch]}, model_entry, bounds_entry],
-        "parity": {"torch_vs_onnxruntime-cpu": report, "rounding_vs_float64": rounding},
-        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
-                      | {"train_metrics": meta.get("metrics", {})},
-    }
-    write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat, batch=16)
-    write_bundle(out, manifest, files)
-    return manifest
+    return publish(out, m, files, test, metrics_batch=16)
 
 
 cli = typer.Typer(add_completion=False)
 
 
-@cli.command("ibp")
+@cli.command(DEFENSE)
 def export_command(
     checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train ibp"),
     out: Path = typer.Argument(..., help="Bundle folder to write"),
@@ -210,7 +167,4 @@ def export_command(
     data_dir: Optional[str] = typer.Option(None, help="Data folder for parity frames and the accuracy check"),
 ) -> None:
     """Export both graphs to ONNX, check parity and rounding, measure accuracy through the runtime, write the bundle."""
-    manifest = export_ibp(checkpoint, out, threat, tolerance, chunk, max_batch, data_dir, eval_limit)
-    m = manifest["provenance"]["metrics"]
-    typer.echo(json.dumps({"bundle": str(out), "defense": manifest["defense"]["params"],
-                           "clean": m["clean_accuracy"], "certified": m["certified_accuracy"]}))
+    typer.echo(summary(out, export_ibp(checkpoint, out, threat, tolerance, chunk, max_batch, data_dir, eval_limit)))

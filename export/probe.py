@@ -4,8 +4,10 @@ A certificate over ``Geometry.affected`` is only as good as the claim that a pat
 else, on the backend that computes it. The probe runs the engine's output (N, H', W', C) (pre-threshold
 where it can) on an image and on copies with a random patch, and requires every output outside
 ``affected()`` to be bit-identical. It also checks that a frame's outputs do not depend on the batch it
-ran in (an attacker's frame may run alone). :func:`probe_bundle` runs it on every backend here that can
-run a bundle's engine.
+ran in (an attacker's frame may run alone, and ScaleCert's proof compares a frame's outputs across its two
+passes): :func:`batch_probe` runs the engine inputs the defense itself makes at every batch size the runtime
+can use, up to the engine's largest. :func:`probe_bundle` runs both on every backend here that can run a
+bundle's engines.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Callable
 
 import numpy as np
 
+from certinfer.export.parity import Recording, certifier_with, engine_options, roles
 from certinfer.runtime.bundle import Bundle, load_bundle
-from certinfer.runtime.engines import EngineError, load_engine
+from certinfer.runtime.engines import EngineError, engine_entry, load_engine
 from certinfer.runtime.geometry import Geometry
+from certinfer.threat import parse
 
 
 def expose_input_of(onnx_bytes: bytes, op_type: str, name: str = "preactivation") -> bytes:
@@ -48,7 +52,8 @@ def _outside_mask(geometry: Geometry, rect: tuple[int, int], loc: tuple[int, int
     return mask
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
+def bits(a: np.ndarray) -> np.ndarray:
+    """An output's values as float32 bit patterns (exact comparison, NaNs and signed zeros included)."""
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
@@ -75,11 +80,11 @@ def probe(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, geometry:
             patched.append(x)
             masks.append(_outside_mask(geometry, (rh, rw), (top, left)))
         out = run(np.stack([base] + patched).astype(np.float32))
-        ref = _bits(out[0])
-        if batch_invariance and not np.array_equal(ref, _bits(run(base[None].astype(np.float32))[0])):
+        ref = bits(out[0])
+        if batch_invariance and not np.array_equal(ref, bits(run(base[None].astype(np.float32))[0])):
             raise ProbeError("engine outputs depend on the batch a frame runs in: not bit-exact")
         for i, mask in enumerate(masks):
-            diff = (_bits(out[i + 1]) != ref).any(axis=-1)
+            diff = (bits(out[i + 1]) != ref).any(axis=-1)
             if (diff & mask).any():
                 r, c = np.argwhere(diff & mask)[0]
                 raise ProbeError(f"output cell ({r}, {c}) changed although it lies outside the affected range "
@@ -89,6 +94,39 @@ def probe(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, geometry:
     return {"trials": checked, "rects": [list(r) for r in rects], "bit_exact": True,
             "batch_invariant": batch_invariance,
             "patches_that_changed_outputs": changed_inside}
+
+
+def _as_tuple(out) -> tuple[np.ndarray, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _row(outputs, i: int) -> list[np.ndarray]:
+    return [bits(o[i]) for o in _as_tuple(outputs)]
+
+
+def _rows_equal(a, i: int, b, j: int) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(_row(a, i), _row(b, j)))
+
+
+def batch_probe(run: Callable[[np.ndarray], np.ndarray | tuple], rows: np.ndarray, max_batch: int,
+                alone: int = 8) -> dict:
+    """Batch independence at the sizes the runtime uses: ``rows`` (engine inputs, repeated up to ``max_batch``)
+    run in batches of 7, 64 and ``max_batch`` (those that fit) must give every row the same output bits, and
+    ``alone`` rows spread over the batch must get them run alone too. Raises :class:`ProbeError` otherwise."""
+    rows = np.resize(rows, (max_batch, *rows.shape[1:]))  # the rows repeated in order
+    sizes = sorted({s for s in (7, 64) if s < max_batch} | {max_batch})
+    full = run(rows)
+    for s in sizes[:-1]:
+        part = run(rows[:s])
+        if not all(_rows_equal(part, i, full, i) for i in range(s)):
+            raise ProbeError(f"engine outputs differ between batches of {s} and {max_batch}: not batch-independent")
+    picks = np.unique(np.linspace(0, max_batch - 1, min(alone, max_batch)).astype(int))
+    for i in picks:
+        if not _rows_equal(run(rows[i:i + 1]), 0, full, i):
+            raise ProbeError(f"engine outputs of row {i} differ between a batch of 1 and a batch of {max_batch}: "
+                             "not batch-independent")
+    return {"rows": int(max_batch), "batch_sizes": [1, *sizes], "rows_alone": int(len(picks)),
+            "batch_invariant": True}
 
 
 ONNX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt")
@@ -106,15 +144,19 @@ def _preactivation_run(bundle: Bundle, backend: str, op: str, cache: Path) -> Ca
     """The ONNX engine with ``op``'s NCHW input exposed, on ``backend``'s provider: NCHW -> (N, H', W', C)."""
     import onnxruntime as ort
 
-    from certinfer.runtime.engines import engine_entry
-    from certinfer.runtime.engines.onnxruntime_engine import PROVIDERS, _providers
+    from certinfer.runtime.engines.onnxruntime_engine import (PROVIDERS, input_spec, provider_options,
+                                                              trt_cache_folder, trt_profile)
 
     kind = backend.removeprefix("onnxruntime-")
     entry = engine_entry(bundle, "onnx")
     model = expose_input_of(bundle.read(entry), op)
     # a cache folder of its own: the TensorRT provider builds an engine for this modified graph
     fp16 = entry["precision"] == "fp16"  # as the runtime's engine would run it
-    session = ort.InferenceSession(model, providers=_providers(kind, model, entry, 0, fp16, cache))
+    profile = None
+    if kind == "tensorrt":
+        trt_cache_folder(entry, cache).mkdir(parents=True, exist_ok=True)
+        profile = trt_profile(*input_spec(model), entry["batch"])
+    session = ort.InferenceSession(model, providers=provider_options(kind, entry, 0, fp16, cache, profile))
     if session.get_providers()[0] != PROVIDERS[kind]:
         raise EngineError(f"the probe graph fell back from {PROVIDERS[kind]} to {session.get_providers()[0]}")
     inp = session.get_inputs()[0]
@@ -128,40 +170,53 @@ def _preactivation_run(bundle: Bundle, backend: str, op: str, cache: Path) -> Ca
     return run
 
 
-def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, geometry: Geometry, rects: list[tuple[int, int]],
-                   trials: int, seed: int, builder: Callable | None, cache: Path) -> dict:
-    """One backend's report: skipped (it cannot run here), passed or failed (with the first error)."""
-    from certinfer.runtime.defenses import certifier_class
-    from certinfer.threat import parse
+def _locality(bundle: Bundle, backend: str, certifier, x: np.ndarray, geometry: Geometry,
+              rects: list[tuple[int, int]], trials: int, seed: int, cache: Path) -> dict[str, dict]:
+    """The receptive-field checks: what the certifier reads, and on onnxruntime the manifest's ``probe.op`` input."""
+    checks: dict[str, dict] = {}
+    if certifier.local_outputs:
+        checks["outputs"] = probe(certifier.local_features, x, geometry, rects, trials=trials, seed=seed)
+    else:
+        checks["outputs"] = {"skipped": "the certifier's outputs are not local (e.g. top-k winners); "
+                                        "locality is checked on the probe.op input"}
+    op = bundle.manifest.get("probe", {}).get("op")
+    if op and backend in ONNX_BACKENDS:
+        try:  # an extra view where the graph allows it (needs the onnx package to edit the graph)
+            run = _preactivation_run(bundle, backend, op, cache)
+        except Exception as err:
+            checks["preactivation"] = {"skipped": f"{type(err).__name__}: {err}"}
+        else:
+            checks["preactivation"] = {"op": op, **probe(run, x, geometry, rects, trials, seed=seed)}
+    return checks
 
-    options = {"builder": builder} if builder is not None and backend.startswith("torch") else {}
+
+def _batches(certifier, recordings: dict[str, Recording], frames: np.ndarray) -> dict[str, dict]:
+    """Batch independence of every engine role (by role) on the inputs the defense makes from ``frames``."""
+    certifier.timed_features(frames)
+    return {role: batch_probe(rec.engine.run, np.concatenate([x for x, _ in rec.calls]), rec.engine.max_batch)
+            for role, rec in recordings.items()}
+
+
+def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, frames: np.ndarray, geometry: Geometry,
+                   rects: list[tuple[int, int]], trials: int, seed: int, builder: Callable | None,
+                   cache: Path) -> dict:
+    """One backend's report: skipped (it cannot run here), passed or failed (with the first error)."""
     try:
-        engine = load_engine(bundle, backend, **options)
+        options = engine_options(backend, builder=builder)
+        recordings = {r: Recording(load_engine(bundle, backend, role=r, **options)) for r in roles(bundle)}
     except EngineError as err:
         return {"status": "skipped", "reason": str(err), "listed_exact": False}
-    m = bundle.manifest
-    report: dict = {"status": "passed", "checks": {},
-                    "listed_exact": engine.name in m.get("probe", {}).get("exact_backends", [])}
+    certifier = certifier_with(bundle, recordings)
+    listed = certifier.engine.name in certifier.exact_backends()
+    report: dict = {"status": "passed", "checks": {}, "listed_exact": listed}
     try:
-        threat = parse(m["threat"], input_hw=geometry.input_hw)
-        certifier = certifier_class(m["defense"]["kind"])(bundle, engine, threat)
-        if getattr(certifier, "local_outputs", True):
-            report["checks"]["outputs"] = probe(certifier.run_engine, x, geometry, rects, trials=trials, seed=seed)
-        else:
-            report["checks"]["outputs"] = {"skipped": "the certifier's outputs are not local (e.g. top-k winners); "
-                                                      "locality is checked on the probe.op input"}
-        op = m.get("probe", {}).get("op")
-        if op and backend in ONNX_BACKENDS:
-            try:  # an extra view where the graph allows it (needs the onnx package to edit the graph)
-                run = _preactivation_run(bundle, backend, op, cache)
-            except Exception as err:
-                report["checks"]["preactivation"] = {"skipped": f"{type(err).__name__}: {err}"}
-            else:
-                report["checks"]["preactivation"] = {"op": op, **probe(run, x, geometry, rects, trials, seed=seed)}
+        report["checks"] = _locality(bundle, backend, certifier, x, geometry, rects, trials, seed, cache)
+        if any("trials" in c for c in report["checks"].values()):  # locality ran: then the batch sizes
+            report["batch"] = _batches(certifier, recordings, frames)
     except Exception as err:  # ProbeError, or the engine failing while probed: either way not verified
         return {**report, "status": "failed", "error": str(err) if isinstance(err, ProbeError)
                 else f"{type(err).__name__}: {err}"}
-    if not any("trials" in c for c in report["checks"].values()):  # nothing was probed: not a pass
+    if not any("trials" in c for c in report["checks"].values()):  # no locality was probed: not a pass
         return {"status": "skipped", "listed_exact": report["listed_exact"],
                 "reason": "; ".join(c["skipped"] for c in report["checks"].values()) or "no check applies"}
     return report
@@ -169,25 +224,28 @@ def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, geometry: Geomet
 
 def probe_bundle(bundle: str | Path | Bundle, trials: int = 64, seed: int = 0, backends: list[str] | None = None,
                  builder: Callable | None = None) -> dict[str, dict]:
-    """Re-run the probe on a bundle's own (hash-verified) engines, on every backend here that can run one.
+    """Re-run the probes on a bundle's own (hash-verified) engines, on every backend here that can run them.
 
     Guards against a manifest whose geometry was edited after export, and against a backend whose kernels mix
-    pixels the geometry says they must not. ``backends``: default :func:`candidate_backends`; each gets a report
-    with ``status`` ``passed``, ``failed`` (``error``) or ``skipped`` (``reason``: not installed, no GPU, no
-    engine of its format, no model ``builder`` for torch). Checks on each backend: ``outputs``, what the
-    certifier reads (``Certifier.run_engine``, (N, H', W', C)); on onnxruntime also ``preactivation``, the NCHW
-    input of the manifest's ``probe.op`` (before a threshold: far more sensitive). Inputs are random normalized
-    images; patches use the bundle threat's rectangles and 1x1. One backend's failure does not stop the others.
+    pixels the geometry says they must not, or depend on the batch. ``backends``: default
+    :func:`candidate_backends`; each gets a report with ``status`` ``passed``, ``failed`` (``error``) or
+    ``skipped`` (``reason``: not installed, no GPU, no engine of its format, no model ``builder`` for torch;
+    default builder: the trainer's). Checks on each backend: ``outputs``, what the certifier reads
+    (``Certifier.local_features``, (N, H', W', C)); on onnxruntime also ``preactivation``, the NCHW input of the
+    manifest's ``probe.op`` (before a threshold: far more sensitive). Where either ran, the report's ``batch``
+    holds, per engine role, :func:`batch_probe` on the engine inputs the defense makes from random frames, up to
+    the engine's largest batch. Locality inputs are random normalized images; patches use the bundle threat's
+    rectangles and 1x1. One backend's failure does not stop the others.
     """
-    from certinfer.threat import parse
-
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     m = loaded.manifest
     if "geometry" not in m:
         raise ValueError(f"{loaded.path}: this bundle has no geometry to probe")
     geometry = Geometry.from_dict(m["geometry"])
     rects = sorted(set(parse(m["threat"], input_hw=geometry.input_hw).rects) | {(1, 1)})
-    x = np.random.default_rng(seed).normal(size=(8, m["input"]["channels"]) + geometry.input_hw).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(8, m["input"]["channels"]) + geometry.input_hw).astype(np.float32)
+    frames = rng.integers(0, 256, size=(4, *geometry.input_hw, m["input"]["channels"]), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="certinfer-probe-") as cache:
-        return {name: _probe_backend(loaded, name, x, geometry, rects, trials, seed, builder, Path(cache))
+        return {name: _probe_backend(loaded, name, x, frames, geometry, rects, trials, seed, builder, Path(cache))
                 for name in (backends if backends is not None else candidate_backends(loaded))}

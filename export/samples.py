@@ -27,7 +27,8 @@ def _readme(test_rows: list[tuple[int, int, str]], track: int, track_rows: np.nd
              "| file | source | class |", "| --- | --- | --- |"]
     lines += [f"| gtsrb_test_{i:05d}.png | test set index {i} | {c} {name} |" for i, c, name in test_rows]
     lines += ["", f"`track_{track}_NN.png`: training track {track} (class {TRACK_CLASS}), training indices "
-                  f"{int(track_rows[0])}..{int(track_rows[-1])}, in capture order (the sign approaching the camera).", ""]
+                  f"{int(track_rows[0])}..{int(track_rows[-1])}, in capture order (the sign approaching the "
+                  "camera).", ""]
     return "\n".join(lines)
 
 

@@ -12,7 +12,9 @@ logits (N, C) and winners (N, H, W). Checks before the bundle is written:
 * the soundness argument's step (A) on the real graph: every window of the threat's family that misses R(x)
   leaves the logits and winners bit-identical.
 
-Then the bundle's accuracy is measured through the runtime itself (``certinfer.load`` + ``evaluate_certifier``).
+Then the bundle's accuracy is measured through the runtime itself (its Certifier). ``certinfer inspect --probe``
+checks batch independence again on the bundle's engines at the batch sizes the runtime runs (up to the engine's
+largest batch), on every backend here.
 """
 
 from __future__ import annotations
@@ -26,28 +28,24 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import runtime_metrics, write_bundle
+from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
+                                       manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import ProbeError, _bits, expose_input_of, probe
+from certinfer.export.probe import ProbeError, bits, expose_input_of, probe
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.scalecert import family, group_size, meets_region, window_side
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
-from certinfer.train import data as datasets
 from certinfer.train import models
-from certinfer.train.loop import load_checkpoint
 from certinfer.train.models.scalecert import SINNet, build_scalecert
 from certinfer.train.scalecert import TrainConfig
 
-PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
+DEFENSE = "scalecert"
 SUPERFICIAL_OP = "ReduceSum"  # the SIN layer's channel sum: its input is the superficial feature map
 
 
 def load_network(checkpoint: Path) -> tuple[SINNet, dict, TrainConfig]:
-    state, meta = load_checkpoint(Path(checkpoint))
-    if meta.get("defense") != "scalecert":
-        raise ValueError(f"{checkpoint}: not a ScaleCert checkpoint (defense {meta.get('defense')!r})")
+    state, meta = load_trained(checkpoint, DEFENSE)
     cfg = TrainConfig(**meta["config"])
     model = build_scalecert(meta["num_classes"], cfg.model)
     model.load_state_dict(state)
@@ -59,7 +57,7 @@ def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
     return models.config("scalecert", meta["num_classes"], cfg.model, (4, *cfg.input_hw))
 
 
-def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+def exported_module(checkpoint: Path, bundle_manifest: dict) -> tuple[torch.nn.Module, dict]:
     """The SIN network a ScaleCert bundle's ONNX is exported from, and its torch engine config."""
     model, meta, cfg = load_network(Path(checkpoint))
     return model, _torch_config(meta, cfg)
@@ -81,13 +79,10 @@ def parity(model: SINNet, session: ort.InferenceSession, rows: np.ndarray) -> di
     with torch.no_grad():
         ref, ref_keep = (t.numpy() for t in model(torch.from_numpy(rows)))
     got, keep = session.run(["logits", "keep"], {"input": rows})
-    scale = max(1.0, float(np.abs(ref).max()))
-    error = float(np.abs(got - ref).max())
-    report = {"inputs": len(rows), "max_abs_error": error, "scale": scale, "rtol": PARITY_RTOL,
-              "argmax_disagreements": int((ref.argmax(1) != got.argmax(1)).sum()),
-              "winner_mismatches": int((ref_keep != keep).sum())}
-    if error > PARITY_RTOL * scale or report["winner_mismatches"]:
-        raise AssertionError(f"ONNX engine disagrees with torch: {json.dumps(report)}")
+    report = float_parity(ref, got, inputs=len(rows), argmax_disagreements=argmax_disagreements(ref, got),
+                          winner_mismatches=int((ref_keep != keep).sum()))
+    if report["winner_mismatches"]:
+        raise AssertionError(f"ONNX engine's winner masks disagree with torch: {json.dumps(report)}")
     return report
 
 
@@ -96,7 +91,7 @@ def batch_invariance(session: ort.InferenceSession, rows: np.ndarray) -> dict:
     full = session.run(["logits", "keep"], {"input": rows})
     for i in range(len(rows)):
         alone = session.run(["logits", "keep"], {"input": rows[i:i + 1]})
-        if any(not np.array_equal(_bits(a[0]), _bits(b[i])) for a, b in zip(alone, full)):
+        if any(not np.array_equal(bits(a[0]), bits(b[i])) for a, b in zip(alone, full)):
             raise ProbeError("the engine's outputs depend on the batch a frame runs in: not bit-exact")
     return {"rows": len(rows), "batch_invariant": True}
 
@@ -108,25 +103,16 @@ def outside_region_check(session: ort.InferenceSession, x: np.ndarray, geometry:
     n, w = np.nonzero(~meets_region(keep, windows, geometry))
     if len(n):
         z, k = session.run(["logits", "keep"], {"input": _rows(x[n], windows.masks[w])})
-        if not (np.array_equal(_bits(z), _bits(logits0[n])) and np.array_equal(k, keep[n])):
+        if not (np.array_equal(bits(z), bits(logits0[n])) and np.array_equal(k, keep[n])):
             raise ProbeError("occluding a window outside the candidate region changed the outputs")
     return {"frames": len(x), "windows_outside_region": int(len(n)), "bit_identical": True}
 
 
 def superficial_probe(onnx_model: bytes, rows: np.ndarray, geometry: Geometry, rects: list, trials: int) -> dict:
     """The receptive-field probe on the superficial features of the real graph (frame and mask channels patched)."""
-    session = ort.InferenceSession(expose_input_of(onnx_model, SUPERFICIAL_OP, "superficial"),
-                                   providers=["CPUExecutionProvider"])
+    session = cpu_session(expose_input_of(onnx_model, SUPERFICIAL_OP, "superficial"))
     run = lambda b: session.run(["superficial"], {"input": b})[0].transpose(0, 2, 3, 1)  # noqa: E731
     return {"op": SUPERFICIAL_OP, **probe(run, rows, geometry, rects, trials=trials)}
-
-
-def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_limit: int | None) -> datasets.Split:
-    test = datasets.load(meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
-    if eval_limit and eval_limit < len(test.y):
-        test = datasets.Split(test.x[:eval_limit], test.y[:eval_limit], test.classes, test.name,
-                              f"{test.note + '; ' if test.note else ''}first {eval_limit} images")
-    return test
 
 
 def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int | None = None,
@@ -139,46 +125,31 @@ def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int |
     hw = tuple(cfg.input_hw)
     geometry = Geometry.from_dict(meta["geometry"])
     rects = list(parse(threat, input_hw=hw).rects)  # fails early on a threat that does not fit
-    test = _test_images(meta, cfg, data_dir, eval_limit)
+    test = eval_split(meta, hw, data_dir, limit=eval_limit)
     # frames exactly as the runtime prepares them, unoccluded and under the threat's own windows
-    mean, std = np.float32(meta["mean"]).reshape(1, 3, 1, 1), np.float32(meta["std"]).reshape(1, 3, 1, 1)
-    x = ((resize(test.x[:64], hw).astype(np.float32) / 255.0).transpose(0, 3, 1, 2) - mean) / std
+    x = prepare(test.x[:64], hw, meta["mean"], meta["std"])
     windows = family(hw, tuple(rects[0]), r, tau)
     pick = np.random.default_rng(0).integers(0, windows.size, len(x))
     rows = np.concatenate([_rows(x, np.zeros((len(x), *hw), np.float32)), _rows(x, windows.masks[pick])])
     onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits", "keep"])
-    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_model)
     probe_report = {"backend": "onnxruntime-cpu",
                     **superficial_probe(onnx_model, rows, geometry, rects + [(1, 1)], probe_trials),
                     "outputs": batch_invariance(session, rows[::8]),
                     "outside_region": outside_region_check(session, x, geometry, windows),
                     "exact_backends": ["onnxruntime-cpu"]}
     torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
-    files = {"model.onnx": onnx_model, "model.safetensors": weights}
-    manifest = {
-        "schema": 1,
-        "defense": {"kind": "scalecert", "params": params},
-        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in meta["mean"]],
-                  "std": [float(v) for v in meta["std"]], "classes": meta["classes"], "resize": "bilinear"},
-        "geometry": geometry.to_dict(),
-        "threat": threat,
-        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}, torch_entry],
-        "probe": probe_report,
-        "parity": {"torch_vs_onnxruntime-cpu": parity(model, session, rows)},
-        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
-                      | {"train_metrics": meta.get("metrics", {})},
-    }
-    write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat, batch=32)
-    write_bundle(out, manifest, files)
-    return manifest
+    m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat,
+                 [onnx_engine(max_batch), torch_entry],
+                 {"torch_vs_onnxruntime-cpu": parity(model, session, rows)}, meta,
+                 geometry=geometry.to_dict(), probe=probe_report)
+    return publish(out, m, {"model.onnx": onnx_model, "model.safetensors": weights}, test, metrics_batch=32)
 
 
 cli = typer.Typer(add_completion=False)
 
 
-@cli.command("scalecert")
+@cli.command(DEFENSE)
 def export_command(
     checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train scalecert"),
     out: Path = typer.Argument(..., help="Bundle folder to write"),
@@ -191,7 +162,5 @@ def export_command(
     data_dir: Optional[str] = typer.Option(None, help="Data folder for parity images and the accuracy check"),
 ) -> None:
     """Export to ONNX, check parity and locality, measure accuracy through the runtime, write the bundle."""
-    manifest = export_scalecert(checkpoint, out, threat, r, tau, probe_trials, max_batch, data_dir, eval_limit)
-    m = manifest["provenance"]["metrics"]
-    typer.echo(json.dumps({"bundle": str(out), "defense": manifest["defense"]["params"],
-                           "clean": m["clean_accuracy"], "certified": m["certified_accuracy"]}))
+    typer.echo(summary(out, export_scalecert(checkpoint, out, threat, r, tau, probe_trials, max_batch, data_dir,
+                                             eval_limit)))

@@ -24,9 +24,14 @@ from typing import Optional
 import numpy as np
 import typer
 
+from certinfer.export import ExportError
+from certinfer.export.bundle_writer import rewrite_bundle
 from certinfer.export.onnx_fp16 import Fp16Error, to_fp16
+from certinfer.export.parity import backend_parity, engine_inputs, parity_problems, real_frames, record_parity
+from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.engines import EngineError, cache_dir, engine_entry, opt_batch
-from certinfer.runtime.engines.tensorrt_engine import NOT_INSTALLED, gpu_name, plan_file, trt_version
+from certinfer.runtime.engines.tensorrt_engine import (NOT_INSTALLED, cuda_check, cuda_runtime, gpu_name, plan_file,
+                                                       trt_version)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 WORKSPACE_MB = 1024
@@ -182,15 +187,13 @@ def make_calibrator(batches: list[np.ndarray], cache_path: Path):
     """An IInt8EntropyCalibrator2 that feeds ``batches`` (engine inputs from real frames) through device memory."""
     import tensorrt as trt
 
-    from certinfer.runtime.engines.tensorrt_engine import _call, _cudart
-
-    cudart = _cudart()
+    cudart = cuda_runtime()
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._batches = iter(batches)
-            self._device = _call(cudart, cudart.cudaMalloc(batches[0].nbytes))
+            self._device = cuda_check(cudart, cudart.cudaMalloc(batches[0].nbytes))
 
         def get_batch_size(self) -> int:
             return len(batches[0])
@@ -200,8 +203,8 @@ def make_calibrator(batches: list[np.ndarray], cache_path: Path):
             if batch is None:
                 return None  # calibration done
             host = np.ascontiguousarray(batch)
-            _call(cudart, cudart.cudaMemcpy(self._device, host.ctypes.data, host.nbytes,
-                                            cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            cuda_check(cudart, cudart.cudaMemcpy(self._device, host.ctypes.data, host.nbytes,
+                                                 cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
             return [int(self._device)]
 
         def read_calibration_cache(self) -> bytes | None:
@@ -227,24 +230,7 @@ def calibration_batches(inputs: np.ndarray, batch: int) -> list[np.ndarray]:
 
 # --- the bundle ---------------------------------------------------------------------------------------------
 
-def _cli_error(message: str) -> Exception:
-    from certinfer.cli import CLIError
-
-    return CLIError(message)
-
-
-def rewrite_bundle(bundle, manifest: dict, out: Path, new_files: dict[str, bytes | Path]) -> Path:
-    """Write ``manifest`` with the bundle's (hash-checked) files plus ``new_files`` to ``out``."""
-    from certinfer.export.bundle_writer import write_bundle
-
-    files: dict[str, bytes | Path] = {e["file"]: bundle.read(e) for e in bundle.manifest["engines"]
-                                      if any(e["file"] == m["file"] for m in manifest["engines"])}
-    return write_bundle(out, manifest, {**files, **new_files})
-
-
 def _calibration_inputs(bundle, calib_data: str, frames: int, data_dir: str | None) -> np.ndarray:
-    from certinfer.export.parity import engine_inputs, real_frames
-
     hw = tuple(bundle.manifest["input"]["hw"])
     return engine_inputs(bundle, real_frames(calib_data, hw, frames, data_dir), frames)
 
@@ -256,9 +242,6 @@ def _register(bundle, out: Path, entry: dict, plan: Path | bytes) -> Path:
 def _check_parity(out: Path, entry: dict, parity_frames: str | None, data_dir: str | None, device_id: int) -> dict:
     """Parity of every backend here against onnxruntime CPU, written into the manifest; a plan whose outputs
     break the certificate policy is taken out of the bundle again."""
-    from certinfer.export.parity import backend_parity, parity_problems, real_frames, record_parity
-    from certinfer.runtime.bundle import load_bundle
-
     bundle = load_bundle(out)
     frames = real_frames(parity_frames, tuple(bundle.manifest["input"]["hw"]), 256, data_dir)
     report = backend_parity(bundle, frames, source=parity_frames or "packaged sample frames", device_id=device_id)
@@ -267,7 +250,7 @@ def _check_parity(out: Path, entry: dict, parity_frames: str | None, data_dir: s
         manifest = {**bundle.manifest, "engines": [e for e in bundle.manifest["engines"] if e["file"] != entry["file"]]}
         rewrite_bundle(bundle, manifest, out, {})
         (out / entry["file"]).unlink(missing_ok=True)
-        raise _cli_error(f"the plan breaks the certificate policy, so it was not added: {'; '.join(problems)}")
+        raise ExportError(f"the plan breaks the certificate policy, so it was not added: {'; '.join(problems)}")
     record_parity(out, report)
     return report
 
@@ -278,17 +261,16 @@ def export_trt(bundle_path: Path, out: Path | None = None, precision: str = "fp1
                parity_frames: str | None = None, plan: Path | None = None, gpu: str | None = None,
                version: str | None = None, echo=print) -> dict:
     """Build (or, with ``plan``, register) a plan for a bundle's ONNX graph; returns the new engine entry."""
-    from certinfer.runtime.bundle import load_bundle
     from certinfer.runtime.engines.onnxruntime_engine import input_spec
 
     if precision not in PRECISIONS:
-        raise _cli_error(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ExportError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "int8" and calib_data is None and plan is None:
-        raise _cli_error("int8 needs calibration data: pass --calib-data (e.g. gtsrb:train, or a folder of frames); "
+        raise ExportError("int8 needs calibration data: pass --calib-data (e.g. gtsrb:train, or a folder of frames); "
                          "without it TensorRT's int8 scales would be guesses")
     bundle = load_bundle(bundle_path)
     if out is None and not Path(bundle_path).is_dir():
-        raise _cli_error(f"{bundle_path} is an archive: pass --out FOLDER for the bundle with the plan")
+        raise ExportError(f"{bundle_path} is an archive: pass --out FOLDER for the bundle with the plan")
     out = Path(out or bundle_path)
     onnx_entry = engine_entry(bundle, "onnx", role)
     onnx = bundle.read(onnx_entry)
@@ -307,15 +289,15 @@ def export_trt(bundle_path: Path, out: Path | None = None, precision: str = "fp1
                                     calib_cache, workspace_mb)))
     if plan is not None:
         if not (gpu and version):
-            raise _cli_error("--plan needs --gpu (the CUDA device name) and --tensorrt-version it was built with")
+            raise ExportError("--plan needs --gpu (the CUDA device name) and --tensorrt-version it was built with")
         entry = plan_entry(onnx_entry, plan_file(role, gpu, precision), precision, profile, gpu, version)
         _register(bundle, out, entry, Path(plan))
     else:
         if installed is None:
-            raise _cli_error(f"{NOT_INSTALLED}: build the plan with the trtexec line above on the target GPU, then "
+            raise ExportError(f"{NOT_INSTALLED}: build the plan with the trtexec line above on the target GPU, then "
                              "add it with certinfer export trt BUNDLE --plan PLAN --gpu NAME --tensorrt-version V")
         if gpu is None:
-            raise _cli_error(f"TensorRT {installed} is installed but there is no CUDA GPU {device_id} to build for")
+            raise ExportError(f"TensorRT {installed} is installed but there is no CUDA GPU {device_id} to build for")
         calibrator = None
         if precision == "int8":
             inputs = _calibration_inputs(bundle, calib_data, calib_frames, data_dir)

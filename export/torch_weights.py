@@ -8,6 +8,7 @@ other engine files byte-identical, and records every backend's parity against on
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,10 @@ import torch
 import typer
 from safetensors.torch import save
 
+from certinfer.export.bundle_writer import rewrite_bundle
+from certinfer.export.parity import backend_parity, parity_problems, real_frames, record_parity
+from certinfer.runtime.bundle import load_bundle
+from certinfer.runtime.defenses import defense
 from certinfer.train.models import build
 
 FILE = "model.safetensors"
@@ -31,20 +36,12 @@ def torch_engine(module: torch.nn.Module, config: dict, max_batch: int) -> tuple
 
 
 def _module(kind: str, checkpoint: Path, manifest: dict) -> tuple[torch.nn.Module, dict]:
-    """The module the bundle's ONNX was exported from, rebuilt from the training checkpoint, and its config."""
-    if kind == "bagcert":
-        from certinfer.export.bagcert import code_map
-
-        return code_map(checkpoint, float(manifest["defense"]["params"]["tolerance"]))
-    if kind == "masking":
-        from certinfer.export.patchguard import exported_module
-
-        return exported_module(checkpoint)
-    if kind == "cropping":
-        from certinfer.export.cropping import exported_module
-
-        return exported_module(checkpoint)
-    raise ValueError(f"no torch engine export for defense {kind!r}")
+    """The module the bundle's ONNX was exported from, rebuilt from the training checkpoint by the defense's
+    exporter (its ``exported_module``), and its config."""
+    exporter = import_module(defense(kind).exporter.partition(":")[0])
+    if not hasattr(exporter, "exported_module"):
+        raise ValueError(f"no torch engine export for defense {kind!r}")
+    return exporter.exported_module(checkpoint, manifest)
 
 
 def add_torch_engine(bundle_dir: Path, checkpoint: Path, frames: str | None = None,
@@ -55,10 +52,6 @@ def add_torch_engine(bundle_dir: Path, checkpoint: Path, frames: str | None = No
     engine that flips BagCert cells without the near-threshold flag, or whose float outputs differ by more than
     ``FLOAT_TOL``, is taken out again and the export fails.
     """
-    from certinfer.export.parity import backend_parity, parity_problems, real_frames, record_parity
-    from certinfer.export.tensorrt_build import rewrite_bundle
-    from certinfer.runtime.bundle import load_bundle
-
     folder = Path(bundle_dir)
     bundle = load_bundle(folder)
     m = bundle.manifest
@@ -91,4 +84,5 @@ def export_command(
 ) -> None:
     """Add a torch engine (safetensors weights + model config) to a bundle, checked against onnxruntime CPU."""
     manifest = add_torch_engine(bundle, checkpoint, frames, data_dir)
-    typer.echo(json.dumps({"bundle": str(bundle), "torch-cpu": manifest["parity"]["backends"]["compared"]["torch-cpu"]}))
+    compared = manifest["parity"]["backends"]["compared"]
+    typer.echo(json.dumps({"bundle": str(bundle), "torch-cpu": compared["torch-cpu"]}))

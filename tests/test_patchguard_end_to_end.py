@@ -16,11 +16,11 @@ import torch
 
 import certinfer
 from certinfer.bench.soundness import masking_soundness
-from certinfer.export.patchguard import export_patchguard, load_network
+from certinfer.export.masking import export_masking, load_network
 from certinfer.runtime.defenses import masking
 from certinfer.threat import parse
 from certinfer.train import data as datasets
-from certinfer.train.patchguard import TrainConfig, train
+from certinfer.train.masking import TrainConfig, train
 
 TINY_BAGNET = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
 TINY_DRS = dict(widths=(8, 16, 32), blocks=(1, 1, 1), strides=(1, 2, 2), stem_width=8)
@@ -46,7 +46,7 @@ def bundles(models, tmp_path_factory):
     made = {}
     for variant, network in (("mask-bn", "bagnet"), ("cbn", "bagnet"), ("mask-ds", "drs"), ("drs", "drs")):
         made[variant] = tmp_path_factory.mktemp(variant) / "b"
-        export_patchguard(models[network], made[variant], variant=variant, threat=THREAT, probe_trials=16)
+        export_masking(models[network], made[variant], variant=variant, threat=THREAT, probe_trials=16)
     return made
 
 

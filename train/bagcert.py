@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-import typer
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from certinfer.threat import parse
 from certinfer.runtime.defenses import bagcert as certifier
 from certinfer.runtime.geometry import Geometry
-from certinfer.train import data as datasets
+from certinfer.threat import parse
+from certinfer.train.loop import augment, cosine_lr, normalize, photometric, to_nchw
 from certinfer.train.losses import bagcert_loss
-from certinfer.provenance import git_commit
-from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, normalize, photometric,
-                                  preset_config, save_checkpoint, seed_everything, setup_distributed,
-                                  teardown_distributed, to_nchw)
 from certinfer.train.models.bagcert import RegionScorer, RegionScorerConfig, heaviside, rf_kernels
+from certinfer.train.trainer import (EPOCHS, SEED, THREADS, Run, finish, run_epochs, start, steps_per_epoch,
+                                     train_epoch, trainer_cli)
+
+DEFENSE = "bagcert"
 
 # RF 5 at output stride 2: a 5x5 patch touches at most 5x5 of the 16x16 cells (9.8% of the votes).
 _CPU_SCORER = dict(kernels=(3, 1, 1, 1, 1, 1, 1, 1), strides=(1, 2, 1, 1, 1, 1, 1, 1),
@@ -47,9 +43,6 @@ class TrainConfig:
     seed: int = 0
     eval_threat: str = "5x5"
     input_hw: tuple[int, int] = (32, 32)  # image-folder datasets are resized to this
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -118,111 +111,47 @@ def evaluate(maps: np.ndarray, y: np.ndarray, geometry: Geometry, threat: str, c
             "per_rect": {k: v / n for k, v in per_rect.items()}, "n": n, "threat": threat, "condition": condition}
 
 
-def _track_split(split: datasets.Split, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole GTSRB tracks (one physical sign each) so validation never sees a training track."""
-    n = len(split.y)
-    if split.name.startswith("gtsrb"):
-        root = datasets.data_root(None)
-        with np.load(root / "gtsrb" / "gtsrb32.npz", allow_pickle=False) as d:
-            groups = split.y.astype(np.int64) * 100000 + d["train_track"].astype(np.int64)
-    else:
-        groups = np.arange(n)
-    uniq = np.unique(groups)
-    held = np.random.default_rng(seed).choice(uniq, size=max(1, int(frac * len(uniq))), replace=False)
-    val = np.isin(groups, held)
-    return np.flatnonzero(~val), np.flatnonzero(val)
-
-
-def _train_epoch(model, opt, xs, ys, mean, std, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
-                 warmup: int, desc: str) -> tuple[int, float]:
-    model.train()
-    batches = epoch_batches(len(ys), cfg.batch_size, rng, d)
-    bar = tqdm(batches, desc=desc, disable=not d.main, leave=False)
-    losses = []
-    for idx in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, warmup, cfg.lr)
-        x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
-        x = normalize(x, mean, std).to(d.device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+def _loss(cfg: TrainConfig, model, xs, ys, run: Run):
+    def loss(idx: np.ndarray, _at: float) -> torch.Tensor:
+        x = photometric(augment(xs[idx], run.rng, cfg.crop_pad, cfg.flips), run.rng, cfg.jitter)
+        x = normalize(x, run.mean, run.std).to(run.device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             z = model(x)
-        loss = bagcert_loss(heaviside(z.float()), ys[idx].to(d.device), cfg.margin, cfg.sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    return step, float(np.mean(losses)) if losses else float("nan")
+        return bagcert_loss(heaviside(z.float()), ys[idx].to(run.device), cfg.margin, cfg.sigma)
+
+    return loss
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
           preset: str = "custom", command: str = "") -> dict:
     """Train a region scorer; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns metrics."""
-    d = setup_distributed(device)
-    commit = git_commit()  # the code that trains, not whatever HEAD is when training ends
-    rng = seed_everything(cfg.seed)
-    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    test_split = datasets.load(datasets.part_spec(cfg.dataset, "test"), data_dir, cfg.input_hw)
-    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
-    mean, std = datasets.channel_stats(train_split.x[fit_idx])
-    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
-    scorer = build_scorer(len(train_split.classes), cfg.model).to(d.device).to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(scorer) if d.world > 1 else scorer
+    run = start(DEFENSE, cfg, data_dir, device, preset, command)
+    xs, ys = run.fit_tensors()
+    scorer = build_scorer(run.num_classes, cfg.model).to(run.device).to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(scorer) if run.dist.world > 1 else scorer
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    geometry = Geometry.from_dict(scorer.cfg.geometry(train_split.x.shape[1:3]))
-    step, t0, history = 0, time.time(), []
-    for epoch in range(cfg.epochs):
-        step, loss = _train_epoch(model, opt, xs, ys, mean, std, cfg, d, rng, step, total, warmup,
-                                  f"epoch {epoch + 1}/{cfg.epochs}")
-        if d.main and (epoch % 5 == 4 or epoch == cfg.epochs - 1):
-            val = evaluate(binary_maps(scorer, train_split.x[val_idx], mean, std), train_split.y[val_idx],
-                           geometry, cfg.eval_threat)
-            history.append({"epoch": epoch + 1, "loss": loss, "val_clean": val["clean"],
-                            "val_certified": val["certified"], "minutes": (time.time() - t0) / 60})
-            tqdm.write(json.dumps(history[-1]))
-    metrics = {}
-    if d.main:
-        maps = binary_maps(scorer, test_split.x, mean, std, progress=True)
-        metrics = {"test": evaluate(maps, test_split.y, geometry, cfg.eval_threat),
-                   "test_condition_3.3": evaluate(maps, test_split.y, geometry, cfg.eval_threat, "3.3"),
-                   "history": history, "train_minutes": (time.time() - t0) / 60}
-        meta = {"defense": "bagcert", "preset": preset, "command": command, "config": cfg.to_dict(),
-                "num_classes": len(train_split.classes),
-                "classes": train_split.classes, "mean": mean, "std": std, "input_hw": list(train_split.x.shape[1:3]),
-                "geometry": geometry.to_dict(), "dataset": {"train": train_split.name, "test": test_split.name,
-                                                            "note": train_split.note, "validation": "5% of tracks"},
-                "seed": cfg.seed, "commit": commit, "world_size": d.world, "metrics": metrics}
-        save_checkpoint(scorer, meta, out / "model.safetensors")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    teardown_distributed()
-    return metrics
+    per_epoch = steps_per_epoch(run, cfg.batch_size)
+    total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
+    geometry = Geometry.from_dict(scorer.cfg.geometry(run.train.x.shape[1:3]))
+    loss = _loss(cfg, model, xs, ys, run)
+
+    def step(epoch: int) -> dict:
+        return {"loss": train_epoch(run, epoch, model, [opt], lambda s: cosine_lr(s, total, warmup, cfg.lr), loss)}
+
+    def validate() -> dict:
+        val = evaluate(binary_maps(scorer, run.train.x[run.val], run.mean, run.std), run.train.y[run.val], geometry,
+                       cfg.eval_threat)
+        return {"val_clean": val["clean"], "val_certified": val["certified"]}
+
+    def test() -> dict:
+        maps = binary_maps(scorer, run.test.x, run.mean, run.std, progress=True)
+        return {"test": evaluate(maps, run.test.y, geometry, cfg.eval_threat),
+                "test_condition_3.3": evaluate(maps, run.test.y, geometry, cfg.eval_threat, "3.3")}
+
+    history = run_epochs(run, step, validate, every=5)
+    return finish(run, scorer, out, history, test, geometry=geometry.to_dict())
 
 
-def config_for(preset: str, **overrides) -> TrainConfig:
-    return preset_config(PRESETS, preset, "BagCert", **overrides)
-
-
-cli = typer.Typer(add_completion=False)
-
-
-@cli.command("bagcert")
-def train_command(
-    preset: str = typer.Option("gtsrb-cpu", help=f"One of: {', '.join(PRESETS)}"),
-    out: Path = typer.Option(..., help="Output folder for model.safetensors, its .json and metrics.json"),
-    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
-    seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's]"),
-) -> None:
-    """Train a BagCert region scorer (launch with torchrun for DistributedDataParallel)."""
-    if threads:
-        torch.set_num_threads(threads)
-    command = command_line("bagcert", preset, out, epochs=epochs, seed=seed, threads=threads)
-    metrics = train(config_for(preset, epochs=epochs, seed=seed), out, data_dir, device, preset, command)
-    if metrics:
-        typer.echo(json.dumps(metrics["test"]))
+cli = trainer_cli(DEFENSE, train, PRESETS, "gtsrb-cpu",
+                  "Train a BagCert region scorer (launch with torchrun for DistributedDataParallel).",
+                  (EPOCHS, SEED, THREADS))

@@ -24,6 +24,7 @@ class Split:
     classes: list[str]
     name: str
     note: str = ""  # e.g. "JPEG-compressed (lossy) copy"
+    groups: np.ndarray | None = None  # (N,) images that must stay together (GTSRB: one physical sign's track)
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -40,9 +41,11 @@ def data_root(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_gtsrb(part: str, root: Path) -> Split:
+    """A GTSRB part; the training part's ``groups`` are its tracks (class and track number)."""
     with np.load(root / "gtsrb" / "gtsrb32.npz", allow_pickle=False) as d:
-        return Split(d[f"x_{part}"], d[f"y_{part}"].astype(np.int64), [str(c) for c in d["class_names"]],
-                     f"gtsrb:{part}")
+        y = d[f"y_{part}"].astype(np.int64)
+        groups = y * 100000 + d["train_track"].astype(np.int64) if part == "train" else None
+        return Split(d[f"x_{part}"], y, [str(c) for c in d["class_names"]], f"gtsrb:{part}", groups=groups)
 
 
 def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -91,6 +94,16 @@ def load(spec: str, data_dir: str | os.PathLike | None = None, hw: tuple[int, in
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}: choose from {sorted(loaders)} or folder:PATH")
     return loaders[name](part, data_root(data_dir))
+
+
+def holdout(split: Split, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) indices: ``frac`` of the split's groups held out whole (of its images, without groups),
+    so validation never sees a physical sign that training saw."""
+    groups = split.groups if split.groups is not None else np.arange(len(split.y))
+    uniq = np.unique(groups)
+    held = np.random.default_rng(seed).choice(uniq, size=max(1, int(frac * len(uniq))), replace=False)
+    val = np.isin(groups, held)
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:

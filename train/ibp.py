@@ -18,26 +18,20 @@ images at the end. The exported bundle's runtime numbers (``certinfer certify``)
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
-from tqdm import tqdm
 
-from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.ibp import patch_locations
-from certinfer.train import data as datasets
-from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, command_line, epoch_batches, normalize, photometric, preset_config,
-                                  save_checkpoint, seed_everything, setup_distributed, to_nchw)
+from certinfer.train.loop import augment, normalize, photometric, to_nchw
 from certinfer.train.models.ibp import IBPNet, MarginUNet, arch, margin_lower
+from certinfer.train.trainer import (EPOCHS, LIMIT, SEED, THREADS, Override, Run, finish, run_epochs, start,
+                                     train_epoch, trainer_cli)
+
+DEFENSE = "ibp"
 
 STRATEGIES = ("all", "random", "guided")
 
@@ -74,9 +68,6 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r}: choose from {STRATEGIES}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _paper(dataset: str, size: str, **kw) -> TrainConfig:
     """Appendix A.1: MNIST lr 5e-4, 100 epochs, ramp to full over 60 epochs after the first; CIFAR-10 lr 1e-3,
@@ -92,8 +83,9 @@ def _paper(dataset: str, size: str, **kw) -> TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # CPU presets at 2x2, one thread: random-patch training (the cheap strategy), about 25 minutes on one core here.
     # The small CNN trains 2.7x faster than the large one, which certifies about as well at 2x2 (Table 9: 37.3 vs
-    # 39.5 at random(5), 39.3 vs 38.6 at random(10)): more epochs of the small one. The full ~60-minute preset would be the same with epochs=80,
-    # ramp_epochs=48, lr_decay_every=8 (--epochs alone keeps the ramp and decay of the 25-minute one).
+    # 39.5 at random(5), 39.3 vs 38.6 at random(10)): more epochs of the small one. The full ~60-minute preset
+    # would be the same with epochs=80, ramp_epochs=48, lr_decay_every=8 (--epochs alone keeps the ramp and decay
+    # of the 25-minute one).
     "gtsrb-cpu": TrainConfig(dataset="gtsrb", model=arch("small", (32, 32)), patch=2, k=5, epochs=36,
                              batch_size=64, ramp_start=1.0, ramp_epochs=21.0, lr_decay_every=4, jitter=0.2),
     "cifar10-cpu": TrainConfig(dataset="cifar10", model=arch("small", (32, 32)), patch=2, k=5, epochs=30,
@@ -186,137 +178,86 @@ def certified_accuracy(net: IBPNet, boxes: PatchBoxes, x_uint8: np.ndarray, y: n
     return {"clean": clean / max(1, len(y)), "certified": cert / max(1, len(y)), "n": int(len(y))}
 
 
-def _train_epoch(net, unet, opts, xs, ys, mean, std, boxes: PatchBoxes, cfg: TrainConfig, d: Dist, rng, gen,
-                 epoch: int, desc: str) -> dict:
-    net.train()
-    batches = epoch_batches(len(ys), cfg.batch_size, rng, d)
-    bar = tqdm(batches, desc=desc, disable=not d.main, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
-    for opt in opts:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, epoch)
-    losses, eps = [], 0.0
-    for b, idx in enumerate(bar):
-        eps = eps_at(cfg, epoch + b / len(batches))
-        x = normalize(photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter), mean, std)
-        x, y = x.to(d.device), ys[idx].to(d.device)
-        unet_loss = None
+class _Objective:
+    """The certificate-training loss of one mini-batch (Eq. 11 to 14, 18) at the patch box's scale of the moment."""
+
+    def __init__(self, run: Run, net: IBPNet, unet: MarginUNet | None, boxes: PatchBoxes):
+        self.run, self.net, self.unet, self.boxes = run, net, unet, boxes
+        self.xs, self.ys = run.fit_tensors()
+        self.gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+        self.eps = 0.0
+
+    def locations(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the U-net's predicted margins or None, the chosen locations (B, k))."""
+        cfg, device = self.run.cfg, self.run.device
         if cfg.strategy == "all":
-            locs = torch.arange(boxes.locations, device=d.device).expand(len(x), -1)
-        elif cfg.strategy == "random":
-            locs = torch.from_numpy(rng.integers(0, boxes.locations, size=(len(x), cfg.k))).to(d.device)
-        else:
-            pred, locs = guided_locations(unet, x, y, cfg.k, cfg.guide_temperature, gen)
-        m = cert_margins(net, boxes, x, y, locs, eps)  # (B, k, K)
-        if cfg.strategy == "guided":
-            picked = pred.gather(2, locs[:, None, :].expand(-1, pred.shape[1], -1)).transpose(1, 2)
-            unet_loss = F.mse_loss(picked, m.detach())
+            return None, torch.arange(self.boxes.locations, device=device).expand(len(x), -1)
+        if cfg.strategy == "random":
+            picks = self.run.rng.integers(0, self.boxes.locations, size=(len(x), cfg.k))
+            return None, torch.from_numpy(picks).to(device)
+        return guided_locations(self.unet, x, y, cfg.k, cfg.guide_temperature, self.gen)
+
+    def __call__(self, idx: np.ndarray, at: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, run = self.run.cfg, self.run
+        self.eps = eps_at(cfg, at)
+        x = normalize(photometric(augment(self.xs[idx], run.rng, cfg.crop_pad, cfg.flips), run.rng, cfg.jitter),
+                      run.mean, run.std)
+        x, y = x.to(run.device), self.ys[idx].to(run.device)
+        pred, locs = self.locations(x, y)
+        m = cert_margins(self.net, self.boxes, x, y, locs, self.eps)  # (B, k, K)
         loss = F.cross_entropy(-m.min(dim=1).values, y)
         if cfg.clean_weight:
-            loss = cfg.clean_weight * F.cross_entropy(net(x), y) + (1 - cfg.clean_weight) * loss
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        (loss + unet_loss if unet_loss is not None else loss).backward()
-        for opt in opts:
-            opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", eps=f"{eps:.2f}", refresh=False)
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "eps": eps, "lr": lr_at(cfg, epoch)}
-
-
-def _limit(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    if not limit or len(idx) <= limit:
-        return idx
-    return np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
-
-
-def _load_splits(cfg: TrainConfig, data_dir: str | None):
-    if cfg.dataset == "mnist":
-        raise ValueError("MNIST: this workplace has only the MNIST test set (no training images); the mnist-* "
-                         "presets record the paper's settings for a machine that has them")
-    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    test_split = datasets.load(datasets.part_spec(cfg.dataset, "test"), data_dir, cfg.input_hw)
-    return train_split, test_split
+            loss = cfg.clean_weight * F.cross_entropy(self.net(x), y) + (1 - cfg.clean_weight) * loss
+        if pred is None:
+            return loss, loss
+        picked = pred.gather(2, locs[:, None, :].expand(-1, pred.shape[1], -1)).transpose(1, 2)
+        return loss + F.mse_loss(picked, m.detach()), loss  # the U-net learns the margins it picked
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
           preset: str = "custom", command: str = "") -> dict:
     """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    d = setup_distributed(device)
-    if d.world > 1:
+    if cfg.dataset == "mnist":
+        raise ValueError("MNIST: this workplace has only the MNIST test set (no training images); the mnist-* "
+                         "presets record the paper's settings for a machine that has them")
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, val_images=cfg.val_images,
+                test_images=cfg.eval_images)
+    if run.dist.world > 1:
         raise ValueError("IBP training runs in one process (certificate training is not set up for DDP)")
-    commit = git_commit()
-    rng = seed_everything(cfg.seed)
-    gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    train_split, test_split = _load_splits(cfg, data_dir)
-    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
-    fit_idx, val_idx = _limit(fit_idx, cfg.limit, cfg.seed), _limit(val_idx, cfg.val_images, cfg.seed + 1)
-    test_idx = _limit(np.arange(min(len(test_split.y), cfg.eval_images or len(test_split.y))), cfg.limit, cfg.seed + 2)
-    mean, std = datasets.channel_stats(train_split.x[fit_idx])
-    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
-    num_classes = len(train_split.classes)
-    net = IBPNet(num_classes, cfg.model).to(d.device)
+    net = IBPNet(run.num_classes, cfg.model).to(run.device)
     opts = [torch.optim.Adam(net.parameters(), lr=cfg.lr)]
     unet = None
     if cfg.strategy == "guided":
-        unet = MarginUNet(num_classes, (cfg.patch, cfg.patch), net.in_channels, cfg.unet_width).to(d.device)
+        unet = MarginUNet(run.num_classes, (cfg.patch, cfg.patch), net.in_channels, cfg.unet_width).to(run.device)
         opts.append(torch.optim.Adam(unet.parameters(), lr=cfg.lr))
-    boxes = PatchBoxes(cfg.input_hw, cfg.patch, mean, std, d.device)
-    t0, history = time.time(), []
-    for epoch in range(cfg.epochs):
-        te = time.time()
-        row = {"epoch": epoch + 1, **_train_epoch(net, unet, opts, xs, ys, mean, std, boxes, cfg, d, rng, gen, epoch,
-                                                  f"epoch {epoch + 1}/{cfg.epochs}")}
-        row["epoch_seconds"] = time.time() - te
-        if epoch % cfg.eval_every == cfg.eval_every - 1 or epoch == cfg.epochs - 1:
-            val = certified_accuracy(net, boxes, train_split.x[val_idx], train_split.y[val_idx], mean, std, d.device)
-            row |= {"val_clean": val["clean"], "val_certified": val["certified"]}
-        row["minutes"] = (time.time() - t0) / 60
-        history.append(row)
-        tqdm.write(json.dumps(row))
-    train_minutes = (time.time() - t0) / 60
-    test = certified_accuracy(net, boxes, test_split.x[test_idx], test_split.y[test_idx], mean, std, d.device)
-    metrics = {"test": {**test, "patch": f"{cfg.patch}x{cfg.patch}"}, "history": history,
-               "train_minutes": train_minutes,
-               "note": (f"torch fp32 on the first {len(test_idx)} test images; certified: label correct and every "
-                        f"lower bound > 0 at every {cfg.patch}x{cfg.patch} location; "
-                        f"{test_split.note or 'exact pixels'}")}
-    meta = {"defense": "ibp", "preset": preset, "command": command, "config": cfg.to_dict(),
-            "num_classes": num_classes, "classes": train_split.classes, "mean": mean, "std": std,
-            "input_hw": list(cfg.input_hw),
-            "dataset": {"train": train_split.name, "test": test_split.name, "note": train_split.note,
-                        "validation": "5% of tracks" if train_split.name.startswith("gtsrb") else "5% of images"},
-            "seed": cfg.seed, "commit": commit, "metrics": metrics}
-    save_checkpoint(net, meta, out / "model.safetensors")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    boxes = PatchBoxes(cfg.input_hw, cfg.patch, run.mean, run.std, run.device)
+    objective = _Objective(run, net, unet, boxes)
+
+    def step(epoch: int) -> dict:
+        loss = train_epoch(run, epoch, net, opts, lambda _: lr_at(cfg, epoch), objective)
+        return {"loss": loss, "eps": objective.eps, "lr": lr_at(cfg, epoch)}
+
+    def validate() -> dict:
+        val = certified_accuracy(net, boxes, run.train.x[run.val], run.train.y[run.val], run.mean, run.std,
+                                 run.device)
+        return {"val_clean": val["clean"], "val_certified": val["certified"]}
+
+    def test() -> dict:
+        result = certified_accuracy(net, boxes, run.test.x[run.tested], run.test.y[run.tested], run.mean, run.std,
+                                    run.device)
+        return {"test": {**result, "patch": f"{cfg.patch}x{cfg.patch}"},
+                "note": (f"torch fp32 on the first {len(run.tested)} test images; certified: label correct and "
+                         f"every lower bound > 0 at every {cfg.patch}x{cfg.patch} location; "
+                         f"{run.test.note or 'exact pixels'}")}
+
+    history = run_epochs(run, step, validate, cfg.eval_every)
+    return finish(run, net, out, history, test)
 
 
-def config_for(preset: str, **overrides) -> TrainConfig:
-    return preset_config(PRESETS, preset, "ibp", **overrides)
-
-
-cli = typer.Typer(add_completion=False)
-
-
-@cli.command("ibp")
-def train_command(
-    preset: str = typer.Option("gtsrb-cpu", help=f"One of: {', '.join(PRESETS)}"),
-    out: Path = typer.Option(..., help="Output folder for model.safetensors, its .json and metrics.json"),
-    patch: Optional[int] = typer.Option(None, help="Override the preset's square patch side"),
-    strategy: Optional[str] = typer.Option(None, help=f"Override the preset's strategy: {', '.join(STRATEGIES)}"),
-    k: Optional[int] = typer.Option(None, help="Override k (random: locations, guided: classes per image)"),
-    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
-    seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
-    limit: Optional[int] = typer.Option(None, help="At most this many images per split (smoke tests)"),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's]"),
-) -> None:
-    """Train an IBP-certified patch classifier (paper's small/large/wide CNNs; all, random or guided patches)."""
-    if threads:
-        torch.set_num_threads(threads)
-    command = command_line("ibp", preset, out, patch=patch, strategy=strategy, k=k, epochs=epochs, seed=seed,
-                           limit=limit, threads=threads)
-    cfg = config_for(preset, patch=patch, strategy=strategy, k=k, epochs=epochs, seed=seed, limit=limit)
-    metrics = train(cfg, out, data_dir, device, preset, command)
-    typer.echo(json.dumps(metrics["test"]))
+cli = trainer_cli(DEFENSE, train, PRESETS, "gtsrb-cpu",
+                  "Train an IBP-certified patch classifier (paper's small/large/wide CNNs; all, random or guided "
+                  "patches).",
+                  (Override("patch", int, "Override the preset's square patch side"),
+                   Override("strategy", str, f"Override the preset's strategy: {', '.join(STRATEGIES)}"),
+                   Override("k", int, "Override k (random: locations, guided: classes per image)"),
+                   EPOCHS, SEED, LIMIT, THREADS))

@@ -1,4 +1,4 @@
-"""PatchGuard trainer (Xiang et al. 2021): the two small-receptive-field models robust masking aggregates.
+"""PatchGuard (robust masking) trainer (Xiang et al. 2021): the two small-receptive-field models masking aggregates.
 
 * ``bagnet``: a BagNet-style local-logits network (the BagCert region scorer with a BagNet kernel layout),
   trained with cross-entropy on the spatial mean of its local logits (N, C, H', W'), as BagNet is.
@@ -6,7 +6,7 @@
   mask, trained with cross-entropy on one random ablation (band or block of
   ``certinfer.runtime.ablation.masks``) per image per step.
 
-Presets name the network: ``certinfer train patchguard --preset bagnet-gtsrb-cpu --out runs/...``. Validation
+Presets name the network: ``certinfer train masking --preset bagnet-gtsrb-cpu --out runs/...``. Validation
 holds out whole GTSRB tracks. The checkpoint's metrics are measured in torch: clean accuracy of the plain
 model (BagNet: argmax of the mean local logits; DRS: majority vote over every ablation, plus the base
 classifier's accuracy per ablation and Levine & Feizi's vote-gap certificate). The exported bundle's runtime
@@ -15,30 +15,23 @@ metrics (robust masking, every variant) are the reference numbers.
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from certinfer.provenance import git_commit
 from certinfer.runtime import ablation
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
-from certinfer.train import data as datasets
-from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, photometric, preset_config,
-                                  save_checkpoint, seed_everything, setup_distributed, teardown_distributed, to_nchw)
+from certinfer.train.loop import augment, cosine_lr, photometric, to_nchw
 from certinfer.train.models.bagnet import bagnet_kernels, bagnet_loss, build_bagnet, masked_evidence_loss
 from certinfer.train.models.drs import RESNET18, build_drs
+from certinfer.train.trainer import Run, finish, run_epochs, start, steps_per_epoch, train_epoch, trainer_cli
+
+DEFENSE = "masking"
 
 NETWORKS = ("bagnet", "drs")
 
@@ -85,9 +78,6 @@ class TrainConfig:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r}: choose adam or sgd")
         self.input_hw = tuple(int(v) for v in self.input_hw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -226,137 +216,82 @@ def mask_window(geometry: Geometry, threat: str) -> tuple[int, int]:
     return (max(int((r1 - r0).max()) for (r0, r1), _ in spans), max(int((c1 - c0).max()) for _, (c0, c1) in spans))
 
 
-def _train_epoch(model, opt, xs, ys, mean, std, keep, window, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
-                 warmup: int, desc: str) -> tuple[int, float]:
-    model.train()
-    batches = epoch_batches(len(ys), cfg.batch_size, rng, d)
-    bar = tqdm(batches, desc=desc, disable=not d.main, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
-    losses = []
-    for idx in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, warmup, cfg.lr)
-        x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
-        x01 = to_input01(x.to(d.device), cfg.input_hw, cfg.upsample)
-        if cfg.network == "bagnet":
-            inp = _norm(x01, mean, std)
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    if cfg.weight_decay:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def _loss(run: Run, model: torch.nn.Module, geometry: Geometry):
+    """The mini-batch loss: BagNet (plain or with the masking surrogate) or DRS on one random ablation per image."""
+    cfg = run.cfg
+    xs, ys = run.fit_tensors()
+    keep = torch.from_numpy(np.array(ablation.masks(ablation_geometry(cfg)))).to(run.device) \
+        if cfg.network == "drs" else None
+    window = mask_window(geometry, cfg.eval_threat) if cfg.network == "bagnet" else None
+
+    def loss(idx: np.ndarray, _at: float) -> torch.Tensor:
+        x = photometric(augment(xs[idx], run.rng, cfg.crop_pad, cfg.flips), run.rng, cfg.jitter)
+        x01 = to_input01(x.to(run.device), cfg.input_hw, cfg.upsample)
+        if keep is None:
+            inp = _norm(x01, run.mean, run.std)
         else:  # one random band/block per image
-            inp = _drs_input(x01, keep[torch.from_numpy(rng.integers(len(keep), size=len(idx))).to(d.device)])
-        inp = inp.contiguous(memory_format=torch.channels_last)
-        target = ys[idx].to(d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            z = model(inp)
+            inp = _drs_input(x01, keep[torch.from_numpy(run.rng.integers(len(keep), size=len(idx))).to(run.device)])
+        target = ys[idx].to(run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            z = model(inp.contiguous(memory_format=torch.channels_last))
         if cfg.network == "drs":
-            loss = F.cross_entropy(z.float(), target)
-        elif cfg.mask_loss:
-            loss = masked_evidence_loss(z, target, window, cfg.mask_loss)
-        else:
-            loss = bagnet_loss(z, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-    return step, float(np.mean(losses)) if losses else float("nan")
+            return F.cross_entropy(z.float(), target)
+        return masked_evidence_loss(z, target, window, cfg.mask_loss) if cfg.mask_loss else bagnet_loss(z, target)
+
+    return loss
 
 
-def _limit(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    if not limit or len(idx) <= limit:
-        return idx
-    return np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+def _dataset_meta(run: Run) -> dict:
+    cfg, shape = run.cfg, tuple(run.train.x.shape[1:3])
+    upsampled = (f"{shape[0]}x{shape[1]} -> {cfg.input_hw[0]}x{cfg.input_hw[1]} {cfg.upsample}"
+                 if shape != cfg.input_hw else None)
+    return {**run.dataset_meta(), "upsampled": upsampled}
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
           preset: str = "custom", command: str = "") -> dict:
     """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    d = setup_distributed(device)
-    commit = git_commit()  # the code that trains, not whatever HEAD is when training ends
-    rng = seed_everything(cfg.seed)
-    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    test_split = datasets.load(datasets.part_spec(cfg.dataset, "test"), data_dir, cfg.input_hw)
-    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
-    fit_idx, val_idx = _limit(fit_idx, cfg.limit, cfg.seed), _limit(val_idx, cfg.limit, cfg.seed + 1)
-    test_idx = _limit(np.arange(len(test_split.y)), cfg.limit, cfg.seed + 2)
-    if cfg.network == "bagnet":
-        mean, std = datasets.channel_stats(train_split.x[fit_idx])
-    else:  # the base classifier takes [0, 1] pixels: its (x, 1 - x) encoding needs them unnormalized
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
-    net = build(cfg, len(train_split.classes)).to(d.device).to(memory_format=torch.channels_last)
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit)
+    if cfg.network == "drs":  # the base classifier takes [0, 1] pixels: its (x, 1 - x) encoding needs them unnormalized
+        run.mean, run.std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    net = build(cfg, run.num_classes).to(run.device).to(memory_format=torch.channels_last)
     geometry = model_geometry(cfg, net)
-    keep = torch.from_numpy(np.array(ablation.masks(ablation_geometry(cfg)))).to(d.device) \
-        if cfg.network == "drs" else None
-    window = mask_window(geometry, cfg.eval_threat) if cfg.network == "bagnet" else None
-    model = DistributedDataParallel(net) if d.world > 1 else net
-    if cfg.optimizer == "adam":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay \
-            else torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                              weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    step, t0, history = 0, time.time(), []
-    for epoch in range(cfg.epochs):
-        te = time.time()
-        step, loss = _train_epoch(model, opt, xs, ys, mean, std, keep, window, cfg, d, rng, step, total, warmup,
-                                  f"epoch {epoch + 1}/{cfg.epochs}")
-        row = {"epoch": epoch + 1, "loss": loss, "epoch_seconds": time.time() - te}
-        if d.main and (epoch % cfg.eval_every == cfg.eval_every - 1 or epoch == cfg.epochs - 1):
-            val = evaluate(net, train_split.x[val_idx], train_split.y[val_idx], mean, std, cfg, d.device)
-            row.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-        row["minutes"] = (time.time() - t0) / 60
-        history.append(row)
-        if d.main:
-            tqdm.write(json.dumps(row))
-    metrics = {}
-    if d.main:
-        test = evaluate(net, test_split.x[test_idx], test_split.y[test_idx], mean, std, cfg, d.device)
-        metrics = {"test": test, "history": history, "train_minutes": (time.time() - t0) / 60,
-                   "eval_precision": "bf16 autocast" if cfg.bf16 else "fp32",
-                   "note": ("clean: argmax of the mean local logits" if cfg.network == "bagnet" else
-                            "base: base classifier accuracy over all ablations; clean: majority vote over all "
-                            "ablations; drs_certified: vote gap > 2 x affected bands/blocks (ties as flips)")}
-        meta = {"defense": "patchguard", "network": cfg.network, "preset": preset, "command": command,
-                "config": cfg.to_dict(), "num_classes": len(train_split.classes), "classes": train_split.classes,
-                "mean": mean, "std": std, "input_hw": list(cfg.input_hw), "geometry": geometry.to_dict(),
-                "dataset": {"train": train_split.name, "test": test_split.name, "note": train_split.note,
-                            "validation": "5% of tracks" if train_split.name.startswith("gtsrb") else "5% of images",
-                            "upsampled": (f"{train_split.x.shape[1]}x{train_split.x.shape[2]} -> "
-                                          f"{cfg.input_hw[0]}x{cfg.input_hw[1]} {cfg.upsample}")
-                            if tuple(train_split.x.shape[1:3]) != cfg.input_hw else None},
-                "seed": cfg.seed, "commit": commit, "world_size": d.world, "metrics": metrics}
-        if cfg.network == "drs":
-            meta["ablation"] = dict(cfg.ablation)
-        save_checkpoint(net, meta, out / "model.safetensors")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    teardown_distributed()
-    return metrics
+    model = DistributedDataParallel(net) if run.dist.world > 1 else net
+    opt = _optimizer(cfg, model)
+    per_epoch = steps_per_epoch(run, cfg.batch_size)
+    total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
+    loss = _loss(run, model, geometry)
+
+    def step(epoch: int) -> dict:
+        return {"loss": train_epoch(run, epoch, model, [opt], lambda s: cosine_lr(s, total, warmup, cfg.lr), loss)}
+
+    def validate() -> dict:
+        val = evaluate(net, run.train.x[run.val], run.train.y[run.val], run.mean, run.std, cfg, run.device)
+        return {f"val_{k}": v for k, v in val.items() if isinstance(v, float)}
+
+    def test() -> dict:
+        return {"test": evaluate(net, run.test.x[run.tested], run.test.y[run.tested], run.mean, run.std, cfg,
+                                 run.device),
+                "eval_precision": "bf16 autocast" if cfg.bf16 else "fp32",
+                "note": ("clean: argmax of the mean local logits" if cfg.network == "bagnet" else
+                         "base: base classifier accuracy over all ablations; clean: majority vote over all "
+                         "ablations; drs_certified: vote gap > 2 x affected bands/blocks (ties as flips)")}
+
+    history = run_epochs(run, step, validate, cfg.eval_every)
+    extra = {"ablation": dict(cfg.ablation)} if cfg.network == "drs" else {}
+    return finish(run, net, out, history, test, network=cfg.network, geometry=geometry.to_dict(),
+                  dataset=_dataset_meta(run), **extra)
 
 
-def config_for(preset: str, **overrides) -> TrainConfig:
-    return preset_config(PRESETS, preset, "PatchGuard", **overrides)
-
-
-cli = typer.Typer(add_completion=False)
-
-
-@cli.command("patchguard")
-def train_command(
-    preset: str = typer.Option("bagnet-gtsrb-cpu", help=f"One of: {', '.join(PRESETS)}"),
-    out: Path = typer.Option(..., help="Output folder for model.safetensors, its .json and metrics.json"),
-    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
-    seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
-    limit: Optional[int] = typer.Option(None, help="At most this many images per split (smoke tests)"),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's]"),
-) -> None:
-    """Train a PatchGuard network: BagNet local logits or a DRS base classifier (the preset says which)."""
-    if threads:
-        torch.set_num_threads(threads)
-    command = command_line("patchguard", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads)
-    metrics = train(config_for(preset, epochs=epochs, seed=seed, limit=limit), out, data_dir, device, preset,
-                    command)
-    if metrics:
-        typer.echo(json.dumps(metrics["test"]))
+cli = trainer_cli(DEFENSE, train, PRESETS, "bagnet-gtsrb-cpu",
+                  "Train a robust-masking (PatchGuard) network: BagNet local logits or a DRS base classifier (the "
+                  "preset says which).")

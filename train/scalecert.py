@@ -10,29 +10,22 @@ accuracy and accuracy under a random family window; the exported bundle's runtim
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.scalecert import DEFAULT_R, DEFAULT_TAU, family
 from certinfer.threat import parse
-from certinfer.train import data as datasets
-from certinfer.train.bagcert import _track_split
-from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
-                                  photometric, preset_config, save_checkpoint, seed_everything, setup_distributed,
-                                  teardown_distributed, to_nchw)
+from certinfer.train.loop import augment, cosine_lr, load_checkpoint, normalize, photometric, to_nchw
 from certinfer.train.models.scalecert import build_scalecert
+from certinfer.train.trainer import (EPOCHS, LIMIT, SEED, THREADS, Override, finish, run_epochs, start,
+                                     steps_per_epoch, train_epoch, trainer_cli)
+
+DEFENSE = "scalecert"
 
 # About 15 M multiply-adds per 32x32 image: stem 32 + three stages (32, 64, 128) of one basic block, stride 2 each.
 _CPU_NET = dict(stem=32, widths=(32, 64, 128), strides=(2, 2, 2), blocks=(1, 1, 1), top_k=0.2)
@@ -70,9 +63,6 @@ class TrainConfig:
         self.model = {**self.model, "input_hw": list(self.input_hw)}
         if not 0 <= self.dense_epochs <= self.epochs:
             raise ValueError(f"dense_epochs {self.dense_epochs} must lie in [0, epochs={self.epochs}]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -134,122 +124,58 @@ def worst_masks(net, x: torch.Tensor, y: torch.Tensor, windows: torch.Tensor, tr
     return masks[losses.argmax(0).cpu(), torch.arange(len(x))]
 
 
-def _train_epoch(model, net, opt, xs, ys, mean, std, cfg: TrainConfig, d: Dist, rng, step: int, total: int,
-                 warmup: int, windows: torch.Tensor, desc: str) -> tuple[int, float]:
-    model.train()
-    batches = epoch_batches(len(ys), cfg.batch_size, rng, d)
-    bar = tqdm(batches, desc=desc, disable=not d.main, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
-    occlude = cfg.occlude if net.sparse else 0.0
-    losses = []
-    for idx in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, warmup, cfg.lr)
-        x = normalize(photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter), mean, std)
-        y = ys[idx].to(d.device)
-        masks = (worst_masks(net, x.to(d.device), y, windows, cfg.worst_of, occlude, rng)
-                 if net.sparse and cfg.worst_of > 1 else random_masks(windows, len(idx), occlude, rng))
-        logits, _ = model(engine_batch(x, masks).to(d.device))
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-    return step, float(np.mean(losses)) if losses else float("nan")
-
-
-def _limit(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    if not limit or len(idx) <= limit:
-        return idx
-    return np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
-
-
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
           preset: str = "custom", command: str = "") -> dict:
     """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    d = setup_distributed(device)
-    commit = git_commit()
-    rng = seed_everything(cfg.seed)
-    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    test_split = datasets.load(datasets.part_spec(cfg.dataset, "test"), data_dir, cfg.input_hw)
-    fit_idx, val_idx = _track_split(train_split, 0.05, cfg.seed)
-    fit_idx, val_idx = _limit(fit_idx, cfg.limit, cfg.seed), _limit(val_idx, cfg.limit, cfg.seed + 1)
-    test_idx = _limit(np.arange(min(len(test_split.y), cfg.eval_images or len(test_split.y))), cfg.limit, cfg.seed + 2)
-    mean, std = datasets.channel_stats(train_split.x[fit_idx])
-    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, test_images=cfg.eval_images)
+    xs, ys = run.fit_tensors()
     windows = torch.from_numpy(occlusion_masks(cfg.input_hw, cfg.occlusion_threat, cfg.r, cfg.tau))
-    net = build_scalecert(len(train_split.classes), cfg.model)
+    net = build_scalecert(run.num_classes, cfg.model)
     if cfg.init:
         state, init_meta = load_checkpoint(Path(cfg.init))
         net.load_state_dict(state)
-        mean, std = init_meta["mean"], init_meta["std"]  # the inputs the weights were trained on
-    net = net.to(d.device)
-    model = DistributedDataParallel(net) if d.world > 1 else net
+        run.mean, run.std = init_meta["mean"], init_meta["std"]  # the inputs the weights were trained on
+    net = net.to(run.device)
+    model = DistributedDataParallel(net) if run.dist.world > 1 else net
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    step, t0, history = 0, time.time(), []
-    for epoch in range(cfg.epochs):
+    per_epoch = steps_per_epoch(run, cfg.batch_size)
+    total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
+
+    def loss(idx: np.ndarray, _at: float) -> torch.Tensor:
+        x = normalize(photometric(augment(xs[idx], run.rng, cfg.crop_pad, cfg.flips), run.rng, cfg.jitter),
+                      run.mean, run.std)
+        y = ys[idx].to(run.device)
+        occlude = cfg.occlude if net.sparse else 0.0
+        masks = (worst_masks(net, x.to(run.device), y, windows, cfg.worst_of, occlude, run.rng)
+                 if net.sparse and cfg.worst_of > 1 else random_masks(windows, len(idx), occlude, run.rng))
+        logits, _ = model(engine_batch(x, masks).to(run.device))
+        return F.cross_entropy(logits, y)
+
+    def step(epoch: int) -> dict:
         net.sparse = epoch >= cfg.dense_epochs
-        te = time.time()
-        step, loss = _train_epoch(model, net, opt, xs, ys, mean, std, cfg, d, rng, step, total, warmup, windows,
-                                  f"epoch {epoch + 1}/{cfg.epochs}{' (SIN)' if net.sparse else ' (dense)'}")
-        row = {"epoch": epoch + 1, "sparse": net.sparse, "loss": loss, "epoch_seconds": time.time() - te}
-        if d.main and (epoch % cfg.eval_every == cfg.eval_every - 1 or epoch == cfg.epochs - 1):
-            row["val"] = accuracy(net, train_split.x[val_idx], train_split.y[val_idx], mean, std, d.device)
-        row["minutes"] = (time.time() - t0) / 60
-        history.append(row)
-        if d.main:
-            tqdm.write(json.dumps(row))
-    metrics = {}
-    if d.main:
+        return {"sparse": net.sparse,
+                "loss": train_epoch(run, epoch, model, [opt], lambda s: cosine_lr(s, total, warmup, cfg.lr), loss)}
+
+    def validate() -> dict:
+        return {"val": accuracy(net, run.train.x[run.val], run.train.y[run.val], run.mean, run.std, run.device)}
+
+    def test() -> dict:
         net.sparse = True
-        tx, ty = test_split.x[test_idx], test_split.y[test_idx]
-        test = {"clean": accuracy(net, tx, ty, mean, std, d.device),
-                "occluded": accuracy(net, tx, ty, mean, std, d.device, windows, seed=cfg.seed + 3),
-                "n": int(len(test_idx))}
-        metrics = {"test": test, "history": history, "train_minutes": (time.time() - t0) / 60,
-                   "note": (f"first {len(test_idx)} test images, sparse network; occluded: one random window of "
-                            f"the {cfg.occlusion_threat} families (r={cfg.r}, tau={cfg.tau}) per image")}
-        meta = {"defense": "scalecert", "preset": preset, "command": command, "config": cfg.to_dict(),
-                "num_classes": len(train_split.classes), "classes": train_split.classes, "mean": mean, "std": std,
-                "input_hw": list(cfg.input_hw), "geometry": net.cfg.geometry(),
-                "dataset": {"train": train_split.name, "test": test_split.name, "note": train_split.note,
-                            "validation": "5% of tracks" if train_split.name.startswith("gtsrb") else "5% of images"},
-                "seed": cfg.seed, "commit": commit, "world_size": d.world, "metrics": metrics}
-        save_checkpoint(net, meta, out / "model.safetensors")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    teardown_distributed()
-    return metrics
+        tx, ty = run.test.x[run.tested], run.test.y[run.tested]
+        return {"test": {"clean": accuracy(net, tx, ty, run.mean, run.std, run.device),
+                         "occluded": accuracy(net, tx, ty, run.mean, run.std, run.device, windows,
+                                              seed=cfg.seed + 3),
+                         "n": int(len(run.tested))},
+                "note": (f"first {len(run.tested)} test images, sparse network; occluded: one random window of "
+                         f"the {cfg.occlusion_threat} families (r={cfg.r}, tau={cfg.tau}) per image")}
+
+    history = run_epochs(run, step, validate, cfg.eval_every)
+    return finish(run, net, out, history, test, geometry=net.cfg.geometry())
 
 
-def config_for(preset: str, **overrides) -> TrainConfig:
-    return preset_config(PRESETS, preset, "scalecert", **overrides)
-
-
-cli = typer.Typer(add_completion=False)
-
-
-@cli.command("scalecert")
-def train_command(
-    preset: str = typer.Option("gtsrb-cpu", help=f"One of: {', '.join(PRESETS)}"),
-    out: Path = typer.Option(..., help="Output folder for model.safetensors, its .json and metrics.json"),
-    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs"),
-    dense_epochs: Optional[int] = typer.Option(None, help="Override the preset's dense warm-up epochs"),
-    seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
-    init: Optional[str] = typer.Option(None, help="Start from this ScaleCert checkpoint (fine-tuning presets)"),
-    limit: Optional[int] = typer.Option(None, help="At most this many images per split (smoke tests)"),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's]"),
-) -> None:
-    """Train a ScaleCert network (ResNet-style, SIN layer after the stem, fine-tuned with random occlusions)."""
-    if threads:
-        torch.set_num_threads(threads)
-    command = command_line("scalecert", preset, out, epochs=epochs, seed=seed, limit=limit, threads=threads, init=init,
-                           dense_epochs=dense_epochs)
-    metrics = train(config_for(preset, epochs=epochs, dense_epochs=dense_epochs, seed=seed, limit=limit, init=init),
-                    out, data_dir, device, preset, command)
-    if metrics:
-        typer.echo(json.dumps(metrics["test"]))
+cli = trainer_cli(DEFENSE, train, PRESETS, "gtsrb-cpu",
+                  "Train a ScaleCert network (ResNet-style, SIN layer after the stem, fine-tuned with random "
+                  "occlusions).",
+                  (EPOCHS, SEED, LIMIT, THREADS,
+                   Override("init", str, "Start from this ScaleCert checkpoint (fine-tuning presets)"),
+                   Override("dense_epochs", int, "Override the preset's dense warm-up epochs")))

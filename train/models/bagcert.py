@@ -167,6 +167,16 @@ def rf_kernels(rf: int, imagenet: bool = False) -> tuple[int, ...]:
     imagenet_table = {17: (3, 1, 3, 1, 3, 1, 1, 1), 25: (3, 1, 3, 1, 3, 1, 3, 1), 29: (3, 3, 3, 1, 3, 1, 3, 1)}
     chosen = imagenet_table if imagenet else table
     if rf not in chosen:
-        raise ValueError(f"no {'ImageNet-style' if imagenet else 'CIFAR'} preset for RF {rf}: choose from {sorted(chosen)}")
+        raise ValueError(f"no {'ImageNet-style' if imagenet else 'CIFAR'} preset for RF {rf}: "
+                         f"choose from {sorted(chosen)}")
     return chosen[rf]
 
+
+
+MODULES = ("bagcert-code-map",)
+
+
+def build(config: dict) -> CodeMap:
+    """The torch engine's module (``bagcert-code-map``): the code map over a region scorer."""
+    scorer = RegionScorer(RegionScorerConfig(num_classes=int(config["num_classes"]), **config["model"]))
+    return CodeMap(scorer, float(config["tolerance"]))

@@ -87,3 +87,11 @@ class CropNet(nn.Module):
 
 def build_cropnet(num_classes: int, cfg: dict) -> CropNet:
     return CropNet(CropNetConfig(num_classes=num_classes, **cfg))
+
+
+MODULES = ("cropnet",)
+
+
+def build(config: dict) -> CropNet:
+    """The torch engine's module (``cropnet``)."""
+    return build_cropnet(int(config["num_classes"]), dict(config["model"]))

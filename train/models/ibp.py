@@ -126,6 +126,15 @@ class IBPBounds(IBPNet):
         return margin_lower(self, packed[:, :c], packed[:, c:])
 
 
+MODULES = ("ibp-logits", "ibp-bounds")
+
+
+def build(config: dict) -> IBPNet:
+    """The torch engine's modules: ``ibp-logits`` (the network) or ``ibp-bounds`` (its bounds graph)."""
+    cls = IBPBounds if config["module"] == "ibp-bounds" else IBPNet
+    return cls(int(config["num_classes"]), dict(config["model"]))
+
+
 class MarginUNet(nn.Module):
     """Guided-patch training (Sec. 4.2, Eq. 15, 16): image -> predicted single-patch margins (N, K, H-ph+1, W-pw+1).
 

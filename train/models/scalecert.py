@@ -117,3 +117,11 @@ class SINNet(nn.Module):
 
 def build_scalecert(num_classes: int, cfg: dict) -> SINNet:
     return SINNet(SINNetConfig(num_classes=num_classes, **cfg))
+
+
+MODULES = ("scalecert",)
+
+
+def build(config: dict) -> SINNet:
+    """The torch engine's module (``scalecert``), pruning as exported."""
+    return build_scalecert(int(config["num_classes"]), dict(config["model"]))

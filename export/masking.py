@@ -1,4 +1,4 @@
-"""Export a PatchGuard network (``certinfer train patchguard``) to a verified robust-masking bundle.
+"""Export a PatchGuard network (``certinfer train masking``) to a verified robust-masking bundle.
 
 * BagNet checkpoint (``source: local-logits``; variants Mask-BN, CBN): the graph maps the normalized NCHW
   frame to float32 local logits (N, H', W', C). The receptive-field probe runs on onnxruntime and must find
@@ -8,7 +8,7 @@
   the outputs bit-identical when ablated pixels change (and changed when kept pixels do), or the export fails.
 
 Both check parity with torch on real test images, then the bundle's accuracy is measured through the runtime
-itself (``certinfer.load`` + ``evaluate_certifier``) and stored in the manifest's provenance.
+itself (its Certifier) and stored in the manifest's provenance.
 """
 
 from __future__ import annotations
@@ -18,36 +18,33 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export.bundle_writer import runtime_metrics, write_bundle
+from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
+                                       manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import ProbeError, _bits, probe
+from certinfer.export.probe import ProbeError, bits, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime import ablation
-from certinfer.runtime.certifier import resize
 from certinfer.runtime.defenses.masking import TANH, VARIANTS
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
-from certinfer.train import data as datasets
 from certinfer.train import models
-from certinfer.train.loop import load_checkpoint
+from certinfer.train.masking import TrainConfig, build
 from certinfer.train.models.bagnet import LocalLogits
-from certinfer.train.patchguard import TrainConfig, build
 
+DEFENSE = "masking"
 SOURCE = {"mask-bn": "local-logits", "cbn": "local-logits", "mask-ds": "ablation", "drs": "ablation"}
 NETWORK_SOURCE = {"bagnet": "local-logits", "drs": "ablation"}
 DEFAULT_VARIANT = {"bagnet": "mask-bn", "drs": "mask-ds"}
 FEATURES = ("logits", "confidence", "prediction")
-PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
 
 
 def load_network(checkpoint: Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
-    state, meta = load_checkpoint(Path(checkpoint))
-    if meta.get("defense") != "patchguard":
-        raise ValueError(f"{checkpoint}: not a PatchGuard checkpoint (defense {meta.get('defense')!r})")
+    state, meta = load_trained(checkpoint, DEFENSE)
     cfg = TrainConfig(**meta["config"])
     model = build(cfg, meta["num_classes"])
     model.load_state_dict(state)
@@ -60,7 +57,7 @@ def _torch_config(meta: dict, cfg: TrainConfig) -> dict:
     return models.config("drs", meta["num_classes"], cfg.model, (4, *cfg.input_hw))
 
 
-def exported_module(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+def exported_module(checkpoint: Path, bundle_manifest: dict) -> tuple[torch.nn.Module, dict]:
     """The module a masking bundle's ONNX is exported from (BagNet under LocalLogits, or the DRS base
     classifier), and its torch engine config."""
     model, meta, cfg = load_network(Path(checkpoint))
@@ -108,23 +105,13 @@ def defense_params(variant: str, network: str, ablation_cfg: dict | None = None,
     return params
 
 
-def _session(model: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-
-
 def parity(model: torch.nn.Module, session: ort.InferenceSession, x: np.ndarray, output: str) -> dict:
     """fp32 torch vs the ONNX engine on the same inputs: relative max error below PARITY_RTOL, same argmax."""
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     got = session.run([output], {"input": x})[0]
-    scale = max(1.0, float(np.abs(ref).max()))
-    error = float(np.abs(got - ref).max())
-    flat = (lambda a: a.reshape(-1, a.shape[-1]))
-    report = {"inputs": len(x), "outputs": int(ref.size), "max_abs_error": error, "scale": scale,
-              "rtol": PARITY_RTOL, "argmax_disagreements": int((flat(ref).argmax(1) != flat(got).argmax(1)).sum())}
-    if error > PARITY_RTOL * scale:
-        raise AssertionError(f"ONNX engine disagrees with torch: {json.dumps(report)}")
-    return report
+    return float_parity(ref, got, inputs=len(x), outputs=int(ref.size),
+                        argmax_disagreements=argmax_disagreements(ref, got))
 
 
 def ablation_probe(run, images01: np.ndarray, geometry: Geometry, trials: int = 64, batch: int = 8,
@@ -145,8 +132,8 @@ def ablation_probe(run, images01: np.ndarray, geometry: Geometry, trials: int = 
             ablated = np.concatenate([np.where(m[None] > 0, img, noise), m[None]])  # only ablated pixels differ
             kept = np.concatenate([np.where(m[None] > 0, noise, img), m[None]])  # only kept pixels differ
             rows += [base, ablated, kept]
-        out = _bits(run(np.stack(rows).astype(np.float32)))
-        if not np.array_equal(out[0], _bits(run(rows[0][None].astype(np.float32)))[0]):
+        out = bits(run(np.stack(rows).astype(np.float32)))
+        if not np.array_equal(out[0], bits(run(rows[0][None].astype(np.float32)))[0]):
             raise ProbeError("engine outputs depend on the batch a row runs in: not bit-exact")
         for i in range(k):
             if not np.array_equal(out[3 * i], out[3 * i + 1]):
@@ -160,20 +147,32 @@ def ablation_probe(run, images01: np.ndarray, geometry: Geometry, trials: int = 
             "kept_pixel_changes_that_changed_outputs": kept_changed}
 
 
-def _test_images(meta: dict, cfg: TrainConfig, data_dir: str | None, eval_data: str | None,
-                 eval_limit: int | None) -> datasets.Split:
-    test = datasets.load(eval_data or meta["dataset"]["test"], data_dir, tuple(cfg.input_hw))
-    if eval_limit and eval_limit < len(test.y):
-        test = datasets.Split(test.x[:eval_limit], test.y[:eval_limit], test.classes, test.name,
-                              f"{test.note + '; ' if test.note else ''}first {eval_limit} images")
-    return test
+def _local_logits(model, x: np.ndarray, geometry: Geometry, rects: list, trials: int):
+    """BagNet: the LocalLogits graph, its parity and its receptive-field probe."""
+    wrapper, output = LocalLogits(model).eval(), "local_logits"
+    graph = export_onnx(wrapper, (torch.from_numpy(x[:2]),), ["input"], [output])
+    session = cpu_session(graph)
+    probe_report = {"backend": "onnxruntime-cpu", "kind": "local-logits",
+                    **probe(lambda b: session.run([output], {"input": b})[0], x, geometry, rects, trials=trials)}
+    if sum(n.op_type == "Transpose" for n in onnx.load_from_string(graph).graph.node) == 1:
+        probe_report["op"] = "Transpose"  # inspect --probe also reads the NCHW input of the single Transpose
+    return wrapper, graph, parity(wrapper, session, x, output), probe_report
 
 
-def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, threat: str = "5x5",
-                      feature: str | None = None, threshold: float | None = None, clip: list | str | None = None,
-                      abstain: float | None = None, probe_trials: int = 96, max_batch: int = 1024,
-                      data_dir: str | None = None, eval_data: str | None = None,
-                      eval_limit: int | None = None) -> dict:
+def _ablation(model, x01: np.ndarray, geometry: Geometry, trials: int):
+    """DRS: the base classifier's graph, its parity on ablated rows and the ablation probe."""
+    rows = ablation.batch(x01[:8], geometry)
+    graph = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits"])
+    session = cpu_session(graph)
+    probe_report = {"backend": "onnxruntime-cpu",
+                    **ablation_probe(lambda b: session.run(["logits"], {"input": b})[0], x01, geometry, trials=trials)}
+    return model, graph, parity(model, session, rows, "logits"), probe_report
+
+
+def export_masking(checkpoint: Path, out: Path, variant: str | None = None, threat: str = "5x5",
+                   feature: str | None = None, threshold: float | None = None, clip: list | str | None = None,
+                   abstain: float | None = None, probe_trials: int = 96, max_batch: int = 1024,
+                   data_dir: str | None = None, eval_data: str | None = None, eval_limit: int | None = None) -> dict:
     """Write a robust-masking bundle to ``out``; returns its manifest."""
     model, meta, cfg = load_network(Path(checkpoint))
     variant = variant or DEFAULT_VARIANT[cfg.network]
@@ -181,63 +180,30 @@ def export_patchguard(checkpoint: Path, out: Path, variant: str | None = None, t
     hw = tuple(cfg.input_hw)
     geometry = Geometry.from_dict(meta["geometry"])
     rects = list(parse(threat, input_hw=hw).rects)  # fails early on a threat that does not fit
-    test = _test_images(meta, cfg, data_dir, eval_data, eval_limit)
-    # the images exactly as the runtime prepares them: bilinear resize to the input size, /255, normalized
-    x01 = (resize(test.x[:256], hw).astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
-    if cfg.network == "bagnet":
-        input_mean, input_std = meta["mean"], meta["std"]  # the checkpoint's values, written to the manifest as is
-        mean, std = np.float32(input_mean).reshape(1, 3, 1, 1), np.float32(input_std).reshape(1, 3, 1, 1)
-        x = ((x01 - mean) / std).astype(np.float32)
-        wrapper, output = LocalLogits(model), "local_logits"
-        onnx_model = export_onnx(wrapper, (torch.from_numpy(x[:2]),), ["input"], [output])
-        session = _session(onnx_model)
-        parity_report = parity(wrapper, session, x, output)
-        probe_report = probe(lambda b: session.run([output], {"input": b})[0], x, geometry, rects + [(1, 1)],
-                             trials=probe_trials)
-        probe_report = {"backend": "onnxruntime-cpu", "kind": "local-logits", **probe_report}
-        import onnx  # probe_bundle (certinfer inspect --probe) reads the NCHW input of the single Transpose
-
-        if sum(n.op_type == "Transpose" for n in onnx.load_from_string(onnx_model).graph.node) == 1:
-            probe_report["op"] = "Transpose"
-    else:
-        input_mean, input_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # the base classifier takes [0, 1] pixels
-        rows = ablation.batch(x01[:8], geometry)
-        wrapper, output = model, "logits"
-        onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], [output])
-        session = _session(onnx_model)
-        parity_report = parity(model, session, rows, output)
-        probe_report = {"backend": "onnxruntime-cpu",
-                        **ablation_probe(lambda b: session.run([output], {"input": b})[0], x01, geometry,
-                                         trials=probe_trials)}
+    test = eval_split(meta, hw, data_dir, eval_data, eval_limit)
+    if cfg.network == "bagnet":  # the checkpoint's normalization, written to the manifest as is
+        mean, std = meta["mean"], meta["std"]
+        x = prepare(test.x[:256], hw, mean, std)
+        wrapper, graph, parity_report, probe_report = _local_logits(model, x, geometry, rects + [(1, 1)],
+                                                                    probe_trials)
+    else:  # the base classifier takes [0, 1] pixels
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        x01 = prepare(test.x[:256], hw, mean, std)
+        wrapper, graph, parity_report, probe_report = _ablation(model, x01, geometry, probe_trials)
     probe_report["exact_backends"] = ["onnxruntime-cpu"]
     torch_entry, weights = torch_engine(wrapper, _torch_config(meta, cfg), max_batch)
-    files = {"model.onnx": onnx_model, "model.safetensors": weights}
-    manifest = {
-        "schema": 1,
-        "defense": {"kind": "masking", "params": params},
-        "input": {"hw": list(hw), "channels": 3, "mean": [float(v) for v in input_mean],
-                  "std": [float(v) for v in input_std], "classes": meta["classes"], "resize": "bilinear"},
-        "geometry": geometry.to_dict(),
-        "threat": threat,
-        "engines": [{"file": "model.onnx", "format": "onnx", "precision": "fp32", "role": "model",
-                     "batch": [1, max_batch]}, torch_entry],
-        "probe": probe_report,
-        "parity": {"torch_vs_onnxruntime-cpu": parity_report},
-        "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
-                      | {"network": cfg.network, "train_metrics": meta.get("metrics", {})},
-    }
-    write_bundle(out, manifest, files)
-    manifest["provenance"]["metrics"] = runtime_metrics(Path(out), test, threat)
-    write_bundle(out, manifest, files)
-    return manifest
+    m = manifest(DEFENSE, params, hw, mean, std, meta["classes"], threat, [onnx_engine(max_batch), torch_entry],
+                 {"torch_vs_onnxruntime-cpu": parity_report}, meta, geometry=geometry.to_dict(), probe=probe_report,
+                 provenance_extra={"network": cfg.network})
+    return publish(out, m, {"model.onnx": graph, "model.safetensors": weights}, test)
 
 
 cli = typer.Typer(add_completion=False)
 
 
-@cli.command("patchguard")
+@cli.command(DEFENSE)
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train patchguard"),
+    checkpoint: Path = typer.Argument(..., help="model.safetensors written by certinfer train masking"),
     out: Path = typer.Argument(..., help="Bundle folder to write"),
     variant: Optional[str] = typer.Option(None, help="mask-bn or cbn (BagNet), mask-ds or drs (DRS) "
                                                      "[default: mask-bn / mask-ds]"),
@@ -252,10 +218,7 @@ def export_command(
     data_dir: Optional[str] = typer.Option(None, help="Data folder for parity images and the accuracy check"),
 ) -> None:
     """Export to ONNX, check parity and locality, measure accuracy through the runtime, write the bundle."""
-    manifest = export_patchguard(checkpoint, out, variant, threat, feature, threshold,
-                                 parse_clip(clip) if clip is not None else None, abstain, probe_trials, max_batch,
-                                 data_dir=data_dir, eval_limit=eval_limit)
-    m = manifest["provenance"]["metrics"]
-    typer.echo(json.dumps({"bundle": str(out), "defense": manifest["defense"]["params"],
-                           "clean": m["clean_accuracy"], "certified": m["certified_accuracy"],
-                           "certified_per_rect": m["certified_accuracy_per_rect"]}))
+    written = export_masking(checkpoint, out, variant, threat, feature, threshold,
+                             parse_clip(clip) if clip is not None else None, abstain, probe_trials, max_batch,
+                             data_dir=data_dir, eval_limit=eval_limit)
+    typer.echo(summary(out, written))

@@ -1,9 +1,10 @@
-"""PatchGuard training and export: BagNet layouts and presets, the DRS base classifier's ablation encoding,
-the manifest contract of robust-masking bundles, and a tiny trained BagNet and DRS exported end to end."""
+"""Robust masking (PatchGuard) training and export: BagNet layouts and presets, the DRS base classifier's ablation
+encoding, the manifest contract of masking bundles, and a tiny trained BagNet and DRS exported end to end."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,7 @@ import torch
 from PIL import Image
 
 import certinfer
-from certinfer.export.patchguard import (ablation_probe, defense_params, export_patchguard, load_network,
-                                         parse_clip)
+from certinfer.export.masking import ablation_probe, defense_params, export_masking, load_network, parse_clip
 from certinfer.export.probe import ProbeError
 from certinfer.runtime import ablation
 from certinfer.runtime.bundle import load_bundle
@@ -21,7 +21,7 @@ from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.models.bagnet import LocalLogits, bagnet_kernels, bagnet_loss, build_bagnet
 from certinfer.train.models.drs import DRSConfig, DRSNet, build_drs, encode, multiply_adds
-from certinfer.train.patchguard import PRESETS, TrainConfig, build, drs_metrics, model_geometry, train
+from certinfer.train.masking import PRESETS, TrainConfig, build, drs_metrics, model_geometry, train
 
 torch.set_num_threads(1)
 
@@ -50,7 +50,7 @@ def test_presets_build_and_match_their_geometry(preset):
     model_cfg = dict(cfg.model)
     if "paper" in preset or preset.startswith("bagnet") and "cpu" not in preset:  # GPU models: a narrow twin
         model_cfg.update(widths=(4,) * len(model_cfg["widths"]), stem_width=4)
-    twin = TrainConfig(**{**cfg.to_dict(), "model": model_cfg})
+    twin = TrainConfig(**{**asdict(cfg), "model": model_cfg})
     net = build(twin, 7).eval()
     g = model_geometry(twin, net)
     with torch.no_grad():
@@ -187,8 +187,8 @@ def trained(tmp_path_factory):
         metrics = train(cfg, out, device="cpu", preset="tiny", command="pytest")
         variant = "mask-bn" if network == "bagnet" else "mask-ds"
         bundle = tmp_path_factory.mktemp("bundle") / variant
-        manifest = export_patchguard(out / "model.safetensors", bundle, variant, threat="5x5", probe_trials=16,
-                                     max_batch=256)
+        manifest = export_masking(out / "model.safetensors", bundle, variant, threat="5x5", probe_trials=16,
+                                  max_batch=256)
         runs[network] = {"metrics": metrics, "checkpoint": out / "model.safetensors", "bundle": bundle,
                          "manifest": manifest}
     runs["test"] = datasets.load(f"folder:{data}/test")
@@ -243,7 +243,7 @@ def test_engine_io_and_runtime_agree_with_torch(trained):
     x = cert.prepare(x_uint8)
     with torch.no_grad():
         ref = LocalLogits(bagnet)(torch.from_numpy(x)).numpy()
-    local = cert.run_engine(x)
+    local = cert.local_features(x)
     assert local.shape == (6, 16, 16, 4) and local.dtype == np.float32
     np.testing.assert_allclose(local, ref, rtol=1e-4, atol=1e-4)
     assert all(v.backend == "onnxruntime-cpu" and v.certificate.threat == "5x5" for v in cert(x_uint8))
@@ -255,7 +255,7 @@ def test_engine_io_and_runtime_agree_with_torch(trained):
     g = Geometry.from_dict(cert.manifest["geometry"])
     with torch.no_grad():
         ref = drs(torch.from_numpy(ablation.batch(x, g))).numpy().reshape(6, 1, 35, 4)
-    out = cert.run_engine(x)  # 6 x 35 ablations in chunks of the engine's max batch (256)
+    out = cert.local_features(x)  # 6 x 35 ablations in chunks of the engine's max batch (256)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     assert len(cert(x_uint8)) == 6
 
@@ -267,7 +267,7 @@ def test_export_cli_drs_and_cbn_variants(trained, tmp_path, capsys):
     for network, variant, extra in (("drs", "drs", ["--abstain", "0.3"]), ("bagnet", "cbn", [])):
         out = tmp_path / variant
         with pytest.raises(SystemExit) as e:
-            main(["export", "patchguard", str(trained[network]["checkpoint"]), str(out), "--variant", variant,
+            main(["export", "masking", str(trained[network]["checkpoint"]), str(out), "--variant", variant,
                   "--threat", "2x2", "--probe-trials", "8", "--eval-limit", "20", *extra])
         assert e.value.code == 0, capsys.readouterr().err
         m = load_bundle(out).manifest
@@ -276,5 +276,5 @@ def test_export_cli_drs_and_cbn_variants(trained, tmp_path, capsys):
     assert load_bundle(tmp_path / "drs").manifest["defense"]["params"]["abstain"] == 0.3
     assert load_bundle(tmp_path / "cbn").manifest["defense"]["params"]["clip"] == "tanh"
     with pytest.raises(SystemExit) as e:
-        main(["export", "patchguard", str(trained["drs"]["checkpoint"]), str(tmp_path / "bad"), "--variant", "cbn"])
+        main(["export", "masking", str(trained["drs"]["checkpoint"]), str(tmp_path / "bad"), "--variant", "cbn"])
     assert e.value.code == 1 and "needs a local-logits network" in capsys.readouterr().err
