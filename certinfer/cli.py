@@ -28,7 +28,8 @@ from certinfer.runtime.defenses import REGISTRY, canonical
 EXPORT_TOOLS: dict[str, str] = {"trt": "certinfer.export.tensorrt_build:cli", "parity": "certinfer.export.parity:cli",
                                 "torch": "certinfer.export.torch_weights:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
-                         "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli"}
+                         "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli",
+                         "doublemask-speed": "certinfer.bench.doublemask_speed:cli"}
 
 _state = {"debug": False}
 

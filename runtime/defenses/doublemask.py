@@ -290,7 +290,8 @@ class DoubleMaskCertifier(Certifier):
         parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for s in range(0, len(frames), step):
             sl = slice(s, s + step)
-            copies = np.where((masks[a[sl]] | masks[b[sl]])[:, None], value, base[frames[sl]])
+            copies = base[frames[sl]]  # a fresh array: masked in place
+            np.copyto(copies, value, where=(masks[a[sl]] | masks[b[sl]])[:, None])
             out = self.run_engine(copies, role=role)
             parts.append(np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float32))
         return np.concatenate(parts)
