@@ -164,7 +164,7 @@ def test_certified_frames_return_the_certified_label_by_agreement():
     for f, d in enumerate(certifier.certify(features)):
         if d.certificate.certified:
             certified += 1
-            assert (features.one[f].argmax(-1) == d.label).all() and (features.two[f].argmax(-1) == d.label).all()
+            assert (features.one[f].argmax(-1) == d.label).all() and (features.two[f] == d.label).all()
     assert certified
 
 
@@ -257,3 +257,9 @@ def test_bad_bundle_params_and_options_are_refused():
         _certifier(mask_value=float("nan"))
     with pytest.raises(ValueError, match="early_exit"):
         dm.DoubleMaskOptions(early_exit="yes")
+
+
+def test_gaps_per_row_labels_and_ties():
+    logits = np.array([[3.0, 1.0, 3.0], [0.0, 2.0, -1.0]], dtype=np.float32)
+    assert dm.gaps(logits, 0).tolist() == [0.0, -2.0]  # a tie is no win
+    assert dm.gaps(logits, np.array([1, 1])).tolist() == [-2.0, 2.0]

@@ -143,11 +143,13 @@ def recover(one: np.ndarray, two: np.ndarray) -> tuple[int, int]:
     return top, 3
 
 
-def gaps(logits: np.ndarray, label: int) -> np.ndarray:
-    """``label``'s logit minus the largest other logit, per row of (..., C): > 0 exactly when ``label`` wins
-    outright (a tie gives 0)."""
-    others = np.delete(logits, label, axis=-1)
-    return logits[..., label] - others.max(axis=-1, initial=-np.inf)
+def gaps(logits: np.ndarray, labels: int | np.ndarray) -> np.ndarray:
+    """The label's logit minus the largest other logit, per row of (..., C) (one label, or one per row): > 0
+    exactly when the label wins outright (a tie gives 0)."""
+    labels = np.broadcast_to(np.asarray(labels, dtype=np.intp), logits.shape[:-1])[..., None]
+    own = np.take_along_axis(logits, labels, axis=-1)[..., 0]
+    others = np.where(np.arange(logits.shape[-1]) == labels, -np.inf, logits).max(axis=-1)
+    return own - others
 
 
 SPACES = ("pixel", "feature")
@@ -172,8 +174,8 @@ class DoubleMaskOptions(Options):
 @dataclass(frozen=True)
 class DoubleMaskFeatures:
     one: np.ndarray  # float32 (N, K, C): logits under each mask
-    two: np.ndarray  # float32 (N, P, C): logits under each pair of pair_index(K); zeros where not run
-    ran: np.ndarray  # bool (N, P): the pairs that ran
+    two: np.ndarray  # int64 (N, P): prediction under each pair of pair_index(K); -1 where not run
+    two_gap: np.ndarray  # float32 (N, P): gap (see gaps) of the frame's one-mask majority under each pair run
     rows: np.ndarray  # int64 (N,): engine rows (masked copies) per frame
 
 
@@ -263,11 +265,14 @@ class DoubleMaskCertifier(Certifier):
         one = self._masked_logits(base, masks, role, np.repeat(np.arange(n), k), np.tile(ks, n), np.tile(ks, n))
         one = one.reshape(n, k, -1)
         i, j = pair_index(k)
-        ran = self._pairs_to_run(one.argmax(axis=-1), i, j)
+        preds = one.argmax(axis=-1)
+        ran = self._pairs_to_run(preds, i, j)
         frames, pairs = np.nonzero(ran)
-        two = np.zeros((n, len(i), one.shape[-1]), dtype=np.float32)
-        two[frames, pairs] = self._masked_logits(base, masks, role, frames, i[pairs], j[pairs])
-        return DoubleMaskFeatures(one, two, ran, k + ran.sum(axis=1))
+        logits = self._masked_logits(base, masks, role, frames, i[pairs], j[pairs])
+        two, two_gap = np.full(ran.shape, -1, dtype=np.int64), np.zeros(ran.shape, dtype=np.float32)
+        two[frames, pairs] = logits.argmax(axis=-1)
+        two_gap[frames, pairs] = gaps(logits, np.array([majority(p) for p in preds])[frames])
+        return DoubleMaskFeatures(one, two, two_gap, k + ran.sum(axis=1))
 
     def _pairs_to_run(self, preds: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """(N, P) bool: every pair for frames whose first round agrees (or without early exit), else the pairs of
@@ -299,19 +304,19 @@ class DoubleMaskCertifier(Certifier):
     def decide(self, features: DoubleMaskFeatures, options: DoubleMaskOptions) -> list[Decision]:
         """Inference label (PatchCleanser's three cases) and certificate for every frame."""
         one, k = features.one, features.one.shape[1]
-        p1, p2 = one.argmax(axis=-1), features.two.argmax(axis=-1)
+        p1 = one.argmax(axis=-1)
         i, j = pair_index(k)
         decisions = []
         for f in range(len(one)):
             table = np.full((k, k), -1, dtype=np.int64)
-            table[i, j] = table[j, i] = np.where(features.ran[f], p2[f], -1)
+            table[i, j] = table[j, i] = features.two[f]
             table[np.arange(k), np.arange(k)] = p1[f]
             label, case = recover(p1[f], table)
             margin = float(gaps(one[f], label).min())
             if case == 1 and len(i):
-                if not features.ran[f].all():
+                if (features.two[f] < 0).any():
                     raise ValueError("doublemask features: a frame whose first round agrees lacks two-mask copies")
-                margin = min(margin, float(gaps(features.two[f], label).min()))
+                margin = min(margin, float(features.two_gap[f].min()))  # the gaps of label, the majority
             rect = RectCert(margin > 0, margin + 0.0)  # no -0.0
             cert = Certificate.from_rects(str(self.threat), {key: rect for key in self.threat.keys})
             decisions.append(Decision(label=label, certificate=cert,
