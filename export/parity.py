@@ -29,7 +29,7 @@ from certinfer.runtime.certifier import Certifier
 from certinfer.runtime.defenses import DefenseError, certifier_class
 from certinfer.runtime.engines import EngineError
 from certinfer.runtime.frames import resize
-from certinfer.runtime.loader import open_engines
+from certinfer.runtime.loader import certifier_for, open_engines
 from certinfer.threat import parse
 
 REFERENCE = "onnxruntime-cpu"
@@ -103,12 +103,16 @@ class Recording:
         return outputs
 
 
+def _seeded(certifier: Certifier) -> Certifier:
+    return certifier.seeded(COMPARISON_SEED) if certifier.randomized else certifier
+
+
 def certifier_with(bundle: Bundle, engines: dict[str, Any]) -> Certifier:
-    """The bundle's Certifier over ``engines`` (one per role), against its own threat; seeded when randomized."""
+    """The bundle's Certifier over given ``engines`` (one per role: recorded, or one TensorRT plan each), against
+    its own threat; seeded when randomized."""
     m = bundle.manifest
     threat = parse(m["threat"], input_hw=tuple(m["input"]["hw"]))  # a percentage threat needs the input size
-    certifier = certifier_class(m["defense"]["kind"])(bundle, engines, threat)
-    return certifier.seeded(COMPARISON_SEED) if certifier.randomized else certifier
+    return _seeded(certifier_class(m["defense"]["kind"])(bundle, engines, threat))
 
 
 def roles(bundle: Bundle) -> tuple[str, ...]:
@@ -133,17 +137,19 @@ def engine_inputs(bundle: Bundle, frames: np.ndarray, limit: int, batch: int = 6
     return np.concatenate([x for x, _ in recordings[role].calls])[:limit]
 
 
-def _candidates(bundle: Bundle, backend: str, device_id: int, builder) -> list[tuple[str, dict[str, Any]]]:
-    """(report name, engines by role) for a backend; TensorRT gives one per model plan built for this machine."""
+def _candidates(bundle: Bundle, backend: str, device_id: int, builder) -> list[tuple[str, Certifier]]:
+    """(report name, Certifier) for a backend; TensorRT gives one per model plan built for this machine."""
     if backend != "tensorrt":
-        return [(backend, open_engines(bundle, roles(bundle), backend, engine_options(backend, device_id, builder)))]
+        options = engine_options(backend, device_id, builder)
+        return [(backend, _seeded(certifier_for(bundle, backend, engine_options=options)))]
     from certinfer.runtime.engines import tensorrt_engine as te
 
     te.select_entry(bundle, device_id=device_id)  # EngineError when no plan can run here
     gpu, version = te.gpu_name(device_id), te.trt_version()
     others = tuple(r for r in roles(bundle) if r != "model")
-    return [(f"tensorrt:{e['file']}", {"model": te.TensorRTEngine(bundle, e, device_id=device_id),
-                                       **open_engines(bundle, others, "tensorrt", {"device_id": device_id})})
+    return [(f"tensorrt:{e['file']}",
+             certifier_with(bundle, {"model": te.TensorRTEngine(bundle, e, device_id=device_id),
+                                     **open_engines(bundle, others, "tensorrt", {"device_id": device_id})}))
             for e in bundle.engines() if e["format"] == "tensorrt" and te.plan_mismatch(e, gpu, version) is None]
 
 
@@ -224,28 +230,27 @@ def backend_parity(bundle: Bundle, frames: np.ndarray, backends=CANDIDATES, sour
     exact = m.get("probe", {}).get("exact_backends", [])
     report: dict = {"reference": REFERENCE, "frames": int(len(frames)), "source": source, "compared": {},
                     "absent": {}}
-    candidates = []
+    candidates: list[tuple[str, Certifier]] = []
     for backend in backends:
         try:
-            candidates += [(name, engines, certifier_with(bundle, engines))
-                           for name, engines in _candidates(bundle, backend, device_id, builder)]
+            candidates += _candidates(bundle, backend, device_id, builder)
         except (EngineError, DefenseError) as err:
             report["absent"][backend] = str(err).replace(f"bundle {bundle.path}", "the bundle")  # no local paths
     reference, recordings = recording_certifier(bundle)
-    outputs: dict[str, dict | None] = {name: None for name, _, _ in candidates}
-    decisions: dict[str, list] = {name: [] for name, _, _ in candidates}
+    outputs: dict[str, dict | None] = {name: None for name, _ in candidates}
+    decisions: dict[str, list] = {name: [] for name, _ in candidates}
     expected: list = []
     for i in range(0, len(frames), batch):
         for rec in recordings.values():
             rec.calls.clear()
         expected += reference.certify(reference.timed_features(frames[i:i + batch])[0])
-        for name, engines, certifier in candidates:
+        for name, certifier in candidates:
             for role, rec in recordings.items():
                 for x, ref_out in rec.calls:
-                    outputs[name] = merge_outputs(outputs[name], compare_outputs(ref_out, engines[role].run(x),
-                                                                                 code_maps))
+                    got = certifier.engines[role].run(x)
+                    outputs[name] = merge_outputs(outputs[name], compare_outputs(ref_out, got, code_maps))
             decisions[name] += certifier.certify(certifier.timed_features(frames[i:i + batch])[0])
-    for name, engines, certifier in candidates:
+    for name, certifier in candidates:
         backend = certifier.engine.name
         report["compared"][name] = {"backend": backend, "exact": backend in exact, **(outputs[name] or {}),
                                     **compare_decisions(expected, decisions[name])}

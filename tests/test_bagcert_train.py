@@ -125,3 +125,58 @@ def test_recorded_command_keeps_zero_and_names_options_as_the_cli_does():
 
     cmd = command_line("scalecert", "gtsrb-cpu", Path("runs/x"), epochs=None, seed=0, dense_epochs=0, threads=1)
     assert cmd == "certinfer train scalecert --preset gtsrb-cpu --seed 0 --dense-epochs 0 --threads 1 --out runs/x"
+
+
+def _fake_gtsrb(root: Path, classes: int = 4, tracks: int = 3, per_track: int = 5) -> Path:
+    """A GTSRB-shaped data folder (gtsrb/gtsrb32.npz) with ``tracks`` tracks of ``per_track`` images per class."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(classes), tracks * per_track)
+    track = np.tile(np.repeat(np.arange(tracks), per_track), classes)
+    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+    (root / "gtsrb").mkdir(parents=True)
+    np.savez(root / "gtsrb" / "gtsrb32.npz", x_train=x, y_train=y, train_track=track, x_test=x[:8], y_test=y[:8],
+             class_names=np.array([f"c{i}" for i in range(classes)]))
+    return root
+
+
+def test_validation_holds_out_whole_tracks_of_the_data_dir_given(tmp_path: Path, monkeypatch):
+    from certinfer.train.bagcert import TrainConfig, train
+    from certinfer.train.trainer import start
+
+    data = _fake_gtsrb(tmp_path / "data")
+    monkeypatch.setenv("CERTINFER_DATA", str(tmp_path / "elsewhere"))  # not where the data is: --data-dir is
+    cfg = TrainConfig(epochs=1, batch_size=16, bf16=False, sigma=0.0,
+                      model=dict(kernels=(3, 1), strides=(1, 2), widths=(8, 8), stem_width=8))
+    run = start("bagcert", cfg, str(data), device="cpu")
+    tracks = run.train.groups
+    assert len(run.val) and not set(tracks[run.val]) & set(tracks[run.fit])
+    assert sorted([*run.fit, *run.val]) == list(range(60))
+    metrics = train(cfg, tmp_path / "run", data_dir=str(data), device="cpu")
+    assert metrics["test"]["n"] == 8
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["dataset"]["validation"] == "5% of tracks" and meta["dataset"]["train"] == "gtsrb:train"
+
+
+def test_the_train_command_records_its_options_in_one_order(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from certinfer.train.scalecert import PRESETS, cli
+    from certinfer.train.trainer import EPOCHS, LIMIT, SEED, THREADS, Override, trainer_cli
+
+    seen = {}
+
+    def fake_train(cfg, out, data_dir, device, preset, command):
+        seen.update(cfg=cfg, command=command, data_dir=data_dir)
+        return {"test": {"clean": 1.0}}
+
+    overrides = (EPOCHS, SEED, LIMIT, THREADS, Override("init", str, "init"), Override("dense_epochs", int, "dense"))
+    app = trainer_cli("scalecert", fake_train, PRESETS, "gtsrb-cpu", "test", overrides)
+    out = tmp_path / "x"
+    result = CliRunner().invoke(app, ["--dense-epochs", "0", "--threads", "1", "--out", str(out), "--seed", "0",
+                                      "--data-dir", "d"])
+    assert result.exit_code == 0, result.output
+    assert seen["command"] == f"certinfer train scalecert --preset gtsrb-cpu --seed 0 --threads 1 " \
+                              f"--dense-epochs 0 --out {out}"
+    assert seen["cfg"].seed == 0 and seen["cfg"].dense_epochs == 0 and seen["cfg"].epochs == PRESETS["gtsrb-cpu"].epochs
+    assert seen["data_dir"] == "d" and json.loads(result.output) == {"clean": 1.0}
+    assert "--dense-epochs" in CliRunner().invoke(cli, ["--help"]).output  # the real command has the same options

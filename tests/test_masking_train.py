@@ -20,7 +20,7 @@ from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.geometry import Geometry
 from certinfer.train import data as datasets
 from certinfer.train.models.bagnet import LocalLogits, bagnet_kernels, bagnet_loss, build_bagnet
-from certinfer.train.models.drs import DRSConfig, DRSNet, build_drs, encode, multiply_adds
+from certinfer.train.models.drs import DRSConfig, DRSNet, encode, multiply_adds
 from certinfer.train.masking import PRESETS, TrainConfig, build, drs_metrics, model_geometry, train
 
 torch.set_num_threads(1)
