@@ -5,8 +5,9 @@ is computed (mask i and mask j for every i <= j; i == j is the one-mask predicti
 
 * inference (the paper's Algorithm 1 on the map): if every one-mask prediction agrees, that label (case 1);
   else, for each mask whose one-mask prediction differs from the majority, in mask order: if every two-mask
-  prediction in its row equals its own, its label (case 2); else the majority (case 3). The majority's tie goes
-  to the largest label, as in the authors' released code (``np.unique`` counts, stable argsort, last taken);
+  prediction in its row equals its own, its label (case 2); else the majority (case 3). The majority is taken
+  as in the authors' released code (``np.unique`` counts, argsort, last taken), with a stable sort: a tie goes
+  to the largest label;
 * certification: certified for the inferred label y when every prediction of the map is y, each with a strict
   margin: ``logit[y] - max_{c != y} logit[c] > 0`` (a tie is a flip). The margin is the smallest such gap over
   the copies the certificate reads: the whole map when the first round agrees, else the one-mask copies.

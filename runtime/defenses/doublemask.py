@@ -11,8 +11,8 @@ Certificate. A frame is certified for y when the classifier says y, with a stric
 every pair of masks. Inference (:func:`recover`, the paper's Algorithm 1) then returns y on any patched frame:
 the patch lies inside some mask m*, so every copy masked by m* is a copy of the clean frame. Case 1 (all one-mask
 predictions agree) includes m*'s, which is y. Case 2 returns a disagreeing mask m0 whose whole second round
-agrees with it, including the pair (m0, m*), which is y. Otherwise m*'s own label is the majority (had it
-disagreed, its second round, all clean pairs, would have returned it in case 2), so case 3 returns y.
+agrees with it, including the pair (m0, m*), which is y. Case 3 happens only when y is the majority: had m*
+disagreed, its second round (all clean pairs, all y) would have agreed, and case 2 would have returned y.
 
 Feature space (PatchCURE, Xiang et al. 2024). A front part maps the frame to a feature map once; a pixel mask
 becomes the feature cells whose receptive field meets it (:func:`feature_masks`), and only the back part runs
@@ -116,8 +116,9 @@ def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def majority(preds: np.ndarray) -> int:
-    """The most frequent label; a tie goes to the largest label, as in the authors' released code
-    (``np.unique`` counts sorted by a stable argsort, last taken)."""
+    """The most frequent label. The paper leaves ties open; here the largest label wins, which is what the
+    authors' released code returns (``np.unique`` counts, ``argsort``, last taken) where numpy's sort keeps equal
+    counts in order, as it does on small arrays."""
     labels, counts = np.unique(preds, return_counts=True)
     return int(labels[counts == counts.max()].max())
 
