@@ -18,8 +18,6 @@ Units are written ``KIND:WIDTH:STRIDE``:
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -161,10 +159,3 @@ def build(config: dict) -> nn.Module:
         raise ValueError(f"split {split} outside 1..{len(net.units)}")
     return (Front(net, split) if kind == "doublemask-front" else Back(net, split)).eval()
 
-
-def config(module: str, num_classes: int, model: dict, input_shape: tuple[int, ...], **extra) -> dict:
-    """A JSON-ready ``config`` for :func:`build` (tuples become lists)."""
-    if module not in MODULES:
-        raise ValueError(f"module must be one of {MODULES}, got {module!r}")
-    return json.loads(json.dumps({"module": module, "num_classes": int(num_classes), "model": model,
-                                  "input_shape": [int(v) for v in input_shape], **extra}))
