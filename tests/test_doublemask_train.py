@@ -1,0 +1,116 @@
+"""Double-masking trainer and exporter: a few seconds of training, both bundle kinds, a wrapped ONNX classifier."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from certinfer.export import ExportError
+from certinfer.export.doublemask import export_checkpoint, export_classifier
+from certinfer.export.onnx_export import export_onnx
+from certinfer.runtime.defenses.doublemask import feature_masks, mask_boxes, mask_set
+from certinfer.runtime.geometry import Geometry
+from certinfer.runtime.loader import load
+from certinfer.train.doublemask import config_for, feature_masks as train_feature_masks, train
+from certinfer.train.models.doublemask import Back, Front, classifier, geometry
+
+TINY = {"units": ["c3:8:1", "c3:16:2", "r1:16", "r3:16:2"], "dropout": 0.0}
+
+
+def test_training_feature_masks_are_the_runtime_masks():
+    """The trainer masks exactly the feature cells the runtime masks (``Geometry.affected``), at every split."""
+    hw = (32, 32)
+    for split in (1, 2, 3, 4):
+        geo = geometry(TINY["units"], split, hw)
+        ours = train_feature_masks(torch.from_numpy(mask_set(hw, "5x5", 5)), geo).numpy()
+        runtime = feature_masks(mask_boxes(hw, "5x5", 5), Geometry.from_dict(geo))
+        assert ours.shape[1:] == runtime.shape[1:]
+        assert {m.tobytes() for m in ours} == {m.tobytes() for m in runtime}
+
+
+def test_split_network_is_the_whole_network():
+    net = classifier(43, TINY).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for split in range(1, len(TINY["units"])):
+            assert torch.allclose(Back(net, split)(Front(net, split)(x)), net(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("dm-train")
+    cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=4, batch_size=32, lr=5e-3, worst_of=2,
+                              feature_splits=(2,), feature_prob=0.5)
+    meta = train(cfg, out, limit=256, monitor_every=4)
+    return out, meta
+
+
+@pytest.mark.slow
+def test_loss_falls_and_training_resumes(trained, tmp_path):
+    out, meta = trained
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0]
+    assert meta["mask"] == {"threat": "5x5", "stride": 5, "value": 0.0, "space": "normalized input", "count": 36}
+    assert {"certified", "one_mask", "clean"} <= set(meta["history"][-1]["val"])
+    cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=5, batch_size=32, lr=5e-3, worst_of=2,
+                              feature_splits=(2,))
+    resumed = train(cfg, out, limit=256, monitor_every=5, resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert resumed["resumed"][0]["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_checkpoint_exports_to_bundles_that_load(trained, tmp_path):
+    out, _ = trained
+    frames = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    pixel = export_checkpoint(out / "model.safetensors", tmp_path / "pixel", limit=4)
+    assert pixel["defense"]["params"] == {"space": "pixel", "stride": 5, "mask_value": 0.0}
+    assert pixel["provenance"]["seed"] == 0 and pixel["provenance"]["commit"] and pixel["provenance"]["epochs"] >= 4
+    feature = export_checkpoint(out / "model.safetensors", tmp_path / "feature", space="feature", split=2, limit=4)
+    assert feature["geometry"]["rf"] == [5, 5] and feature["probe"]["bit_exact"]
+    assert {e["role"] for e in feature["engines"]} == {"front", "back"}
+    for name in ("pixel", "feature"):
+        certifier = load(tmp_path / name, backend="onnxruntime-cpu")
+        verdicts = certifier(frames)
+        assert len(verdicts) == 2 and all(v.certificate.kind == "recovery" for v in verdicts)
+    assert load(tmp_path / "feature", backend="onnxruntime-cpu").trusted
+
+
+@pytest.mark.slow
+def test_any_onnx_classifier_is_wrapped(trained, tmp_path):
+    out, meta = trained
+    from certinfer.export.doublemask import load_classifier
+
+    net, _ = load_classifier(out / "model.safetensors")
+    path = tmp_path / "classifier.onnx"
+    path.write_bytes(export_onnx(net, (torch.randn(2, 3, 32, 32),), ["x"], ["y"]))
+    written = export_classifier(path, tmp_path / "wrapped", (32, 32), meta["classes"], meta["mean"], meta["std"],
+                                "5x5", 5, "gtsrb:test", limit=4)
+    assert written["provenance"]["classifier_sha256"] and written["provenance"]["metrics"]["n"] == 4
+    assert len(load(tmp_path / "wrapped", backend="onnxruntime-cpu")(np.zeros((1, 32, 32, 3), np.uint8))) == 1
+
+
+class _BatchDependent(torch.nn.Module):
+    """Logits that depend on the other frames of the batch (a masked copy would not be judged on its own)."""
+
+    def forward(self, x):
+        z = x - x.mean(dim=0, keepdim=True)
+        return z.mean(dim=(2, 3)).repeat(1, 15)[:, :43]
+
+
+@pytest.mark.slow
+def test_batch_dependent_classifier_is_refused(trained, tmp_path):
+    _, meta = trained
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(export_onnx(_BatchDependent(), (torch.randn(2, 3, 32, 32),), ["x"], ["y"]))
+    with pytest.raises(AssertionError, match="batch"):
+        export_classifier(path, tmp_path / "bad", (32, 32), meta["classes"], meta["mean"], meta["std"], "5x5", 5,
+                          "gtsrb:test", limit=4)
+    with pytest.raises(ExportError, match="classes"):
+        export_classifier(path, tmp_path / "bad", (32, 32), meta["classes"][:10], meta["mean"], meta["std"], "5x5",
+                          5, "gtsrb:test", limit=4)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
