@@ -8,7 +8,7 @@ where the bundle has a torch entry; the others are recorded as skipped with the 
 * throughput at several batch sizes and the best of them, with the per-frame stage split;
 * certification overhead as a share of engine time (batch 1 and best batch), and the process's peak RSS;
 * for defenses that turn a frame into many engine inputs (crops, ablations, occlusions, IBP's patch boxes), the
-  time to build them against the engine's time on them (:func:`expansion`);
+  time to build them against the engine's time on them (:mod:`certinfer.bench.measure`);
 * dataset certification throughput (images/s through :func:`certinfer.runtime.evaluate.evaluate_certifier`)
   on a dataset split, when one is given.
 
@@ -26,7 +26,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import typer
 
 from certinfer.bench.bundles import load_certifier, packaged
 from certinfer.bench.machine import machine_info, machine_slug, peak_rss_mib, versions
+from certinfer.bench.measure import batch_throughput, dataset_throughput, expansion, stream_latency, take
 from certinfer.bench.plots import plot_result, summary_lines
 from certinfer.bench.reference import math_vs_reference
 from certinfer.provenance import git_commit
@@ -46,7 +46,6 @@ from certinfer.runtime.certifier import Certifier
 from certinfer.runtime.defenses import DefenseError, defense
 from certinfer.runtime.engines import BACKENDS, EngineError
 
-STAGES = ("prepare", "engine", "certify", "total")
 DEFAULT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "torch-cpu",
                     "torch-cuda", "torch-cuda-graphs")
 DEFAULT_BATCHES = (1, 8, 32, 128, 512)
@@ -95,124 +94,11 @@ class LatencyOptions:
             raise ValueError("batch sizes must be positive integers, e.g. 1,8,32")
 
 
-# --- measurements --------------------------------------------------------------------------------------
-
-def percentiles(values) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None
-
-
-def take(frames: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """``n`` frames cycling through ``frames`` from ``start`` (a contiguous copy)."""
-    return frames[(start + np.arange(n)) % len(frames)]
-
-
-def stream_latency(certifier: Certifier, frames: np.ndarray, n: int, warmup: int = 5,
-                   progress: Callable[[int], None] | None = None) -> dict:
-    """Batch-1 streaming: one frame per call, ``n`` calls after ``warmup``; percentiles per stage and of the call."""
-    for k in range(warmup):
-        certifier(take(frames, 1, k))
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    wall = []
-    for k in range(n):
-        frame = take(frames, 1, warmup + k)
-        t0 = time.perf_counter()
-        verdict = certifier(frame)[0]
-        wall.append((time.perf_counter() - t0) * 1e3)
-        for s in STAGES:
-            stages[s].append(verdict.timings_ms[s])
-        if progress:
-            progress(1)
-    out = {"frames": n, "warmup": warmup, "stages_ms": {s: percentiles(v) for s, v in stages.items()},
-           "call_ms": percentiles(wall), "frames_per_second": n / (sum(wall) / 1e3)}
-    out["certify_over_engine"] = _ratio(out["stages_ms"]["certify"]["p50"], out["stages_ms"]["engine"]["p50"])
-    out["prepare_over_engine"] = _ratio(out["stages_ms"]["prepare"]["p50"], out["stages_ms"]["engine"]["p50"])
-    return out
-
-
-def batch_throughput(certifier: Certifier, frames: np.ndarray, batch: int, seconds: float, min_calls: int = 2,
-                     max_calls: int = 10000) -> dict:
-    """Frames/s at one batch size: one warm-up call, then calls until ``seconds`` pass (at least ``min_calls``)."""
-    x = take(frames, batch)
-    certifier(x)
-    sums = dict.fromkeys(STAGES, 0.0)
-    calls = 0
-    start = time.perf_counter()
-    while calls < min_calls or (time.perf_counter() - start < seconds and calls < max_calls):
-        timings = certifier(x)[0].timings_ms  # per-frame means of this call
-        for s in STAGES:
-            sums[s] += timings[s] * batch
-        calls += 1
-    wall = time.perf_counter() - start
-    n = calls * batch
-    per_frame = {s: v / n for s, v in sums.items()}
-    return {"batch": batch, "calls": calls, "frames": n, "seconds": wall, "frames_per_second": n / wall,
-            "per_frame_ms": per_frame, "certify_over_engine": _ratio(per_frame["certify"], per_frame["engine"]),
-            "prepare_over_engine": _ratio(per_frame["prepare"], per_frame["engine"])}
-
-
-class _Counting:
-    """An engine that counts the rows it is given (everything else is the wrapped engine's)."""
-
-    def __init__(self, engine):
-        self.engine, self.rows = engine, 0
-
-    def run(self, batch: np.ndarray):
-        self.rows += len(batch)
-        return self.engine.run(batch)
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-
-def expansion(certifier: Certifier, frames: np.ndarray, repeats: int = 3) -> dict | None:
-    """Defenses that turn a frame into many engine inputs (crops, ablations, occlusions, patch boxes): the time
-    spent building them (preparation beyond resizing and normalizing) against the engine's time, per frame.
-    None for defenses with one engine input per frame."""
-    engines = {role: _Counting(e) for role, e in certifier.engines.items()}
-    counted = type(certifier)(certifier.bundle, engines, certifier.threat, certifier.options).seeded(0)
-    n = len(frames)
-    base, prepare, engine = (float("inf"),) * 3
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        certifier.prepare(frames)
-        base = min(base, time.perf_counter() - t0)
-        _, spent = counted.timed_features(frames)
-        prepare, engine = min(prepare, spent["prepare"]), min(engine, spent["engine"])
-    rows = sum(e.rows for e in engines.values()) // repeats
-    if rows <= n:
-        return None
-    build = max(prepare - base, 0.0)
-    return {"frames": n, "engine_inputs_per_frame": rows // n, "build_ms_per_frame": build * 1e3 / n,
-            "engine_ms_per_frame": engine * 1e3 / n, "build_over_engine": _ratio(build, engine),
-            "backend": certifier.engine.name}
-
-
 def load_split(data: str, hw: tuple[int, int]):
     """A dataset split as uint8 images at the model input size (numpy + PIL only, no torch)."""
     from certinfer.train import data as datasets
 
     return datasets.load(data, hw=hw)
-
-
-def dataset_throughput(certifier: Certifier, split, limit: int | None, batch: int,
-                       progress: Callable[[int], None] | None = None) -> dict:
-    """Certified accuracy and images/s of the whole pipeline (prepare, engine, certify) on a dataset split."""
-    from certinfer.runtime.evaluate import evaluate_certifier
-
-    x, y = (split.x[:limit], split.y[:limit]) if limit else (split.x, split.y)
-    t0 = time.perf_counter()
-    r = evaluate_certifier(certifier, x, y, batch=batch, progress=progress)
-    wall = time.perf_counter() - t0
-    return {"data": split.name, "note": split.note, "n": r["n"], "batch": batch,
-            "images_per_second": r["images_per_second"], "wall_images_per_second": r["n"] / wall,
-            "seconds": r["seconds"], "clean_accuracy": r["clean_accuracy"],
-            "certified_accuracy": r["certified_accuracy"]["default"], "threat": r["threat"]}
 
 
 # --- the run -------------------------------------------------------------------------------------------

@@ -201,7 +201,8 @@ cli = typer.Typer(add_completion=False)
 
 @cli.command("soak")
 def soak_command(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle folder or .tar [default: the packaged one]"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b",
+                                          help="Bundle folder or .tar [default: the packaged one]"),
     frames: int = typer.Option(100_000, min=1, help="Frames to stream"),
     bad_every: int = typer.Option(100, min=0, help="Every Nth frame is invalid (0: none)"),
     batch: int = typer.Option(1, min=1, help="Frames per engine call"),

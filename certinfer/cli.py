@@ -134,10 +134,13 @@ def _lines_out(path: Path | None) -> Iterator:
 def run(
     source: Optional[str] = typer.Argument(
         None, help="Image file, folder, video file, camera index or stream URL [default: the packaged sample frames]"),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle folder or .tar [default: the packaged one]"),
-    backend: str = typer.Option("auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b",
+                                          help="Bundle folder or .tar [default: the packaged one]"),
+    backend: str = typer.Option(
+        "auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"),
     threat: Optional[str] = typer.Option(None, help="Threat spec, e.g. 5x5 or 2.4% [default: the bundle's]"),
-    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="Per-frame deadline; late frames are fail-safe"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms",
+                                                help="Per-frame deadline; late frames are fail-safe"),
     batch: int = typer.Option(1, min=1, help="Frames per engine call"),
     out: Optional[Path] = typer.Option(None, help="Write the JSON lines here instead of stdout"),
     annotate: Optional[Path] = typer.Option(None, help="Write each frame with its label and status to this folder"),
@@ -285,8 +288,9 @@ def certify(
     if entry is None or not entry.certify:
         available = ", ".join(sorted(n for n, d in REGISTRY.items() if d.certify))
         raise CLIError(f"certify: no dataset evaluation for defense {kind!r} (available: {available})")
-    entry.load("certify")(Job(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit, shard=shard,
-                   params=_param(param), sha256=verified.digest), out, plot)
+    job = Job(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit, shard=shard,
+              params=_param(param), sha256=verified.digest)
+    entry.load("certify")(job, out, plot)
 
 
 def _one_line(e: BaseException) -> str:

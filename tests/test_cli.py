@@ -204,7 +204,8 @@ def test_defenses_plug_in_their_commands(capsys, monkeypatch: pytest.MonkeyPatch
     from certinfer.runtime.bundle import load_bundle
 
     _plugin(monkeypatch)
-    assert cli(capsys, "train", "toy", "--preset", "gtsrb-cpu", "--epochs", "3")[:2] == (0, "training gtsrb-cpu for 3\n")
+    code, out, _ = cli(capsys, "train", "toy", "--preset", "gtsrb-cpu", "--epochs", "3")
+    assert (code, out) == (0, "training gtsrb-cpu for 3\n")
     assert cli(capsys, "train", "toy-old", "--preset", "x")[:2] == (0, "training x for 1\n")  # an alias
     code, out, _ = cli(capsys, "certify", str(tiny_bundle), "--data", "gtsrb:test", "-p", "condition=3.3",
                        "--out", str(tmp_path / "r.json"))
