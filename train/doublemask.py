@@ -30,12 +30,14 @@ import typer
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.doublemask import mask_set
-from certinfer.train import data as datasets
-from certinfer.train.loop import (Dist, augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
-                                  photometric, preset_config, save_checkpoint, seed_everything, to_nchw)
+from certinfer.train import trainer
+from certinfer.train.loop import (augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
+                                  photometric, preset_config, save_checkpoint, to_nchw)
 from certinfer.train.models.doublemask import Classifier, classifier, geometry
+
+DEFENSE = "doublemask"
+MONITORED = 500  # validation images checked after every epoch (two-mask pairs on the first 100)
 
 # Five units: RF 5 at 16x16 after the second (split points 2 and 3), then two strided basic blocks.
 _CPU_UNITS = ("c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:192:2")
@@ -209,73 +211,78 @@ def _load_state(out: Path, model, opt) -> tuple[dict, np.random.Generator]:
     return meta, rng
 
 
+def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor,
+          geos: dict[int, dict], cfg: TrainConfig, rng: np.random.Generator) -> float:
+    """One optimizer step on a normalized batch, masked in pixels or (a ``feature_prob`` share) on features."""
+    use_feature = bool(cfg.feature_splits) and rng.random() < cfg.feature_prob
+    split = int(rng.choice(cfg.feature_splits)) if use_feature else len(model.units)
+    geo = geos[split] if use_feature else None
+    m = _batch_masks(model, x, y, masks, split, geo, cfg, rng).to(x.device)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        z = masked_forward(model, x, m, split, geo, cfg.mask_value)
+    loss = F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _epoch(run: trainer.Run, model: Classifier, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
+           masks: torch.Tensor, geos: dict[int, dict], meta: dict, schedule: tuple[int, int]) -> float:
+    """One epoch over the fit images; ``meta["step"]`` counts optimizer steps (the learning-rate schedule's
+    position, ``schedule`` = (total, warmup) steps); returns the mean loss."""
+    cfg, rng, (xs, ys) = run.cfg, run.rng, data
+    model.train()
+    losses = []
+    bar = tqdm(epoch_batches(len(ys), cfg.batch_size, rng, run.dist), desc=f"epoch {meta['epoch'] + 1}/{cfg.epochs}",
+               mininterval=10)
+    for idx in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(meta["step"], *schedule, cfg.lr)
+        x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
+        x = normalize(x, run.mean, run.std).to(run.device)
+        losses.append(_step(model, opt, x, ys[idx].to(run.device), masks, geos, cfg, rng))
+        meta["step"] += 1
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
+    return float(np.mean(losses))
+
+
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "cpu", preset: str = "custom",
           command: str = "", resume: bool = False, limit: int | None = None, monitor_every: int = 3) -> dict:
     """Train (or resume) a double-masking classifier under ``out``; returns the final checkpoint's metadata."""
-    d = Dist(device=torch.device(device))
     out.mkdir(parents=True, exist_ok=True)
-    rng = seed_everything(cfg.seed)
-    train_split = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
-    fit_idx, val_idx = datasets.holdout(train_split, 0.05, cfg.seed)
-    val_idx = np.random.default_rng(cfg.seed).permutation(val_idx)[:500]
-    if limit:
-        fit_idx = fit_idx[:: max(1, len(fit_idx) // limit)][:limit]
-        val_idx = val_idx[:min(len(val_idx), 32)]
-    mean, std = datasets.channel_stats(train_split.x[fit_idx])
-    xs, ys = to_nchw(train_split.x[fit_idx]), torch.from_numpy(train_split.y[fit_idx])
-    hw = tuple(train_split.x.shape[1:3])
+    run = trainer.start(DEFENSE, cfg, data_dir, device, preset, command, images=limit or 0, val_images=0)
+    val_idx = np.random.default_rng(cfg.seed).permutation(run.val)[:32 if limit else MONITORED]
+    hw = tuple(run.train.x.shape[1:3])
     masks = torch.from_numpy(mask_set(hw, cfg.threat, cfg.stride))
-    model = classifier(len(train_split.classes), cfg.model).to(d.device)
+    model = classifier(run.num_classes, cfg.model).to(run.device)
     geos = {s: geometry(model.unit_specs, s, hw) for s in cfg.feature_splits}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(epoch_batches(len(ys), cfg.batch_size, rng, d))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    meta = {"defense": "doublemask", "preset": preset, "command": command, "config": cfg.to_dict(),
-            "num_classes": len(train_split.classes), "classes": train_split.classes, "mean": mean, "std": std,
+    steps = trainer.steps_per_epoch(run, cfg.batch_size)
+    schedule = (cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    meta = {"defense": DEFENSE, "preset": preset, "command": command, "config": cfg.to_dict(),
+            "num_classes": run.num_classes, "classes": run.train.classes, "mean": run.mean, "std": run.std,
             "input_hw": list(hw), "mask": {"threat": cfg.threat, "stride": cfg.stride, "value": cfg.mask_value,
                                            "space": "normalized input", "count": len(masks)},
-            "dataset": {"train": train_split.name, "test": datasets.part_spec(cfg.dataset, "test"),
-                        "note": train_split.note, "validation": "5% of tracks (500 images monitored)",
-                        "limit": limit},
-            "seed": cfg.seed, "commit": git_commit(), "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
+            "dataset": run.dataset_meta() | {"monitored": f"{len(val_idx)} validation images", "limit": limit},
+            "seed": cfg.seed, "commit": run.commit, "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
     if resume and (out / "last.safetensors").exists():
-        prev, rng = _load_state(out, model, opt)
+        prev, run.rng = _load_state(out, model, opt)
         meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history", "commit")})
-        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "commit": git_commit()}]
-    for epoch in range(meta["epoch"], cfg.epochs):
+        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "commit": run.commit}]
+    data = run.fit_tensors()
+    while meta["epoch"] < cfg.epochs:
         t0 = time.time()
-        model.train()
-        losses = []
-        bar = tqdm(epoch_batches(len(ys), cfg.batch_size, rng, d), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   mininterval=10)
-        for idx in bar:
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(meta["step"], total, warmup, cfg.lr)
-            x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
-            x, y = normalize(x, mean, std).to(d.device), ys[idx].to(d.device)
-            use_feature = bool(cfg.feature_splits) and rng.random() < cfg.feature_prob
-            split = int(rng.choice(cfg.feature_splits)) if use_feature else len(model.units)
-            geo = geos[split] if use_feature else None
-            m = _batch_masks(model, x, y, masks, split, geo, cfg, rng).to(d.device)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                z = masked_forward(model, x, m, split, geo, cfg.mask_value)
-            loss = F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            meta["step"] += 1
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        meta["epoch"] = epoch + 1
+        loss = _epoch(run, model, opt, data, masks, geos, meta, schedule)
+        meta["epoch"] += 1
         meta["minutes"] += (time.time() - t0) / 60
-        pairs = (epoch + 1) % monitor_every == 0 or epoch + 1 == cfg.epochs
-        val = monitor(model, train_split.x[val_idx], train_split.y[val_idx], mean, std, masks, cfg,
+        pairs = meta["epoch"] % monitor_every == 0 or meta["epoch"] == cfg.epochs
+        val = monitor(model, run.train.x[val_idx], run.train.y[val_idx], run.mean, run.std, masks, cfg,
                       100 if pairs else 0)
-        meta["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "minutes": meta["minutes"],
-                                "val": val})
+        meta["history"].append({"epoch": meta["epoch"], "loss": loss, "minutes": meta["minutes"], "val": val})
         tqdm.write(json.dumps(meta["history"][-1]))
-        _save_state(out, model, opt, meta, rng)
-        save_checkpoint(model, meta, out / f"epoch{epoch + 1:03d}.safetensors")
+        _save_state(out, model, opt, meta, run.rng)
+        save_checkpoint(model, meta, out / f"epoch{meta['epoch']:03d}.safetensors")
     save_checkpoint(model, meta, out / "model.safetensors")
     return meta
 
