@@ -21,7 +21,7 @@ import numpy as np
 from certinfer.bench.bundles import load_certifier
 from certinfer.bench.certify_plots import plot_cropping, plot_ibp, plot_rects, plot_scalecert, plot_variants
 from certinfer.runtime.certifier import Certifier
-from certinfer.runtime.defenses import DefenseError, defense
+from certinfer.runtime.defenses import REGISTRY, canonical
 from certinfer.runtime.defenses.cropping import CropVotes, count_votes
 from certinfer.runtime.evaluate import evaluate_certifier, merge, shard_indices, summarize
 from certinfer.threat import Threat
@@ -122,12 +122,15 @@ class Evaluation:
         return result
 
 
+def plain(job: Job) -> dict:
+    """The bundle's certifier as it is, against the job's threat (default: the bundle's)."""
+    return evaluate(job, job.load(job.threat))
+
+
 def evaluation_of(kind: str | None) -> Evaluation:
     """The registered evaluation of a defense; a plain one (default keys, per-rectangle plot) for others."""
-    try:
-        return defense(kind or "").load("certify")
-    except DefenseError:
-        return Evaluation(run=lambda job: evaluate(job, job.load(job.threat)))
+    entry = REGISTRY.get(canonical(kind or ""))
+    return entry.load("certify") if entry is not None and entry.certify else Evaluation(plain)
 
 
 def merge_files(files: list[Path], out: Path | None, plot: Path | None) -> dict:
@@ -330,3 +333,8 @@ def _ibp(job: Job) -> dict:
 
 
 ibp = Evaluation(_ibp, plot_ibp)
+
+
+# --- Double masking: the bundle's certifier as it is (early exit changes no decision) ------------------------
+
+doublemask = Evaluation(plain)
