@@ -90,6 +90,7 @@ class Certifier:
     needs_exact: ClassVar[bool] = False  # certificates hold only on verified backends (see the module docstring)
     randomized: ClassVar[bool] = False  # infer draws random numbers (OS entropy unless seeded)
     local_outputs: ClassVar[bool] = False  # local_features() is a map the export probe checks against geometry
+    threat_in_features: ClassVar[bool] = True  # infer's features depend on the threat (windows, masks, locations)
 
     @classmethod
     def roles_for(cls, manifest: Mapping[str, Any]) -> tuple[str, ...]:
@@ -174,7 +175,8 @@ class Certifier:
 
     def infer_key(self) -> tuple:
         """Certifiers with equal keys (same engines) compute the same features for the same frames."""
-        return (str(self.threat), *(getattr(self.options, f) for f in self.options.INFER))
+        threat = str(self.threat) if self.threat_in_features else ""
+        return (threat, *(getattr(self.options, f) for f in self.options.INFER))
 
     def _validate(self) -> None:
         """Check this certifier's options against the bundle; raise ValueError with what is wrong."""

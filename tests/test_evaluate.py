@@ -34,3 +34,16 @@ def test_variants_are_grouped_by_inference_key_and_counted_apart(certifier):
     merged = merge(parts)
     assert merged["variants"] == r["variants"] and merged["n"] == 10
     assert evaluate_certifier(certifier, x, (y + 1) % 4)["clean_accuracy_per_variant"] == {"default": 0.0}
+
+
+def test_threat_shares_inference_only_where_features_do_not_depend_on_it() -> None:
+    from pathlib import Path
+
+    from certinfer.runtime.loader import load
+
+    golden = Path(__file__).parent / "golden" / "bundles"
+    for name, shared in (("bagcert", True), ("masking-bn", True), ("cropping-exhaustive", True), ("ibp", False),
+                         ("scalecert", False)):
+        c = load(golden / name, backend="onnxruntime-cpu")
+        other = c.with_options(threat="1x1")
+        assert (other.infer_key() == c.infer_key()) is shared, name

@@ -166,6 +166,7 @@ class BagCertCertifier(Certifier):
     name = "bagcert"
     Options = BagCertOptions
     local_outputs = True
+    threat_in_features = False  # the threat enters only in decide
 
     def __init__(self, bundle, engines, threat: Threat, options: BagCertOptions | None = None):
         super().__init__(bundle, engines, threat, options)

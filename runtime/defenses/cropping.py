@@ -279,6 +279,7 @@ class CroppingCertifier(Certifier):
     name = "cropping"
     Options = CroppingOptions
     randomized = True
+    threat_in_features = False  # the threat enters only in decide
 
     def __init__(self, bundle, engines, threat: Threat, options: CroppingOptions | None = None):
         super().__init__(bundle, engines, threat, options)

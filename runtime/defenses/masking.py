@@ -290,6 +290,7 @@ class MaskingCertifier(Certifier):
     name = "masking"
     Options = MaskingOptions
     local_outputs = True
+    threat_in_features = False  # the threat enters only in decide
 
     def __init__(self, bundle, engines, threat: Threat, options: MaskingOptions | None = None):
         super().__init__(bundle, engines, threat, options)
