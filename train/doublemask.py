@@ -269,7 +269,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     if resume and (out / "last.safetensors").exists():
         prev, run.rng = _load_state(out, model, opt)
         meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history", "commit")})
-        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "commit": run.commit}]
+        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "epochs_before": prev["config"]["epochs"],
+                                                      "epochs": cfg.epochs, "commit": run.commit}]
     data = run.fit_tensors()
     while meta["epoch"] < cfg.epochs:
         t0 = time.time()
