@@ -120,3 +120,30 @@ def test_backend_parity_compares_the_engine_inputs_the_defense_made(tiny_bundle:
     assert same["mismatched_values"] == 0 and same["argmax_agreement"] == 1
     assert "nowhere-backend" in report["absent"]
     json.dumps(report)  # goes into the manifest as it is
+
+
+class _BatchSizeDependent:
+    """The real engine, but at its largest batch one output bit flips (a kernel chosen by batch size)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.max_batch = inner, inner.name, inner.max_batch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        out = self.inner.run(batch)
+        if len(batch) == self.max_batch:
+            out = out.copy()
+            out[:, 0, 0, 0] ^= 1
+        return out
+
+
+def test_inspect_probe_fails_an_engine_whose_outputs_change_at_the_largest_batch(monkeypatch):
+    import certinfer
+    from certinfer.export import probe as probe_module
+    from certinfer.runtime.engines import load_engine
+
+    monkeypatch.setattr(probe_module, "load_engine",
+                        lambda bundle, backend, **options: _BatchSizeDependent(load_engine(bundle, backend, **options)))
+    report = probe_module.probe_bundle(certinfer.default_bundle(), trials=4, backends=["onnxruntime-cpu"])
+    failed = report["onnxruntime-cpu"]
+    assert failed["status"] == "failed" and "between batches of 7 and 1024" in failed["error"], failed
+    assert failed["checks"]["outputs"]["trials"] == 4  # locality (batches of at most 5) saw nothing wrong

@@ -287,3 +287,14 @@ def test_inspect_probe_checks_the_superficial_layer_and_catches_an_edited_geomet
         main(["inspect", "--probe", str(edited)])
     out = capsys.readouterr().out
     assert e.value.code == 1 and "probe       onnxruntime-cpu: FAILED" in out
+
+
+@pytest.mark.slow
+def test_inspect_probe_checks_batch_independence_at_the_engines_largest_batch(bundle):
+    from certinfer.export.probe import probe_bundle
+
+    report = probe_bundle(bundle, trials=8, backends=["onnxruntime-cpu"])["onnxruntime-cpu"]
+    assert report["status"] == "passed", report
+    # pass 1 and pass 2 inputs (frames and their occluded copies), run as the runtime may batch them
+    assert report["batch"]["model"] == {"rows": 1024, "batch_sizes": [1, 7, 64, 1024], "rows_alone": 8,
+                                        "batch_invariant": True}
