@@ -8,13 +8,13 @@ logits (N, C) and winners (N, H, W). Checks before the bundle is written:
 * receptive-field probe of the superficial layer on onnxruntime CPU: the graph's superficial features (the input of
   its single ReduceSum, the SIN channel sum) must stay bit-identical outside ``Geometry.affected`` of random
   patches that change the frame AND the mask channel, and must not depend on the batch;
-* batch invariance of the whole graph's outputs (a frame's logits and winners do not depend on its batch);
+* batch independence of the whole graph's outputs (a frame's logits and winners do not depend on its batch) at
+  the batch sizes the runtime runs, up to the engine's largest (``probe.batch_probe``);
 * the soundness argument's step (A) on the real graph: every window of the threat's family that misses R(x)
   leaves the logits and winners bit-identical.
 
 Then the bundle's accuracy is measured through the runtime itself (its Certifier). ``certinfer inspect --probe``
-checks batch independence again on the bundle's engines at the batch sizes the runtime runs (up to the engine's
-largest batch), on every backend here.
+checks locality and batch independence again on the bundle's own engines, on every backend here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import typer
 from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
                                        manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import ProbeError, bits, expose_input_of, probe
+from certinfer.export.probe import ProbeError, batch_probe, bits, expose_input_of, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.defenses.scalecert import family, group_size, meets_region, window_side
 from certinfer.runtime.geometry import Geometry
@@ -86,16 +86,6 @@ def parity(model: SINNet, session: ort.InferenceSession, rows: np.ndarray) -> di
     return report
 
 
-def batch_invariance(session: ort.InferenceSession, rows: np.ndarray) -> dict:
-    """Each row's outputs alone equal its outputs inside the batch, bit for bit."""
-    full = session.run(["logits", "keep"], {"input": rows})
-    for i in range(len(rows)):
-        alone = session.run(["logits", "keep"], {"input": rows[i:i + 1]})
-        if any(not np.array_equal(bits(a[0]), bits(b[i])) for a, b in zip(alone, full)):
-            raise ProbeError("the engine's outputs depend on the batch a frame runs in: not bit-exact")
-    return {"rows": len(rows), "batch_invariant": True}
-
-
 def outside_region_check(session: ort.InferenceSession, x: np.ndarray, geometry: Geometry, windows) -> dict:
     """Step (A) on the real graph: occluding a family window that misses R(x) changes no output bit."""
     hw = x.shape[2:]
@@ -135,7 +125,8 @@ def export_scalecert(checkpoint: Path, out: Path, threat: str = "2.4%", r: int |
     session = cpu_session(onnx_model)
     probe_report = {"backend": "onnxruntime-cpu",
                     **superficial_probe(onnx_model, rows, geometry, rects + [(1, 1)], probe_trials),
-                    "outputs": batch_invariance(session, rows[::8]),
+                    "outputs": batch_probe(lambda b: tuple(session.run(["logits", "keep"], {"input": b})), rows,
+                                           max_batch),
                     "outside_region": outside_region_check(session, x, geometry, windows),
                     "exact_backends": ["onnxruntime-cpu"]}
     torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
