@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from certinfer.export.bundle_writer import stage_bundle, write_manifest
+from certinfer.export.parity import backend_parity, parity_problems
 from certinfer.runtime.bundle import SCHEMA, Bundle
 from certinfer.runtime.defenses import canonical
 from certinfer.runtime.evaluate import evaluate_certifier
@@ -125,8 +126,6 @@ def publish(out: str | Path, manifest: dict, files: dict[str, bytes | Path], tes
     (``provenance.metrics``), then the sealed manifest. ``parity_frames``: also compare every backend installed
     here with onnxruntime CPU on these frames (``parity.backends``); one that breaks the certificate policy fails
     the export. Returns the manifest as written."""
-    from certinfer.export.parity import backend_parity, parity_problems
-
     bundle = stage_bundle(out, manifest, files)
     m = bundle.manifest
     m["provenance"]["metrics"] = runtime_metrics(bundle, test, m["threat"], metrics_batch)
