@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -108,11 +109,9 @@ def png_with_size():
 GTSRB4 = (1, 12, 13, 38)  # speed limit 30, priority road, yield, keep right: four distinct shapes/colours
 
 
-@pytest.fixture(scope="session")
-def gtsrb4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-class GTSRB image folder (300 train / 40 test images per class) for tiny end-to-end trainings."""
-    from PIL import Image
-
+def gtsrb_root() -> Path:
+    """The data root holding GTSRB; skips the test where it is missing, except in CI (CI=true), where it fails:
+    a training test that cannot find its data must not pass silently there."""
     from certinfer.train import data as datasets
 
     try:
@@ -120,7 +119,26 @@ def gtsrb4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except FileNotFoundError:
         root = None
     if root is None or not (root / "gtsrb" / "gtsrb32.npz").is_file():
-        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
+        message = "GTSRB data not found (../shared/data or $CERTINFER_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " in CI", pytrace=False)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(name="gtsrb_root", scope="session")
+def gtsrb_root_fixture() -> Path:
+    return gtsrb_root()
+
+
+@pytest.fixture(scope="session")
+def gtsrb4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-class GTSRB image folder (300 train / 40 test images per class) for tiny end-to-end trainings."""
+    from PIL import Image
+
+    from certinfer.train import data as datasets
+
+    root = gtsrb_root()
     out = tmp_path_factory.mktemp("gtsrb4")
     for part, per_class in (("train", 300), ("test", 40)):
         split = datasets.load(f"gtsrb:{part}", root)

@@ -24,7 +24,7 @@ import pytest
 import certinfer
 from certinfer import Verdict
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "golden"
 EXPECTED = json.loads((HERE / "expected.json").read_text(encoding="utf-8"))
 BACKEND = "onnxruntime-cpu"
 MARGIN_RTOL = 1e-5

@@ -154,16 +154,6 @@ def test_ablation_probe_catches_a_leaking_base_classifier():
 
 # --- a tiny BagNet and DRS, trained and exported -----------------------------------------------------------
 
-def _gtsrb_or_skip() -> Path:
-    try:
-        root = datasets.data_root(None)
-    except FileNotFoundError:
-        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
-    if not (root / "gtsrb" / "gtsrb32.npz").is_file():
-        pytest.skip("GTSRB data not found (../shared/data or $CERTINFER_DATA)")
-    return root
-
-
 def _write_folder(root: Path, split: datasets.Split, per_class: int) -> None:
     for c in CLASSES:
         folder = root / f"{c:02d}"
@@ -173,9 +163,9 @@ def _write_folder(root: Path, split: datasets.Split, per_class: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, gtsrb_root):
     torch.set_num_threads(1)
-    root = _gtsrb_or_skip()
+    root = gtsrb_root
     data = tmp_path_factory.mktemp("gtsrb4")
     _write_folder(data / "train", datasets.load("gtsrb:train", root), 250)
     _write_folder(data / "test", datasets.load("gtsrb:test", root), 30)

@@ -41,7 +41,7 @@ def test_threat_shares_inference_only_where_features_do_not_depend_on_it() -> No
 
     from certinfer.runtime.loader import load
 
-    golden = Path(__file__).parent / "golden" / "bundles"
+    golden = Path(__file__).resolve().parents[1] / "golden" / "bundles"
     for name, shared in (("bagcert", True), ("masking-bn", True), ("cropping-exhaustive", True), ("ibp", False),
                          ("scalecert", False)):
         c = load(golden / name, backend="onnxruntime-cpu")

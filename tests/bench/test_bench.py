@@ -19,7 +19,7 @@ from certinfer.threat import parse, rect_key
 
 TINY = dict(kernels=(3, 1, 1, 1), strides=(1, 2, 1, 1), widths=(16, 32, 32, 32), stem_width=16)
 CLASSES = ["a", "b", "c", "d"]
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _random_case(rng):
