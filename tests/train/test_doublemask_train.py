@@ -40,17 +40,17 @@ def test_split_network_is_the_whole_network():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, gtsrb_root):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("dm-train")
     cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=4, batch_size=32, lr=5e-3, worst_of=2,
                               feature_splits=(2,), feature_prob=0.5)
-    meta = train(cfg, out, limit=256, monitor_every=4)
+    meta = train(cfg, out, str(gtsrb_root), limit=256, monitor_every=4)
     return out, meta
 
 
 @pytest.mark.slow
-def test_loss_falls_and_training_resumes(trained, tmp_path):
+def test_loss_falls_and_training_resumes(trained, gtsrb_root):
     out, meta = trained
     losses = [h["loss"] for h in meta["history"]]
     assert losses[-1] < losses[0]
@@ -58,7 +58,7 @@ def test_loss_falls_and_training_resumes(trained, tmp_path):
     assert {"certified", "one_mask", "clean"} <= set(meta["history"][-1]["val"])
     cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=5, batch_size=32, lr=5e-3, worst_of=2,
                               feature_splits=(2,))
-    resumed = train(cfg, out, limit=256, monitor_every=5, resume=True)
+    resumed = train(cfg, out, str(gtsrb_root), limit=256, monitor_every=5, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
     assert resumed["resumed"][0]["epoch"] == 4
 
