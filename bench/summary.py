@@ -2,8 +2,9 @@
 
 Reads the ``certinfer bench latency`` results (``latency-*.json``) and the ``certinfer certify`` results (any other
 JSON with ``certified_accuracy`` and ``bundle``) in a folder; writes two plots (latency by defense and backend;
-certified accuracy vs per-frame latency) and prints the README's markdown table. A certify result belongs to a
-latency result when their bundle folders have the same name (benchmarks may run on a copy of a bundle).
+certified accuracy vs per-frame latency) and prints the README's markdown table; with ``--page``, it also writes
+the results page (``docs/results.md``, from every result of the folder: ``results_page.py``). A certify result
+belongs to a latency result when their bundle folders have the same name (benchmarks may run on a copy of a bundle).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import typer
 
 from certinfer.bench.machine import machine_line, machine_slug
 from certinfer.bench.plots import defense_label, markdown_table, measured
+from certinfer.bench.results_page import read_results, write_page
 
 MARKERS = {"onnxruntime-cpu": "o", "torch-cpu": "s", "onnxruntime-cuda": "D", "torch-cuda": "v",
            "torch-cuda-graphs": "P", "tensorrt": "*"}
@@ -22,19 +24,8 @@ MARKERS = {"onnxruntime-cpu": "o", "torch-cpu": "s", "onnxruntime-cuda": "D", "t
 
 def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
     """(latency results, certify results) among the JSON files of ``folder``."""
-    latency, certify = [], []
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            r = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(r, dict):
-            continue
-        if r.get("benchmark") == "latency":
-            latency.append(r)
-        elif "certified_accuracy" in r and "bundle" in r:
-            certify.append({**r, "file": path.name, "mtime": path.stat().st_mtime})
-    return latency, certify
+    found = read_results(folder)
+    return found.latency, found.certify
 
 
 def certify_key(latency: dict) -> list[str]:
@@ -153,11 +144,18 @@ cli = typer.Typer(add_completion=False)
 def summary_command(
     results: Path = typer.Option(Path("bench/results"), help="Folder of latency and certify result JSON files"),
     out_dir: Path = typer.Option(None, help="Folder for the plots [default: --results]"),
+    page: Path = typer.Option(None, help="Also write the results page (every result of --results as markdown) "
+                                         "to this file, e.g. docs/results.md"),
 ) -> None:
-    """Plots of every latency result (by defense and backend; certified accuracy vs latency) and the table."""
+    """Plots of every latency result (by defense and backend; certified accuracy vs latency) and the table;
+    with --page, the results page too."""
     latency, certify = load_results(results)
-    if not latency:
+    if not latency and page is None:
         raise ValueError(f"no latency results (latency-*.json) in {results}")
+    if page is not None:
+        typer.echo(f"results page: {write_page(results, page)}")
+    if not latency:
+        return
     out = Path(out_dir or results)
     out.mkdir(parents=True, exist_ok=True)
     tag = machine_slug(latency[0]["machine"])
