@@ -62,8 +62,7 @@ SOAK_HEADER = ["result", "bundle", "backend", "frames in / verdicts out", "batch
 
 @dataclass
 class ResultFiles:
-    """The result files of a folder by benchmark, each with its file name under ``file`` (certify results also
-    with ``mtime``), in file name order."""
+    """The result files of a folder by benchmark, each with its file name under ``file``, in file name order."""
 
     latency: list[dict] = field(default_factory=list)
     certify: list[dict] = field(default_factory=list)
@@ -85,7 +84,7 @@ def read_results(folder: Path) -> ResultFiles:
         if r.get("benchmark") == "latency":
             found.latency.append(r)
         elif "certified_accuracy" in r and "bundle" in r:
-            found.certify.append({**r, "mtime": path.stat().st_mtime})
+            found.certify.append(r)
         elif "total_flips" in r:
             found.soundness.append(r)
         elif r.get("bench") == "soak":

@@ -47,7 +47,7 @@ def _value(c: dict, key: str, threat: str, rect_keys: list[str]) -> float | None
 
 def certified_accuracy(latency: dict, certify: list[dict]) -> dict | None:
     """The bundle's certified accuracy against its own threat, from the certify results of the same bundle
-    folder: the largest dataset, then the newest file."""
+    folder: the largest dataset, then the last file by name (the same on every checkout)."""
     from certinfer.threat import parse, rect_key
 
     b = latency["bundle"]
@@ -61,8 +61,8 @@ def certified_accuracy(latency: dict, certify: list[dict]) -> dict | None:
             value = _value(c, key, threat, rect_keys)
             if value is not None:
                 found.append({"value": value, "key": key, "data": c.get("data"), "n": c.get("n") or 0,
-                              "threat": threat, "file": c["file"], "mtime": c["mtime"]})
-    return max(found, key=lambda f: (f["n"], f["mtime"])) if found else None
+                              "threat": threat, "file": c["file"]})
+    return max(found, key=lambda f: (f["n"], f["file"])) if found else None
 
 
 def plot_latency(results: list[dict], path: Path) -> Path:
