@@ -108,6 +108,31 @@ def crop_vote_objective(model: torch.nn.Module, input_hw: tuple[int, int], crop_
     return objective
 
 
+def masked_copies_objective(head: torch.nn.Module, front: torch.nn.Module, masks: np.ndarray, value: np.ndarray,
+                            regions: list[tuple[tuple[int, int], tuple[int, int]]], label: int, per_location: int = 4,
+                            seed: int = 0) -> Objective:
+    """Double masking: rival minus label confidence over one-mask copies that leave each patch in view.
+
+    ``front`` maps the attacker's input to the masked space (identity for pixel masks, the split network's front
+    for feature masks); ``head`` maps a masked copy to logits. Per location, ``per_location`` masks (fixed, from
+    ``seed``) among those disjoint from the patch's ``region`` ((r0, r1), (c0, c1) in the masked space; all
+    masks where none is): the copies the patch can move, which is how it makes the first round disagree.
+    """
+    rng = np.random.default_rng(seed)
+    picks = []
+    for (r0, r1), (c0, c1) in regions:
+        clear = np.flatnonzero(~masks[:, r0:r1, c0:c1].any(axis=(1, 2)))
+        picks.append(rng.choice(clear if len(clear) else np.arange(len(masks)), per_location))
+    hide = torch.from_numpy(masks[np.stack(picks)])[:, :, None]  # (L, k, 1, H', W')
+    fill = torch.from_numpy(value.reshape(1, 1, -1, 1, 1) if value.ndim else value)
+
+    def objective(adv: torch.Tensor) -> torch.Tensor:
+        copies = torch.where(hide, fill, front(adv)[:, None])
+        conf = torch.softmax(head(copies.flatten(0, 1)), dim=1).view(len(adv), per_location, -1).sum(dim=1)
+        return _rival_gap(conf, label)
+    return objective
+
+
 def decided_labels(cert: Certifier) -> Labels:
     """The certifier's own labels for prepared frames; an alert (a detection defense such as ScaleCert) is the
     certificate holding, never a flip: it reads as :data:`ALERT`, which :func:`attack_certified` counts as none."""
@@ -207,6 +232,49 @@ def cropping_soundness(bundle: Path, checkpoint: Path, data: str, images: int, t
     budget = 0.0 if o.exhaustive else (1 - o.threshold) * report["patched_frames_evaluated"]
     return {"defense": "cropping", "params": cert.manifest["defense"]["params"], "bundle": str(bundle), "data": data,
             "budget": budget, **report}
+
+
+def doublemask_surrogate(cert: Certifier, net: torch.nn.Module, seed: int = 0) -> Surrogate:
+    """Double masking's PGD objectives through the checkpoint's classifier ``net``: in the bundle's masked space
+    (pixels, or the feature map of ``net``'s front at the bundle's split), on the one-mask copies that show the
+    patch (:func:`masked_copies_objective`)."""
+    from certinfer.train.models.doublemask import Back, Front
+
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if cert.space == "feature":
+        split = int(cert.params["split"])
+        front, head = Front(net, split), Back(net, split)
+    else:
+        front, head = torch.nn.Identity(), net
+
+    def region(rect: tuple[int, int], loc: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Where a patch at ``loc`` lies in the masked space: its pixels, or the feature cells it reaches."""
+        top, left = int(loc[0]), int(loc[1])
+        if cert.geometry is not None:
+            return cert.geometry.affected(rect, (top, left))
+        return (top, top + rect[0]), (left, left + rect[1])
+
+    def surrogate(label: int, rect: tuple[int, int], locs: np.ndarray) -> Objective:
+        return masked_copies_objective(head, front, cert.masks, cert.mask_value, [region(rect, loc) for loc in locs],
+                                       label, seed=seed)
+    return surrogate
+
+
+def doublemask_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,
+                         seed: int = 0) -> dict:
+    """Double masking (pixel or feature space): PGD pushes the one-mask copies that show the patch to the best
+    rival (:func:`doublemask_surrogate`); every patched frame is judged by the runtime's double-masking inference
+    label."""
+    from certinfer.export.doublemask import load_classifier
+
+    cert = load_certifier(bundle, ENGINE, threat)
+    net, _ = load_classifier(checkpoint)
+    k = len(cert.masks)
+    report = attack_certified(cert, doublemask_surrogate(cert, net, seed), datasets.load(data).x[:2000], images,
+                              pgd_steps, seed, chunk=max(1, 8192 // (k + k * (k - 1) // 2)))  # rows per frame
+    return {"defense": "doublemask", "params": cert.manifest["defense"]["params"], "bundle": str(bundle),
+            "data": data, **report}
 
 
 def scalecert_soundness(bundle: Path, checkpoint: Path, data: str, images: int, threat: str, pgd_steps: int,

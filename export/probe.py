@@ -7,7 +7,7 @@ where it can) on an image and on copies with a random patch, and requires every 
 ran in (an attacker's frame may run alone, and ScaleCert's proof compares a frame's outputs across its two
 passes): :func:`batch_probe` runs the engine inputs the defense itself makes at every batch size the runtime
 can use, up to the engine's largest. :func:`probe_bundle` runs both on every backend here that can run a
-bundle's engines.
+bundle's engines (batch independence alone where the bundle has no geometry: nothing local to probe).
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ TORCH_BACKENDS = ("torch-cpu", "torch-cuda", "torch-cuda-graphs")
 
 
 def candidate_backends(bundle: Bundle) -> list[str]:
-    """Every backend that could run one of the bundle's model engines (whether installed here or not)."""
-    formats = {e["format"] for e in bundle.engines("model")}
+    """Every backend that could run one of the bundle's engines, of any role (whether installed here or not)."""
+    formats = {e["format"] for role in roles(bundle) for e in bundle.engines(role)}
     return [*(ONNX_BACKENDS if "onnx" in formats else ()), *(("tensorrt",) if "tensorrt" in formats else ()),
             *(TORCH_BACKENDS if "torch" in formats else ())]
 
@@ -197,26 +197,38 @@ def _batches(certifier, recordings: dict[str, Recording], frames: np.ndarray) ->
             for role, rec in recordings.items()}
 
 
-def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, frames: np.ndarray, geometry: Geometry,
+def _relied_on(certifier) -> bool:
+    """Whether the runtime relies on the certifier's backend computing exactly what the probe checks: the manifest
+    lists it in ``probe.exact_backends``, or the defense reads no local outputs and needs no verified backend (it
+    trusts every backend to compute each row of a batch from that row alone)."""
+    listed = certifier.engine.name in certifier.exact_backends()
+    return listed or not (certifier.needs_exact or certifier.local_outputs)
+
+
+NOT_LOCAL = "the bundle has no geometry: nothing local to probe"
+
+
+def _probe_backend(bundle: Bundle, backend: str, x: np.ndarray, frames: np.ndarray, geometry: Geometry | None,
                    rects: list[tuple[int, int]], trials: int, seed: int, builder: Callable | None,
                    cache: Path) -> dict:
-    """One backend's report: skipped (it cannot run here), passed or failed (with the first error)."""
+    """One backend's report: skipped (it cannot run here), passed or failed (with the first error). Without a
+    geometry there is nothing local to probe: batch independence alone is checked."""
     try:
         options = engine_options(backend, builder=builder)
         recordings = {r: Recording(load_engine(bundle, backend, role=r, **options)) for r in roles(bundle)}
     except EngineError as err:
         return {"status": "skipped", "reason": str(err), "listed_exact": False}
     certifier = certifier_with(bundle, recordings)
-    listed = certifier.engine.name in certifier.exact_backends()
-    report: dict = {"status": "passed", "checks": {}, "listed_exact": listed}
+    report: dict = {"status": "passed", "checks": {}, "listed_exact": _relied_on(certifier)}
     try:
-        report["checks"] = _locality(bundle, backend, certifier, x, geometry, rects, trials, seed, cache)
-        if any("trials" in c for c in report["checks"].values()):  # locality ran: then the batch sizes
+        report["checks"] = (_locality(bundle, backend, certifier, x, geometry, rects, trials, seed, cache)
+                            if geometry is not None else {"outputs": {"skipped": NOT_LOCAL}})
+        if geometry is None or any("trials" in c for c in report["checks"].values()):  # then the batch sizes
             report["batch"] = _batches(certifier, recordings, frames)
     except Exception as err:  # ProbeError, or the engine failing while probed: either way not verified
         return {**report, "status": "failed", "error": str(err) if isinstance(err, ProbeError)
                 else f"{type(err).__name__}: {err}"}
-    if not any("trials" in c for c in report["checks"].values()):  # no locality was probed: not a pass
+    if "batch" not in report:  # a geometry whose locality could not be probed here: not a pass
         return {"status": "skipped", "listed_exact": report["listed_exact"],
                 "reason": "; ".join(c["skipped"] for c in report["checks"].values()) or "no check applies"}
     return report
@@ -232,20 +244,21 @@ def probe_bundle(bundle: str | Path | Bundle, trials: int = 64, seed: int = 0, b
     ``skipped`` (``reason``: not installed, no GPU, no engine of its format, no model ``builder`` for torch;
     default builder: the trainer's). Checks on each backend: ``outputs``, what the certifier reads
     (``Certifier.local_features``, (N, H', W', C)); on onnxruntime also ``preactivation``, the NCHW input of the
-    manifest's ``probe.op`` (before a threshold: far more sensitive). Where either ran, the report's ``batch``
-    holds, per engine role, :func:`batch_probe` on the engine inputs the defense makes from random frames, up to
-    the engine's largest batch. Locality inputs are random normalized images; patches use the bundle threat's
-    rectangles and 1x1. One backend's failure does not stop the others.
+    manifest's ``probe.op`` (before a threshold: far more sensitive). Where either ran, or where the bundle has no
+    geometry (nothing local, e.g. pixel-space double masking), the report's ``batch`` holds, per engine role,
+    :func:`batch_probe` on the engine inputs the defense makes from random frames, up to the engine's largest
+    batch. ``listed_exact``: whether the runtime relies on the backend (see :func:`_relied_on`); a failure there
+    is a failure, elsewhere it is expected. Locality inputs are random normalized images; patches use the bundle
+    threat's rectangles and 1x1. One backend's failure does not stop the others.
     """
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     m = loaded.manifest
-    if "geometry" not in m:
-        raise ValueError(f"{loaded.path}: this bundle has no geometry to probe")
-    geometry = Geometry.from_dict(m["geometry"])
-    rects = sorted(set(parse(m["threat"], input_hw=geometry.input_hw).rects) | {(1, 1)})
+    geometry = Geometry.from_dict(m["geometry"]) if "geometry" in m else None
+    hw = geometry.input_hw if geometry is not None else tuple(m["input"]["hw"])
+    rects = sorted(set(parse(m["threat"], input_hw=hw).rects) | {(1, 1)})
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(8, m["input"]["channels"]) + geometry.input_hw).astype(np.float32)
-    frames = rng.integers(0, 256, size=(4, *geometry.input_hw, m["input"]["channels"]), dtype=np.uint8)
+    x = rng.normal(size=(8, m["input"]["channels"], *hw)).astype(np.float32)
+    frames = rng.integers(0, 256, size=(4, *hw, m["input"]["channels"]), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="certinfer-probe-") as cache:
         return {name: _probe_backend(loaded, name, x, frames, geometry, rects, trials, seed, builder, Path(cache))
                 for name in (backends if backends is not None else candidate_backends(loaded))}

@@ -116,6 +116,35 @@ def test_probe_catches_a_front_part_whose_receptive_field_exceeds_the_manifest(t
         probe(bad.local_features, images, bad.geometry, [(3, 3), (1, 1)], trials=16)
 
 
+class _BatchDependent:
+    """The real engine, but every row's logits also depend on the rest of its batch."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.max_batch, self.precision = inner, inner.name, inner.max_batch, inner.precision
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.inner.run(batch) + np.float32(1e-3) * batch.mean()
+
+
+def test_inspect_probe_checks_the_front_locally_and_every_role_for_batch_independence(untrained, monkeypatch):
+    """Feature space: the front's map is probed outside ``Geometry.affected`` (``local_features``) and both roles
+    for batch independence. Pixel space: nothing is local, batch independence alone is checked, and the runtime
+    relies on it on every backend (pixel certificates need no verified one), so a batch-dependent engine fails."""
+    from certinfer.export import probe as probe_module
+    from certinfer.runtime.bundle import load_bundle
+
+    assert probe_module.candidate_backends(load_bundle(untrained[1])) == list(probe_module.ONNX_BACKENDS)  # any role
+    pixel, feature = (probe_module.probe_bundle(path, trials=8, backends=[BACKEND])[BACKEND] for path in untrained)
+    assert feature["status"] == "passed" and feature["listed_exact"] and feature["checks"]["outputs"]["trials"] == 8
+    assert set(feature["batch"]) == {"front", "back"}
+    assert pixel["status"] == "passed" and pixel["listed_exact"] and "skipped" in pixel["checks"]["outputs"]
+    assert set(pixel["batch"]) == {"model"} and pixel["batch"]["model"]["rows"] == 4096
+    real = probe_module.load_engine
+    monkeypatch.setattr(probe_module, "load_engine", lambda *a, **k: _BatchDependent(real(*a, **k)))
+    failed = probe_module.probe_bundle(untrained[0], trials=8, backends=[BACKEND])[BACKEND]
+    assert failed["status"] == "failed" and failed["listed_exact"] and "batch" in failed["error"]
+
+
 def test_speed_bench_runs_every_mode_with_identical_certificates(untrained, tmp_path):
     pixel, feature = (load(p, backend=BACKEND) for p in untrained)
     result = speed(pixel, _random_frames(6, seed=4), feature, loop_frames=2, batch=4)

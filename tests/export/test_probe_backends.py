@@ -96,9 +96,11 @@ def test_inspect_probe_fails_when_no_backend_could_run(capsys, monkeypatch, with
     assert code == 1 and "could not run on any backend here: nowhere: nowhere is not installed" in err
 
 
-def test_inspect_probe_refuses_a_bundle_without_geometry(capsys, tiny_bundle: Path):
+def test_a_bundle_without_geometry_is_probed_for_batch_independence_only(capsys, tiny_bundle: Path):
     code, out, err = inspect_probe(capsys, tiny_bundle)
-    assert code == 1 and "has no geometry to probe" in err
+    assert code == 0, err
+    assert ("probe       onnxruntime-cpu: passed (outputs skipped: the bundle has no geometry: nothing local to "
+            "probe): batch-invariant\n") in out
 
 
 # --- a bundle with an ONNX and a torch engine ------------------------------------------------------------
