@@ -13,10 +13,10 @@ patch partly outside the input covers a subset of some patch inside it (for rect
 locations fully inside suffice. Both graphs run in float32: the rounding of the bounds graph and of the model
 graph can each move a margin by a little. The tolerance (``defense.params.tolerance``, logit units) absorbs
 them: export measures both errors against float64 on real frames at every location and refuses a bundle whose
-measured error exceeds a tenth of the tolerance. That check was made on the backends in
-``defense.params.verified_backends``; either engine on any other backend (e.g. a GPU kernel using TF32) gives
-no certificates (``needs_exact``). Bounds engines must be fp32: a bundle with an fp16 or int8 bounds engine is
-refused.
+measured error exceeds a tenth of the tolerance. That check was made on the backends in the manifest's
+``probe.exact_backends`` (older bundles: ``defense.params.verified_backends``); either engine on any other
+backend (e.g. a GPU kernel using TF32) gives no certificates (``needs_exact``). Bounds engines must be fp32: a
+bundle with an fp16 or int8 bounds engine is refused.
 
 Engine input: one array (N, 2C, H, W), the lower image's channels then the upper image's (one input keeps the
 engine contract of every backend). Every location of every threat rectangle of a batch of frames is sent to
@@ -109,7 +109,8 @@ class IBPFeatures:
 
 
 class IBPCertifier(Certifier):
-    """IBP from a bundle's ``defense.params``: ``tolerance`` (logit units), ``verified_backends`` and ``chunk``.
+    """IBP from a bundle's ``defense.params``: ``tolerance`` (logit units) and ``chunk``; trusted backends from
+    ``probe.exact_backends``.
 
     Two engine roles: ``model`` (normalized frames -> logits, the label) and ``bounds`` (see the module
     docstring), on the same backend. Features: :class:`IBPFeatures`.
