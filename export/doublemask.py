@@ -28,7 +28,7 @@ from certinfer.export import ExportError
 from certinfer.export.exporter import (cpu_session, eval_split, float_parity, load_trained, manifest, onnx_engine,
                                        prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import probe
+from certinfer.export.probe import ProbeError, batch_probe, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.provenance import git_commit
 from certinfer.runtime.geometry import Geometry
@@ -63,12 +63,27 @@ def _logits_parity(module: torch.nn.Module, onnx: bytes, x: np.ndarray, what: st
     return float_parity(ref, got, what, images=len(x))
 
 
+def _batch_checked(onnx: bytes, rows: np.ndarray, max_batch: int, what: str) -> dict:
+    """The batch probe of one graph on onnxruntime CPU: a masked copy is certified from its own row alone, so every
+    row must get the same output bits whatever batch it runs in (the runtime's batches go up to ``max_batch``)."""
+    session = cpu_session(onnx)
+    name = session.get_inputs()[0].name
+    try:
+        return batch_probe(lambda b: session.run(None, {name: b})[0], rows, max_batch)
+    except ProbeError as e:
+        raise ExportError(f"{what} on onnxruntime CPU: {e}; double masking needs each row computed from its own "
+                          "input alone (no batch statistics or batch-coupled operations)") from None
+
+
 def _pixel_parts(net: Classifier, meta: dict, x: np.ndarray) -> tuple[dict, list[dict], dict, dict]:
     """(files, engines, parity, sections) of a pixel-space bundle."""
     onnx = export_onnx(net, (torch.from_numpy(x[:2]),), ["input"], ["logits"])
     entry, weights = _torch_entry(net, "doublemask-classifier", meta, x.shape[1:], "model")
     parity = {"torch_vs_onnxruntime-cpu": _logits_parity(net, onnx, x, "classifier graph")}
-    return {"model.onnx": onnx, "model.safetensors": weights}, [onnx_engine(MAX_BATCH), entry], parity, {}
+    sections = {"probe": {"backend": "onnxruntime-cpu", "role": "model",
+                          "batch": _batch_checked(onnx, x, MAX_BATCH, "the classifier"),
+                          "exact_backends": ["onnxruntime-cpu"]}}
+    return {"model.onnx": onnx, "model.safetensors": weights}, [onnx_engine(MAX_BATCH), entry], parity, sections
 
 
 def _feature_parts(net: Classifier, meta: dict, x: np.ndarray, split: int, rects: list[tuple[int, int]],
@@ -97,8 +112,10 @@ def _feature_parts(net: Classifier, meta: dict, x: np.ndarray, split: int, rects
                front_entry, back_entry]
     files = {"front.onnx": front_onnx, "back.onnx": back_onnx, "front.safetensors": front_w,
              "back.safetensors": back_w}
+    batch = {"front": _batch_checked(front_onnx, x, MAX_BATCH, "the front part"),
+             "back": _batch_checked(back_onnx, f, MAX_BATCH, "the back part")}
     sections = {"geometry": geo.to_dict(),
-                "probe": {"backend": "onnxruntime-cpu", "role": "front", **report,
+                "probe": {"backend": "onnxruntime-cpu", "role": "front", **report, "batch": batch,
                           "exact_backends": ["onnxruntime-cpu"]}}
     return files, engines, parity, sections
 
@@ -131,8 +148,8 @@ def export_checkpoint(checkpoint: Path, out: Path, space: str = "pixel", split: 
 
 
 def _check_classifier(onnx: bytes, hw: tuple[int, int], classes: int, x: np.ndarray) -> tuple[int, dict]:
-    """(max batch, report): the graph takes (N, 3, H, W) float32 and returns (N, classes), with each row computed
-    from its own frame alone (the same frame alone and in a batch give the same logits)."""
+    """(max batch, batch probe): the graph takes (N, 3, H, W) float32 and returns (N, classes), with each row
+    computed from its own frame alone, bit for bit (see :func:`_batch_checked`)."""
     session = cpu_session(onnx)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -149,9 +166,8 @@ def _check_classifier(onnx: bytes, hw: tuple[int, int], classes: int, x: np.ndar
     if together.ndim != 2 or together.shape[1] != classes:
         raise ExportError(f"the classifier returns {together.shape[1:]} per frame, expected ({classes},) logits "
                           f"(one per line of --classes)")
-    alone = np.concatenate([session.run([outputs[0].name], {name: x[i:i + 1]})[0] for i in range(len(together))])
-    report = float_parity(alone, together, "the classifier's rows depend on their batch:", images=len(together))
-    return (1 if isinstance(batch, int) else MAX_BATCH), report
+    max_batch = 1 if isinstance(batch, int) else MAX_BATCH
+    return max_batch, _batch_checked(onnx, x, max_batch, "the classifier")
 
 
 def _rename_io(onnx: bytes) -> bytes:
@@ -190,8 +206,9 @@ def export_classifier(classifier_onnx: Path, out: Path, input_hw: tuple[int, int
     meta = {"command": command, "dataset": {"test": test.name, "note": test.note}, "commit": git_commit()}
     source = {"classifier": Path(classifier_onnx).name, "classifier_sha256": hashlib.sha256(raw).hexdigest()}
     params = {"space": "pixel", "stride": int(stride), "mask_value": float(mask_value)}
-    m = manifest(DEFENSE, params, input_hw, mean, std, classes, threat, [onnx_engine(max_batch)],
-                 {"batch_invariance": rows}, meta, source)
+    m = manifest(DEFENSE, params, input_hw, mean, std, classes, threat, [onnx_engine(max_batch)], {}, meta, source,
+                 probe={"backend": "onnxruntime-cpu", "role": "model", "batch": rows,
+                        "exact_backends": ["onnxruntime-cpu"]})
     return publish(out, m, {"model.onnx": onnx}, test, parity_frames=test.x[:PARITY_FRAMES])
 
 

@@ -60,8 +60,8 @@ def _bundles(folder: Path, front: nn.Module, back: nn.Module, mean=(0.5,) * 3, s
     folder.mkdir(parents=True, exist_ok=True)
     entry = {"format": "onnx", "precision": "fp32", "batch": [1, 4096]}
     whole = _onnx(nn.Sequential(front, back), 3, folder / "model.onnx")
-    pixel = write_bundle(folder / "pixel", _manifest("pixel", mean, std, [{"file": "model.onnx", **entry}]),
-                         {"model.onnx": whole})
+    pixel = write_bundle(folder / "pixel", _manifest("pixel", mean, std, [{"file": "model.onnx", **entry}],
+                                                     probe={"exact_backends": [BACKEND]}), {"model.onnx": whole})
     files = {"front.onnx": _onnx(front, 3, folder / "front.onnx"),
              "back.onnx": _onnx(back, WIDTH, folder / "back.onnx")}
     engines = [{"file": f"{role}.onnx", "role": role, **entry} for role in ("front", "back")]
@@ -82,7 +82,7 @@ def untrained(tmp_path_factory) -> tuple[Path, Path]:
 def test_both_spaces_load_and_equal_the_per_copy_reference(untrained):
     for path, roles in zip(untrained, (("model",), ("front", "back"))):
         certifier = load(path, backend=BACKEND)
-        assert certifier.roles == roles and (certifier.trusted or not certifier.needs_exact)
+        assert certifier.roles == roles and certifier.trusted and certifier.needs_exact
         frames = _random_frames(4, seed=1)
         verdicts = certifier(frames)
         for v, (label, _, cert) in zip(verdicts, reference_decisions(certifier, frames), strict=True):
@@ -90,16 +90,18 @@ def test_both_spaces_load_and_equal_the_per_copy_reference(untrained):
             assert v.certificate.per_rect["3x3"].margin == pytest.approx(cert.per_rect["3x3"].margin, abs=1e-4)
 
 
-def test_feature_certificates_need_a_verified_backend(tmp_path):
-    pixel, feature = _bundles(tmp_path, *_nets())
-    manifest = load(feature, backend=BACKEND).manifest
+@pytest.mark.parametrize("space", ["pixel", "feature"])
+def test_certificates_need_a_verified_backend(tmp_path, space):
+    """Both spaces: a masked copy must get the same bits in any batch, which only the export's probe verifies."""
+    bundle = dict(zip(("pixel", "feature"), _bundles(tmp_path, *_nets())))[space]
+    manifest = load(bundle, backend=BACKEND).manifest
+    files = [e["file"] for e in manifest["engines"]]
     unverified = write_bundle(tmp_path / "unverified", {**manifest, "probe": {"exact_backends": []}},
-                              {f: feature / f for f in ("front.onnx", "back.onnx")})
+                              {f: bundle / f for f in files})
     certifier = load(unverified, backend=BACKEND)
     assert not certifier.trusted
     verdicts = certifier(_random_frames(3, seed=2))
     assert not any(v.certificate.certified for v in verdicts) and all("not verified" in v.reason for v in verdicts)
-    assert not load(pixel, backend=BACKEND).needs_exact  # pixel masking is exact on any backend
 
 
 def test_probe_catches_a_front_part_whose_receptive_field_exceeds_the_manifest(tmp_path):

@@ -241,7 +241,7 @@ def test_feature_masks_match_the_receptive_field_by_brute_force():
 
 def test_roles_and_exactness_follow_the_space():
     pixel, feature = _certifier("pixel"), _certifier("feature")
-    assert pixel.roles == ("model",) and not pixel.needs_exact and not pixel.local_outputs
+    assert pixel.roles == ("model",) and pixel.needs_exact and not pixel.local_outputs
     assert feature.roles == ("front", "back") and feature.needs_exact and feature.local_outputs
     assert dm.DoubleMaskCertifier.roles_for(feature.manifest) == ("front", "back")
     x = feature.prepare(_frames(2, seed=7))

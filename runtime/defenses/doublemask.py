@@ -206,11 +206,11 @@ class DoubleMaskCertifier(Certifier):
 
     Certified for label y when every one- and two-mask prediction is y with a strict margin (ties are flips);
     the margin is the smallest gap of y's logit over the best other class among the copies. :meth:`decide` then
-    returns y by case 1, and the inference returns y on any patched frame. Pixel masking is exact by
-    construction (masked pixels are replaced), so the pixel variant needs no verified backend; it relies on the
-    engine computing each row of a batch from that row alone. The feature variant relies on the front part's
-    locality (a patch changes only the cells ``geometry.affected`` names), bit-exact only on backends the export
-    probed: ``needs_exact``, with the front part's map as ``local_features``.
+    returns y by case 1, and the inference returns y on any patched frame. Both variants rely on the engine
+    giving a masked copy the same output bits in whatever batch it runs (certification and a later inference batch
+    the copies differently), and the feature variant also on the front part's locality (a patch changes only the
+    cells ``geometry.affected`` names, its map is ``local_features``). Both hold bit-exact only on the backends the
+    export probed: ``needs_exact`` in both spaces.
     """
 
     name = "doublemask"
@@ -234,7 +234,8 @@ class DoubleMaskCertifier(Certifier):
         if self.geometry is not None and self.geometry.input_hw != self.input_hw:
             raise ValueError(f"doublemask bundle: geometry input {self.geometry.input_hw} is not the input "
                              f"{self.input_hw}")
-        self.needs_exact = self.local_outputs = self.space == "feature"
+        self.needs_exact = True
+        self.local_outputs = self.space == "feature"
 
     @property
     def masks(self) -> np.ndarray:
