@@ -7,7 +7,7 @@ the graph where TensorRT has ``STRONGLY_TYPED``, else the FP16 builder flag) or 
 over real frames, refused without them). The plan enters the manifest with its sha256, the GPU and TensorRT
 version it was built for (the runtime refuses it anywhere else), then a parity report against onnxruntime CPU.
 
-TensorRT cannot be installed in this workplace, so this module imports it only inside :func:`build_plan`. The
+TensorRT is an optional install (``certinfer[trt]``), so this module imports it only inside :func:`build_plan`. The
 command always prints the equivalent ``trtexec`` line first; without TensorRT it stops there with one clear
 line, and a plan built outside can be added with ``--plan PLAN --gpu NAME --tensorrt-version V``.
 """

@@ -91,7 +91,7 @@ PRESETS: dict[str, TrainConfig] = {
     "cifar10-cpu": TrainConfig(dataset="cifar10", model=arch("small", (32, 32)), patch=2, k=5, epochs=30,
                                batch_size=64, ramp_start=1.0, ramp_epochs=17.0, lr_decay_every=4, flips=True,
                                crop_pad=2),
-    # The paper's settings (Appendix A.1); GPU jobs. MNIST needs training images, which this workplace lacks.
+    # The paper's settings (Appendix A.1); GPU jobs. MNIST needs training images (the data folder has the test set).
     "mnist-small": _paper("mnist", "small"),
     "mnist-large": _paper("mnist", "large"),
     "cifar10-small": _paper("cifar10", "small"),
@@ -218,8 +218,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
           preset: str = "custom", command: str = "") -> dict:
     """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
     if cfg.dataset == "mnist":
-        raise ValueError("MNIST: this workplace has only the MNIST test set (no training images); the mnist-* "
-                         "presets record the paper's settings for a machine that has them")
+        raise ValueError("MNIST: the data folder holds only the MNIST test set (no training images); the mnist-* "
+                         "presets record the paper's settings for a data folder that has them")
     run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, val_images=cfg.val_images,
                 test_images=cfg.eval_images)
     if run.dist.world > 1:

@@ -1,7 +1,7 @@
 """Native TensorRT backend: deserialize a hash-checked plan, dynamic batch through optimization profile 0.
 
 Written to the documented TensorRT 10 Python API (named I/O tensors, ``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``); TensorRT cannot be installed in this workplace, so it runs
+``set_tensor_address``, ``execute_async_v3``); TensorRT is an optional install, so this backend runs
 wherever TensorRT exists. Device memory and the CUDA stream come from cuda-python (``cuda.bindings.runtime``,
 ``cuda.cudart`` before cuda-python 12.6), imported only here: the runtime never needs torch. A plan is specific
 to one GPU model and TensorRT version, so the manifest records both (``gpu``: the CUDA device name,
@@ -19,8 +19,8 @@ import numpy as np
 
 from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
 
-NOT_INSTALLED = ("TensorRT is not installed (its PyPI package downloads NVIDIA libraries at install time; "
-                 "not possible in this workplace)")
+NOT_INSTALLED = ("TensorRT is not installed: pip install 'certinfer[trt]' on a machine with an NVIDIA GPU "
+                 "(the package fetches NVIDIA's libraries at install time), or choose another --backend")
 
 
 def cuda_runtime():
