@@ -188,7 +188,7 @@ def test_missing_engine_or_backend_is_a_clear_error(single):
 
 @pytest.mark.skipif(TRT is not None, reason="TensorRT is installed here")
 def test_tensorrt_requested_without_tensorrt(single):
-    with pytest.raises(EngineError, match=r"TensorRT is not installed \(its PyPI package"):
+    with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install 'certinfer\[trt\]'"):
         load_engine(single[0], "tensorrt")
 
 
