@@ -17,8 +17,9 @@ def _run(ci: bool, tmp_path: Path) -> subprocess.CompletedProcess:
     if ci:
         env["CI"] = "true"
     here = Path(__file__).resolve().parent
+    # Run from elsewhere: the repository's own certinfer/ folder must not shadow the installed package.
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / TRAINING_TEST)],
-                          cwd=here.parent, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("ci", [True, False], ids=["ci", "local"])
