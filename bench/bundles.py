@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +10,8 @@ from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.certifier import Certifier
 from certinfer.runtime.defenses import DefenseError, defense
 from certinfer.runtime.loader import certifier_for
+from certinfer.runtime.packaged import data_dir as packaged, resolve
 from certinfer.threat import Threat
-
-
-def packaged(name: str) -> Path:
-    """A folder shipped inside the package (``default_bundle``, ``samples``); FileNotFoundError without it."""
-    path = Path(str(resources.files("certinfer") / "data" / name))
-    if not path.is_dir():
-        raise FileNotFoundError(f"this install has no packaged {name.replace('_', ' ')}: it ships with the BagCert "
-                                f"model; name a bundle instead")
-    return path
 
 
 def engine_options(kind: str, backend: str, threads: int | None = None) -> dict[str, Any]:
@@ -41,7 +32,7 @@ def engine_options(kind: str, backend: str, threads: int | None = None) -> dict[
 def load_certifier(bundle: str | os.PathLike | None, backend: str = "auto", threat: str | Threat | None = None,
                    threads: int | None = None, expect_sha256: str | None = None) -> Certifier:
     """The bundle's Certifier (None: the packaged default bundle), verified as the runtime loader does."""
-    loaded = load_bundle(Path(bundle) if bundle is not None else packaged("default_bundle"),
+    loaded = load_bundle(resolve(bundle),
                          expect_sha256=expect_sha256)
     options = engine_options(loaded.manifest["defense"]["kind"], backend, threads)
     return certifier_for(loaded, backend, threat, options)

@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from certinfer.bench.bundles import load_certifier, packaged
+from certinfer.bench.bundles import load_certifier, packaged, resolve
 from certinfer.bench.machine import machine_info, machine_slug, peak_rss_mib, versions
 from certinfer.bench.measure import batch_throughput, dataset_throughput, expansion, stream_latency, take
 from certinfer.bench.plots import plot_result, summary_lines
@@ -229,7 +229,7 @@ class _Run:
 
 def run_latency(bundle: Path | None = None, options: LatencyOptions = LatencyOptions(), progress: bool = True) -> dict:
     """Every measurement of this module for one bundle (None: the packaged default); the JSON-ready result."""
-    path = Path(packaged("default_bundle") if bundle is None else bundle)
+    path = resolve(bundle)
     manifest = load_bundle(path).manifest
     result = _header(path, manifest, options)
     with _progress(progress) as bar:

@@ -10,7 +10,7 @@ Everything heavy (onnxruntime, defenses, torch) is imported on first use, so ``i
 from __future__ import annotations
 
 import os
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from certinfer.runtime.certifier import Certifier
     from certinfer.threat import Threat
 
-__all__ = ["Verdict", "__version__", "default_bundle", "load", "sample_frames"]
+__all__ = ["Verdict", "__version__", "bundle_names", "default_bundle", "load", "sample_frames"]
 
 try:
     __version__ = metadata.version("certinfer")
@@ -28,33 +28,32 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
     __version__ = "0+unknown"
 
 
-def _data_dir(name: str) -> Path | None:
-    path = Path(str(resources.files("certinfer") / "data" / name))
-    return path if path.is_dir() else None
-
-
 def default_bundle() -> Path:
-    """The bundle shipped inside the package (the BagCert model)."""
-    path = _data_dir("default_bundle")
-    if path is None:
-        raise FileNotFoundError("this install has no default bundle: it ships with the BagCert model; "
-                                "pass a bundle path instead")
-    return path
+    """The bundle shipped inside the package as ``default``."""
+    from certinfer.runtime.packaged import data_dir
+
+    return data_dir("default_bundle")
+
+
+def bundle_names() -> list[str]:
+    """The names of the bundles shipped inside the package (``default`` first): ``certinfer.load(name)``."""
+    from certinfer.runtime.packaged import bundle_names as names
+
+    return names()
 
 
 def sample_frames() -> Path:
     """The folder of sample frames shipped inside the package."""
-    path = _data_dir("samples")
-    if path is None:
-        raise FileNotFoundError("this install has no sample frames: they ship with the BagCert model; "
-                                "pass a frame source instead")
-    return path
+    from certinfer.runtime.packaged import data_dir
+
+    return data_dir("samples")
 
 
 def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
          threat: str | Threat | None = None, expect_sha256: str | None = None,
          engine_options: dict[str, Any] | None = None) -> Certifier:
-    """A Certifier for ``bundle`` (None: the default bundle) against ``threat`` (None: the bundle's own).
+    """A Certifier for ``bundle`` (a path, a packaged name such as ``"doublemask-gtsrb"``, or None / ``"default"``
+    for the default bundle) against ``threat`` (None: the bundle's own).
 
     ``expect_sha256`` pins the exact bundle (its digest, as ``certinfer inspect`` prints it): any other bundle,
     or this one edited and resealed, is refused with a BundleError. The manifest's own seal catches only
@@ -64,7 +63,7 @@ def load(bundle: str | os.PathLike | None = None, backend: str = "auto",
     """
     from certinfer.runtime import loader
 
-    return loader.load(bundle if bundle is not None else default_bundle(), backend=backend, threat=threat,
+    return loader.load(bundle, backend=backend, threat=threat,
                        expect_sha256=expect_sha256, engine_options=_with_builder(backend, engine_options))
 
 

@@ -135,7 +135,7 @@ def run(
     source: Optional[str] = typer.Argument(
         None, help="Image file, folder, video file, camera index or stream URL [default: the packaged sample frames]"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b",
-                                          help="Bundle folder or .tar [default: the packaged one]"),
+                                          help="Bundle folder or .tar, or a packaged bundle's name [default: default]"),
     backend: str = typer.Option(
         "auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"),
     threat: Optional[str] = typer.Option(None, help="Threat spec, e.g. 5x5 or 2.4% [default: the bundle's]"),
@@ -195,7 +195,7 @@ def _manifest_lines(path: Path, m: dict) -> list[str]:
 
 
 @app.command()
-def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
+def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar, or a packaged bundle's name"),
             probe: bool = typer.Option(False, "--probe", help="Re-check the receptive field and batch independence "
                                                               "on every backend here"),
             trials: int = typer.Option(64, min=1, help="Random patches per backend and check, with --probe"),
@@ -204,6 +204,9 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder or .tar"),
             ) -> None:
     """Print a bundle's manifest, verify its seal and every file's sha256 (and, with --probe, its geometry)."""
     from certinfer.runtime.bundle import DIGEST_KEY, load_bundle
+    from certinfer.runtime.packaged import resolve
+
+    bundle = resolve(bundle)
 
     loaded = load_bundle(bundle, expect_sha256=bundle_sha256)  # raises on any bad manifest, seal, pin or hash
     for line in _manifest_lines(bundle, loaded.manifest):
@@ -283,7 +286,9 @@ def certify(
     if bundle is None or data is None:
         raise CLIError("certify needs a BUNDLE and --data (or --merge shard results)")
     from certinfer.runtime.bundle import load_bundle
+    from certinfer.runtime.packaged import resolve
 
+    bundle = resolve(bundle)
     verified = load_bundle(bundle, expect_sha256=bundle_sha256)
     kind = verified.manifest["defense"]["kind"]
     entry = REGISTRY.get(canonical(kind))

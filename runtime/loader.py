@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from certinfer.threat import Threat, parse
+from certinfer.runtime import packaged
 from certinfer.runtime.bundle import Bundle, load_bundle
 from certinfer.runtime.certifier import Certifier
 from certinfer.runtime.defenses import certifier_class
@@ -34,10 +34,12 @@ def certifier_for(bundle: Bundle, backend: str = "auto", threat: str | Threat | 
     return cls(bundle, open_engines(bundle, cls.roles_for(bundle.manifest), backend, engine_options), parsed)
 
 
-def load(path: str | os.PathLike, backend: str = "auto", threat: str | Threat | None = None,
+def load(path: str | os.PathLike | None, backend: str = "auto", threat: str | Threat | None = None,
          expect_sha256: str | None = None, engine_options: dict[str, Any] | None = None) -> Certifier:
-    """Verify the bundle at ``path`` (hashes before any engine is parsed) and build its Certifier.
+    """Verify the bundle at ``path`` (a path, a packaged name such as ``doublemask-gtsrb``, or None for the default
+    bundle; hashes are checked before any engine is parsed) and build its Certifier.
 
     ``engine_options`` go to every engine's backend (``threads``, ``device_id``, ``fp16``, ``cache_dir``...).
     """
-    return certifier_for(load_bundle(Path(path), expect_sha256=expect_sha256), backend, threat, engine_options)
+    return certifier_for(load_bundle(packaged.resolve(path), expect_sha256=expect_sha256), backend, threat,
+                         engine_options)
