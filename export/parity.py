@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +29,7 @@ from certinfer.runtime.defenses import DefenseError, certifier_class
 from certinfer.runtime.engines import EngineError
 from certinfer.runtime.frames import resize
 from certinfer.runtime.loader import certifier_for, open_engines
+from certinfer.runtime.packaged import data_dir as packaged_data
 from certinfer.threat import parse
 
 REFERENCE = "onnxruntime-cpu"
@@ -39,14 +39,6 @@ _DATASETS = ("gtsrb", "cifar10", "folder")
 
 
 # --- frames and engines -----------------------------------------------------------------------------------
-
-def sample_frames() -> Path:
-    """The sample frames shipped in the package (real GTSRB images)."""
-    path = Path(str(resources.files("certinfer") / "data" / "samples"))
-    if not path.is_dir():
-        raise FileNotFoundError("this install has no sample frames: pass real frames (a dataset spec or a folder)")
-    return path
-
 
 def real_frames(source: str | None, hw: tuple[int, int], limit: int = 256,
                 data_dir: str | None = None) -> np.ndarray:
@@ -59,7 +51,7 @@ def real_frames(source: str | None, hw: tuple[int, int], limit: int = 256,
     from certinfer.runtime.stream import open_source
 
     frames = []
-    for _, frame in open_source(source if source is not None else sample_frames()):
+    for _, frame in open_source(source if source is not None else packaged_data("samples")):
         if isinstance(frame, np.ndarray):
             frames.append(resize(frame[None], hw)[0])
         if len(frames) == limit:

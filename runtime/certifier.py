@@ -70,7 +70,16 @@ EXACT_PRECISION = "fp32"  # the precision the export's locality and rounding che
 
 
 class _EngineClock(threading.local):
+    """Engine seconds accumulated by each thread (a certifier may be shared by several threads)."""
+
     seconds = 0.0
+
+
+@dataclass
+class EngineTime:
+    """The engine seconds spent inside one :meth:`Certifier.engine_clock` block."""
+
+    seconds: float = 0.0
 
 
 class Certifier:
@@ -249,10 +258,10 @@ class Certifier:
                 raise EngineRunError(f"{role} engine output {i} has NaN or inf values")
 
     @contextmanager
-    def engine_clock(self) -> Iterator[_EngineClock]:
+    def engine_clock(self) -> Iterator[EngineTime]:
         """Measure the engine seconds spent by this thread inside the block (``clock.seconds``)."""
         start = self._clock.seconds
-        clock = _EngineClock()
+        clock = EngineTime()
         try:
             yield clock
         finally:

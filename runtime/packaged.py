@@ -40,8 +40,7 @@ def resolve(bundle: str | os.PathLike | None) -> Path:
     path = Path(bundle)
     if path.exists() or len(path.parts) != 1 or path.suffix:
         return path
-    named = Path(str(resources.files("certinfer") / "data" / "bundles" / path.name))
-    if (named / "manifest.json").is_file():
-        return named
+    if path.name in bundle_names():
+        return data_dir("bundles") / path.name
     raise FileNotFoundError(f"no bundle {str(bundle)!r}: not a path, and not a packaged bundle "
                             f"({', '.join(bundle_names())})")
