@@ -134,24 +134,36 @@ def _lines_out(path: Path | None) -> Iterator:
 def run(
     source: Optional[str] = typer.Argument(
         None, help="Image file, folder, video file, camera index or stream URL [default: the packaged sample frames]"),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b",
-                                          help="Bundle folder or .tar, or a packaged bundle's name [default: default]"),
+    bundle: Optional[list[str]] = typer.Option(
+        None, "--bundle", "-b", help="Bundle folder or .tar, or a packaged bundle's name [default: default]; "
+                                     "give it several times for a cascade, tried in that order"),
     backend: str = typer.Option(
         "auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"),
-    threat: Optional[str] = typer.Option(None, help="Threat spec, e.g. 5x5 or 2.4% [default: the bundle's]"),
-    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms",
-                                                help="Per-frame deadline; late frames are fail-safe"),
+    threat: Optional[str] = typer.Option(
+        None, help="Threat spec, e.g. 5x5, 2.4%, or 24x24@camera in camera pixels [default: the bundle's]"),
+    rois: Optional[Path] = typer.Option(
+        None, "--rois", help="A detector's boxes, JSON lines (ROS 2 Detection2D fields): one verdict per box"),
+    deadline_ms: Optional[float] = typer.Option(
+        None, "--deadline-ms", help="Per-frame deadline; late frames are fail-safe, a cascade skips stages "
+                                    "that cannot finish within it"),
     batch: int = typer.Option(1, min=1, help="Frames per engine call"),
     out: Optional[Path] = typer.Option(None, help="Write the JSON lines here instead of stdout"),
     annotate: Optional[Path] = typer.Option(None, help="Write each frame with its label and status to this folder"),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 3 when any verdict is fail-safe"),
     bundle_sha256: Optional[str] = typer.Option(
         None, "--bundle-sha256", help="Refuse any bundle but the one with this digest (certinfer inspect prints it)"),
 ) -> None:
-    """Certify every frame of SOURCE: one JSON verdict per line, a summary line on stderr."""
+    """Certify every frame of SOURCE (or each detector box): one JSON verdict per line, a summary line on stderr."""
     import certinfer
     from certinfer.runtime.stream import StreamSummary, open_source, run_stream
 
-    certifier = certinfer.load(bundle, backend=backend, threat=threat, expect_sha256=bundle_sha256)
+    if deadline_ms is not None and deadline_ms < 0:
+        raise CLIError(f"--deadline-ms must be >= 0, got {deadline_ms:g}")
+    boxes = _read_rois(rois)
+    bundles = bundle or [None]
+    cascade = {"deadline_ms": deadline_ms} if len(bundles) > 1 else {}
+    certifier = certinfer.load(bundles if len(bundles) > 1 else bundles[0], backend=backend, threat=threat,
+                               expect_sha256=bundle_sha256, **cascade)
     frames = open_source(source if source is not None else certinfer.sample_frames())
     annotator = None
     if annotate is not None:
@@ -161,13 +173,36 @@ def run(
     summary = StreamSummary()
     try:
         with _lines_out(out) as f:
-            for verdict in run_stream(certifier, frames, deadline_ms=deadline_ms, batch=batch, summary=summary):
-                f.write(verdict.to_json() + "\n")
-                f.flush()  # a live source's consumer gets each verdict as it comes
-                if annotator is not None:
-                    annotator.write(verdict)
+            _write(run_stream(certifier, frames, deadline_ms=deadline_ms, batch=batch, summary=summary, rois=boxes),
+                   f, annotator)
     finally:
         typer.echo(f"certinfer: {summary}", err=True)
+    if strict and summary.statuses["fail-safe"]:
+        raise typer.Exit(3)
+
+
+def _read_rois(path: Path | None):
+    if path is None:
+        return None
+    from certinfer.runtime.detections import read
+    return read(path)
+
+
+def _write(verdicts: Iterator, f, annotator) -> None:
+    """Each verdict written as it comes (a live source's consumer gets it at once); a frame is annotated when
+    its last verdict is out."""
+    held: list = []
+    for verdict in verdicts:
+        f.write(verdict.to_json() + "\n")
+        f.flush()
+        if annotator is not None and held and verdict.frame != held[-1].frame:
+            annotator.write(held)
+            held = []
+        held.append(verdict)
+    if annotator is not None:
+        if held:
+            annotator.write(held)
+        annotator.close()
 
 
 def _fmt_pair(v: list) -> str:

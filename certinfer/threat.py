@@ -7,6 +7,8 @@ Specs (comma lists combine them):
   ``rot45:5x5``  the axis-aligned bounding box of the h x w patch rotated by 45 degrees: the rotated
                  patch owns the pixels whose centres fall inside it, and an interval of length
                  (h + w) / sqrt(2) holds at most ceil((h + w) / sqrt(2)) pixel centres per axis
+  ``...@camera`` the rectangles are in camera-frame pixels (``24x24@camera``): the runtime maps them to model
+                 pixels through each frame's or box's resize (see ``certinfer.runtime.camera``)
 
 A certificate against a threat holds against every rectangle in it at every location.
 """
@@ -28,6 +30,9 @@ _ROT45 = re.compile(r"^rot45:(\d+)x(\d+)$")
 
 # Without the input size, area:N lists every factor pair by trial division up to sqrt(N); past this it would hang.
 _MAX_AREA_WITHOUT_INPUT = 10 ** 12
+
+
+CAMERA = "@camera"
 
 
 class ThreatError(ValueError):
@@ -105,24 +110,31 @@ class Threat:
     items: tuple[str, ...]
     rects: tuple[Rect, ...]
     input_hw: Rect | None = None
+    camera: bool = False  # rectangles in camera-frame pixels, mapped per frame or box at run time
 
     def __str__(self) -> str:
-        return ",".join(self.items)
+        return ",".join(self.items) + (CAMERA if self.camera else "")
 
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(rect_key(r) for r in self.rects)
 
     def bind(self, input_hw: Rect) -> Threat:
-        """The same spec resolved against an input size (percentages, fit checks)."""
-        return parse(str(self), input_hw=input_hw)
+        """The same spec resolved against an input size (percentages, fit checks); a camera threat is unchanged."""
+        return self if self.camera else parse(str(self), input_hw=input_hw)
 
 
 def parse(spec: str, input_hw: Rect | None = None) -> Threat:
-    """Parse a threat spec such as ``"5x5,area:24"``; with ``input_hw`` every rectangle must fit the input."""
+    """Parse a threat spec such as ``"5x5,area:24"``; with ``input_hw`` every rectangle must fit the input.
+
+    A spec ending in ``@camera`` is in camera-frame pixels: ``input_hw`` does not apply to it.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ThreatError("empty threat spec: use HxW, P%, area:N or rot45:HxW")
-    items = tuple(s.strip().lower() for s in spec.split(","))
+    body = spec.strip().lower()
+    if body.endswith(CAMERA):
+        return _parse_camera(body[:-len(CAMERA)])
+    items = tuple(s.strip() for s in body.split(","))
     rects: list[Rect] = []
     for item in items:
         for rect in _item_rects(item, input_hw):
@@ -132,3 +144,11 @@ def parse(spec: str, input_hw: Rect | None = None) -> Threat:
             if rect not in rects:
                 rects.append(rect)
     return Threat(items=items, rects=tuple(rects), input_hw=input_hw)
+
+
+def _parse_camera(body: str) -> Threat:
+    items = tuple(s.strip() for s in body.split(","))
+    if any(_PERCENT.match(item) for item in items):
+        raise ThreatError(f"threat {body + CAMERA!r}: a percentage has no meaning in camera pixels; give HxW@camera")
+    plain = parse(body)  # the rectangles, with no input to fit
+    return Threat(items=plain.items, rects=plain.rects, camera=True)

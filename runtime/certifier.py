@@ -29,6 +29,7 @@ import numpy as np
 
 from certinfer.threat import Threat, parse
 from certinfer.runtime.frames import resize, validate_frames
+from certinfer.runtime.regions import MIN_ROI, RegionCalls
 from certinfer.runtime.verdict import Certificate, RectCert, Verdict
 
 Features = Any  # a defense's inference result: whatever its decide() reads (arrays, a small dataclass)
@@ -82,7 +83,7 @@ class EngineTime:
     seconds: float = 0.0
 
 
-class Certifier:
+class Certifier(RegionCalls):
     """Base class: a bundle's engines plus its defense's certification math.
 
     Sharing: one Certifier may be called from several threads at once (e.g. one per camera) and gives each
@@ -91,6 +92,8 @@ class Certifier:
     :meth:`with_options` copies, so each engine call runs alone on the engine (onnxruntime sessions, TensorRT
     contexts and CUDA graphs keep per-call state). For parallel engine work load one Certifier per thread.
     A Certifier is immutable: derive variants with :meth:`with_options` and :meth:`seeded`.
+    Calling it, ``certifier(frames, rois=None)``, certifies whole frames or a detector's boxes
+    (:mod:`certinfer.runtime.regions`).
     """
 
     name: ClassVar[str] = ""  # the registry name of the defense
@@ -132,6 +135,16 @@ class Certifier:
     @property
     def params(self) -> dict:
         return self.manifest["defense"].get("params", {})
+
+    @property
+    def default_threat(self) -> str:
+        """The bundle's own threat spec."""
+        return self.manifest["threat"]
+
+    @property
+    def min_roi(self) -> int:
+        """The smallest box side (pixels) this bundle accepts as a region of interest."""
+        return int(self.manifest["input"].get("min_roi", MIN_ROI))
 
     @property
     def engine(self):
@@ -271,13 +284,17 @@ class Certifier:
 
     def timed_features(self, frames: np.ndarray) -> tuple[Features, dict[str, float]]:
         """Prepare and infer; seconds spent preparing (resize, normalize, building engine batches) and in the engine."""
+        if self.threat.camera:
+            raise ValueError(f"threat {self.threat} is in camera pixels: certify through certifier(frames, rois=...), "
+                             "which maps it to model pixels for each frame or box")
         t0 = time.perf_counter()
         with self.engine_clock() as clock:
             features = self.infer(self.prepare(frames))
         total = time.perf_counter() - t0
         return features, {"prepare": total - clock.seconds, "engine": clock.seconds}
 
-    def __call__(self, frames: np.ndarray) -> list[Verdict]:
+    def certify_frames(self, frames: np.ndarray) -> list[Verdict]:
+        """One verdict per whole frame, against this certifier's model-pixel threat."""
         features, seconds = self.timed_features(frames)
         t0 = time.perf_counter()
         decisions = self.certify(features)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from certinfer.runtime.certifier import Certifier, EngineRunError
+from certinfer.runtime.detections import Detection
 from certinfer.runtime.frames import MAX_PIXELS, MAX_SIDE, FrameError, resize, validate_frames
 from certinfer.runtime.verdict import Verdict
 
@@ -219,6 +220,7 @@ class StreamSummary:
 class _Pending:
     frame_id: str
     arrived: float
+    position: int = 0  # 0-based place in the stream
     frame: np.ndarray | None = None
     reason: str = ""
 
@@ -236,48 +238,84 @@ def _reason(e: BaseException) -> str:
     return f"certifier error: {type(e).__name__}: {e}"
 
 
-def _accept(frame_id: str, item, arrived: float) -> _Pending:
+def _accept(frame_id: str, item, arrived: float, position: int) -> _Pending:
     if isinstance(item, Exception):
-        return _Pending(frame_id, arrived, reason=_reason(item))
+        return _Pending(frame_id, arrived, position, reason=_reason(item))
     try:
         frame = validate_frames(item)
         if len(frame) != 1:
             raise FrameError(f"a stream frame must be (H, W, 3), got shape {item.shape}")
-        return _Pending(frame_id, arrived, frame=frame[0])
+        return _Pending(frame_id, arrived, position, frame=frame[0])
     except FrameError as e:
-        return _Pending(frame_id, arrived, reason=_reason(e))
+        return _Pending(frame_id, arrived, position, reason=_reason(e))
 
 
 def _late(p: _Pending, now: float, deadline_ms: float | None) -> bool:
     return deadline_ms is not None and (now - p.arrived) * 1e3 > deadline_ms
 
 
-def _certify(certifier: Certifier, frames: list[np.ndarray]) -> list[Verdict] | str:
-    """Verdicts for frames in one batch, or the fail-safe reason for all of them."""
+def _certify(certifier: Certifier, frames: list[np.ndarray]) -> list[list[Verdict]] | str:
+    """One verdict per frame, for frames in one batch, or the fail-safe reason for all of them."""
     try:  # each frame (validated on arrival) is resized to the model input once; the batch holds small copies
         verdicts = certifier(np.stack([resize(f[None], certifier.input_hw)[0] for f in frames]))
     except Exception as e:
         return _reason(e)
     if len(verdicts) != len(frames):
         return f"certifier error: {len(verdicts)} verdicts for {len(frames)} frames"
-    return verdicts
+    return [[v] for v in verdicts]
 
 
-def _flush(certifier: Certifier, pending: list[_Pending], deadline_ms: float | None) -> Iterator[Verdict]:
+def _certify_regions(certifier: Certifier, frames: list[np.ndarray],
+                     boxes: list[list[Detection] | None]) -> list[list[Verdict] | str]:
+    """The verdicts of each frame's boxes (each whole frame without boxes), frames of one size in one call."""
+    answers: list[list[Verdict] | str] = [[] for _ in frames]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, f in enumerate(frames):
+        by_shape.setdefault(f.shape, []).append(i)
+    for members in by_shape.values():
+        rois = None if boxes[members[0]] is None else [[d.box for d in boxes[i]] for i in members]
+        try:
+            verdicts = certifier(np.stack([frames[i] for i in members]), rois=rois)
+        except Exception as e:
+            for i in members:
+                answers[i] = _reason(e)
+            continue
+        for v in verdicts:
+            answers[members[int(v.frame)]].append(v)
+    for i, dets in enumerate(boxes):
+        if dets is not None and isinstance(answers[i], list):
+            for v, d in zip(answers[i], dets):
+                v.roi_id = d.id
+    return answers
+
+
+def _answers(certifier: Certifier, pending: list[_Pending], live: list[int],
+             rois: Mapping[str | int, list[Detection]] | None) -> dict[int, list[Verdict] | str]:
+    frames = [pending[i].frame for i in live]
+    if rois is None and not certifier.threat.camera:
+        result = _certify(certifier, frames) if live else []
+        return {i: result if isinstance(result, str) else result[k] for k, i in enumerate(live)}
+    boxes = [None if rois is None else rois.get(pending[i].frame_id, rois.get(pending[i].position, []))
+             for i in live]
+    return dict(zip(live, _certify_regions(certifier, frames, boxes)))
+
+
+def _flush(certifier: Certifier, pending: list[_Pending], deadline_ms: float | None,
+           rois: Mapping[str | int, list[Detection]] | None) -> Iterator[Verdict]:
     start = time.perf_counter()
     live = [i for i, p in enumerate(pending) if p.frame is not None and not _late(p, start, deadline_ms)]
-    result = _certify(certifier, [pending[i].frame for i in live]) if live else []
-    answers = {i: result if isinstance(result, str) else result[k] for k, i in enumerate(live)}
+    answers = _answers(certifier, pending, live, rois)
     done = time.perf_counter()
     for i, p in enumerate(pending):
         elapsed = (done - p.arrived) * 1e3
-        answer = answers.get(i) or p.reason
-        if not p.reason and (not answer or isinstance(answer, Verdict) and _late(p, done, deadline_ms)):
+        answer = answers.get(i, p.reason)
+        if not p.reason and (answer == "" or isinstance(answer, list) and _late(p, done, deadline_ms)):
             answer = f"deadline missed: {elapsed:.1f} ms > {deadline_ms:g} ms"
         if isinstance(answer, str):
-            answer = Verdict.fail_safe(answer, backend=certifier.engine.name, timings_ms={"total": elapsed})
-        answer.frame = p.frame_id
-        yield answer
+            answer = [Verdict.fail_safe(answer, backend=certifier.engine.name, timings_ms={"total": elapsed})]
+        for v in answer:
+            v.frame = p.frame_id
+            yield v
 
 
 def _guarded(source: FrameSource) -> Iterator[FrameItem]:
@@ -296,10 +334,12 @@ def _guarded(source: FrameSource) -> Iterator[FrameItem]:
 
 
 def run_stream(certifier: Certifier, source, deadline_ms: float | None = None, batch: int = 1,
-               summary: StreamSummary | None = None) -> Iterator[Verdict]:
+               summary: StreamSummary | None = None,
+               rois: Mapping[str | int, list[Detection]] | None = None) -> Iterator[Verdict]:
     """Certify every frame of ``source`` (anything :func:`open_source` takes), ``batch`` frames per engine call.
 
-    Yields one Verdict per frame in order. A frame whose verdict is not ready ``deadline_ms`` after it was
+    Yields one Verdict per frame in order; with ``rois`` (a detector's boxes by frame name or 0-based position,
+    see :mod:`certinfer.runtime.detections`), one per box instead, and none for a frame without boxes. A frame whose verdict is not ready ``deadline_ms`` after it was
     read gets a fail-safe verdict instead. A source that raises while iterated ends the stream with one more
     fail-safe verdict (``source broke``), after the frames read before it are answered. ``summary``, when
     given, is updated as the stream goes.
@@ -310,11 +350,11 @@ def run_stream(certifier: Certifier, source, deadline_ms: float | None = None, b
         raise ValueError(f"deadline must be >= 0 ms, got {deadline_ms}")
     summary = summary if summary is not None else StreamSummary()
     pending: list[_Pending] = []
-    for frame_id, item in _guarded(open_source(source)):
+    for position, (frame_id, item) in enumerate(_guarded(open_source(source))):
         summary.frames_in += 1
-        pending.append(_accept(frame_id, item, time.perf_counter()))
+        pending.append(_accept(frame_id, item, time.perf_counter(), position))
         if len(pending) == batch:
-            yield from map(summary.add, _flush(certifier, pending, deadline_ms))
+            yield from map(summary.add, _flush(certifier, pending, deadline_ms, rois))
             pending = []
     if pending:
-        yield from map(summary.add, _flush(certifier, pending, deadline_ms))
+        yield from map(summary.add, _flush(certifier, pending, deadline_ms, rois))

@@ -23,6 +23,7 @@ class Certificate:
     per_rect: dict[str, RectCert]
     kind: Kind = "recovery"
     p: float | None = None
+    model_threat: str | None = None  # a camera-pixel threat mapped to model pixels: what was certified (per_rect keys)
 
     @classmethod
     def from_rects(cls, threat: str, per_rect: dict[str, RectCert], kind: Kind = "recovery",
@@ -42,7 +43,11 @@ class Verdict:
     reason: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     backend: str = ""
-    frame: str = ""  # where the frame came from (file name, video index), set by the stream
+    frame: str = ""  # where the frame came from (file name, video index; its index in the batch for boxes)
+    roi: list[int] | None = None  # the box (x0, y0, x1, y1) in frame pixels this verdict is about
+    roi_id: str = ""  # the detector's id of that box, where it gave one
+    stage: str = ""  # in a cascade: the stage (bundle name) that decided
+    stages: list[dict] | None = None  # in a cascade: every stage that ran (name, label, status, timings_ms)
 
     @classmethod
     def fail_safe(cls, reason: str, backend: str = "", frame: str = "",
@@ -51,9 +56,16 @@ class Verdict:
                    timings_ms=dict(timings_ms or {}))
 
     def to_dict(self) -> dict:
+        """The verdict as a dict; optional fields that are unset (scores, roi, roi_id, stage, stages) are left out."""
         d = asdict(self)
-        if self.scores is None:
-            d.pop("scores")
+        for key in ("scores", "roi", "stages"):
+            if d[key] is None:
+                d.pop(key)
+        for key in ("stage", "roi_id"):
+            if not d[key]:
+                d.pop(key)
+        if d["certificate"] is not None and d["certificate"]["model_threat"] is None:
+            d["certificate"].pop("model_threat")
         return d
 
     def to_json(self) -> str:

@@ -127,6 +127,49 @@ def test_run_writes_out_file_and_annotated_frames(capsys, tiny_bundle: Path, tmp
         assert img.size == (260, 260)  # 20x20 enlarged to stay readable
 
 
+def _detections(path: Path, rows: list[tuple[str, list[tuple[float, float, float, float]]]]) -> Path:
+    lines = []
+    for frame, boxes in rows:
+        dets = [{"id": str(i), "bbox": {"center": {"position": {"x": (x0 + x1) / 2, "y": (y0 + y1) / 2}, "theta": 0},
+                                        "size_x": x1 - x0, "size_y": y1 - y0}} for i, (x0, y0, x1, y1) in enumerate(boxes)]
+        lines.append(json.dumps({"frame": frame, "detections": dets}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_run_with_rois_answers_each_box_and_strict_exits_3(capsys, tiny_bundle: Path, tmp_path: Path):
+    src = frames_folder(tmp_path / "frames", n=2)
+    rois = _detections(tmp_path / "d.jsonl", [("f0.png", [(0, 0, 10, 10), (2, 2, 20, 20)]), ("f1.png", [])])
+    code, out, err = cli(capsys, "run", str(src), "-b", str(tiny_bundle), "--rois", str(rois),
+                         "--annotate", str(tmp_path / "ann"))
+    verdicts = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert [(v["frame"], v.get("roi"), v.get("roi_id")) for v in verdicts] == [
+        ("f0.png", [0, 0, 10, 10], "0"), ("f0.png", [2, 2, 20, 20], "1"), ("f9_broken.png", None, None)]
+    assert err == "certinfer: 3 frames in, 3 verdicts out: 2 uncertified, 1 fail-safe (unreadable frame: 1)\n"
+    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == ["f0.png", "f1.png"]
+    code, _, _ = cli(capsys, "run", str(src), "-b", str(tiny_bundle), "--rois", str(rois), "--strict")
+    assert code == 3
+    code, _, _ = cli(capsys, "run", str(src / "f0.png"), "-b", str(tiny_bundle), "--strict")
+    assert code == 0
+
+
+def test_run_with_a_camera_threat_maps_it_per_frame(capsys, tiny_bundle: Path, tmp_path: Path):
+    src = frames_folder(tmp_path / "frames", n=1)
+    code, out, _ = cli(capsys, "run", str(src / "f0.png"), "-b", str(tiny_bundle), "--threat", "5x5@camera")
+    cert = json.loads(out)["certificate"]
+    assert code == 0 and cert["threat"] == "5x5@camera" and cert["model_threat"] == "6x6"  # 20 -> 16 pixels
+
+
+def test_bad_rois_file_and_deadline_are_one_line_before_the_run(capsys, tiny_bundle: Path, tmp_path: Path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"frame": 0}\n{"frame": "x", "detections": [{"bbox": 3}]}\n')
+    code, out, err = cli(capsys, "run", str(tmp_path), "-b", str(tiny_bundle), "--rois", str(bad))
+    assert code == 1 and out == "" and err.count("\n") == 1 and "line 2: each detection needs a bbox" in err
+    code, out, err = cli(capsys, "run", str(tmp_path), "-b", str(tiny_bundle), "--deadline-ms", "-1")
+    assert code == 1 and out == "" and err == "certinfer: error: --deadline-ms must be >= 0, got -1\n"
+
+
 def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, tiny_bundle: Path, tmp_path: Path):
     code, out, err = cli(capsys, "run", str(tmp_path / "missing.png"), "-b", str(tiny_bundle))
     assert code == 1 and err == f"certinfer: error: no such file or folder: {tmp_path / 'missing.png'}\n"

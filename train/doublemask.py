@@ -65,6 +65,7 @@ class TrainConfig:
     feature_splits: tuple[int, ...] = (2, 3)  # split points for feature-space masking (empty: pixels only)
     feature_prob: float = 0.3  # share of batches masked in feature space
     bf16: bool = True  # CPU/GPU autocast; the exported graph is fp32
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
     seed: int = 0
     input_hw: tuple[int, int] = (32, 32)
 
@@ -74,7 +75,7 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # 20 epochs: about 50 minutes of training on one shared CPU core (bf16 autocast; resumable).
-    "gtsrb-cpu": TrainConfig(),
+    "gtsrb-cpu": TrainConfig(background=True),
     # CIFAR-10 (our copy is JPEG-compressed): flips on, wider last block.
     "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=30, flips=True, crop_pad=4, jitter=0.2,
                                model={"units": ["c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:128:1", "r3:256:2"],

@@ -25,6 +25,7 @@ import typer
 from tqdm import tqdm
 
 from certinfer.provenance import git_commit
+from certinfer.train import background as no_sign
 from certinfer.train import data as datasets
 from certinfer.train.loop import (Dist, command_line, epoch_batches, preset_config, save_checkpoint, seed_everything,
                                   setup_distributed, teardown_distributed, to_nchw)
@@ -84,8 +85,12 @@ class Run:
 
     def dataset_meta(self) -> dict:
         validation = "tracks" if self.train.groups is not None else "images"
-        return {"train": self.train.name, "test": self.test.name, "note": self.train.note,
+        meta = {"train": self.train.name, "test": self.test.name, "note": self.train.note,
                 "validation": f"{VALIDATION:.0%} of {validation}"}
+        if self.train.classes[-1] == no_sign.NAME:
+            meta["background"] = (f"{no_sign.NAME}: {no_sign.TRAIN_COUNT} images, half crops of 11 dashcam frames, "
+                                  "half CIFAR-10 train (see certinfer.train.background)")
+        return meta
 
 
 def start(defense: str, cfg, data_dir: str | None = None, device: str = "auto", preset: str = "custom",
@@ -100,12 +105,23 @@ def start(defense: str, cfg, data_dir: str | None = None, device: str = "auto", 
     rng = seed_everything(cfg.seed)
     train = datasets.load(datasets.part_spec(cfg.dataset, "train"), data_dir, cfg.input_hw)
     test = datasets.load(datasets.part_spec(cfg.dataset, "test"), data_dir, cfg.input_hw)
+    if getattr(cfg, "background", False):
+        train = with_background(train, no_sign.background(datasets.data_root(data_dir), "train", cfg.seed,
+                                                          cfg.input_hw))
     fit, val = datasets.holdout(train, VALIDATION, cfg.seed)
     fit = limit(fit, images, cfg.seed)
     val = limit(val, images if val_images is None else val_images, cfg.seed + 1)
     tested = limit(np.arange(min(len(test.y), test_images or len(test.y))), images, cfg.seed + 2)
     mean, std = datasets.channel_stats(train.x[fit])
     return Run(defense, cfg, preset, command, d, rng, commit, train, test, fit, val, tested, mean, std)
+
+
+def with_background(split: datasets.Split, images: np.ndarray) -> datasets.Split:
+    """The split with a last class, "no sign", of ``images`` (each its own validation group)."""
+    label = len(split.classes)
+    groups = None if split.groups is None else np.concatenate([split.groups, -1 - np.arange(len(images))])
+    return datasets.Split(np.concatenate([split.x, images]), np.concatenate([split.y, np.full(len(images), label)]),
+                          [*split.classes, no_sign.NAME], split.name, split.note, groups)
 
 
 def _progress(items: list, desc: str, d: Dist) -> tqdm:
