@@ -29,7 +29,8 @@ EXPORT_TOOLS: dict[str, str] = {"trt": "certinfer.export.tensorrt_build:cli", "p
                                 "torch": "certinfer.export.torch_weights:cli"}
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
                          "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli",
-                         "doublemask-speed": "certinfer.bench.doublemask_speed:cli"}
+                         "doublemask-speed": "certinfer.bench.doublemask_speed:cli",
+                         "background": "certinfer.bench.background:cli"}
 
 _state = {"debug": False}
 

@@ -42,6 +42,7 @@ class TrainConfig:
     bf16: bool = True  # CPU autocast; the exported graph is fp32
     seed: int = 0
     eval_threat: str = "5x5"
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
     input_hw: tuple[int, int] = (32, 32)  # image-folder datasets are resized to this
 
 
@@ -51,8 +52,8 @@ PRESETS: dict[str, TrainConfig] = {
     # The same scorer with lighting jitter, 20 epochs.
     "gtsrb-cpu-jitter": TrainConfig(epochs=20, jitter=0.4),
     # The default bundle. RF 7 at stride 2: more context per cell, a 5x5 patch touches up to 6x6 cells
-    # (14% of the votes); lighting jitter against overfitting to GTSRB's ~1,300 physical signs.
-    "gtsrb-cpu-rf7": TrainConfig(epochs=20, jitter=0.4,
+    # (14% of the votes); lighting jitter against overfitting to GTSRB's ~1,300 physical signs; a "no sign" class.
+    "gtsrb-cpu-rf7": TrainConfig(epochs=20, jitter=0.4, background=True,
                                  model=dict(_CPU_SCORER, kernels=(3, 3, 1, 1, 1, 1, 1, 1),
                                             strides=(1, 1, 2, 1, 1, 1, 1, 1))),
     # CIFAR-10 (our copy is JPEG-compressed): the same scorer, flips on, 10 epochs for about an hour on one core.
