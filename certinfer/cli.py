@@ -30,6 +30,7 @@ EXPORT_TOOLS: dict[str, str] = {"trt": "certinfer.export.tensorrt_build:cli", "p
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
                          "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli",
                          "doublemask-speed": "certinfer.bench.doublemask_speed:cli",
+                         "cascade": "certinfer.bench.cascade:cli",
                          "background": "certinfer.bench.background:cli"}
 
 _state = {"debug": False}
