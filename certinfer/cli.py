@@ -207,6 +207,20 @@ def _write(verdicts: Iterator, f, annotator) -> None:
         annotator.close()
 
 
+@app.command()
+def bundles(
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of objects instead of a table"),
+    measure: bool = typer.Option(False, "--measure", help="Also time each bundle on one frame here (batch 1, p50)"),
+) -> None:
+    """The bundles shipped in the package: defense, certificate kind, threat, accuracy, size, training command."""
+    import json
+
+    from certinfer.catalog import catalog, table
+
+    rows = catalog(measure)
+    typer.echo(json.dumps(rows, indent=2) if json_out else table(rows))
+
+
 def _fmt_pair(v: list) -> str:
     return f"{v[0]}x{v[1]}"
 

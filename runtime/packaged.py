@@ -1,7 +1,7 @@
 """What ships inside the package: the default bundle, bundles by name, and the sample frames.
 
 A bundle is named ``<defense>-<dataset>`` (``doublemask-gtsrb``) after its folder under ``certinfer/data/bundles``;
-``default`` is the default bundle. Anything else given where a bundle is expected is a path.
+``default`` is the default bundle, also loaded by its own name (``bagcert-gtsrb``). Anything else given where a bundle is expected is a path.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 DEFAULT = "default"
+DEFAULT_IS = "bagcert-gtsrb"  # the default bundle's own name, which loads it too
 
 
 def data_dir(name: str) -> Path:
@@ -35,7 +36,7 @@ def resolve(bundle: str | os.PathLike | None) -> Path:
 
     An existing path wins over a name; a bare name that is neither says which names exist.
     """
-    if bundle is None or str(bundle) == DEFAULT:
+    if bundle is None or str(bundle) in (DEFAULT, DEFAULT_IS):
         return data_dir("default_bundle")
     path = Path(bundle)
     if path.exists() or len(path.parts) != 1 or path.suffix:

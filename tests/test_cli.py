@@ -264,3 +264,19 @@ def test_a_plugin_whose_dependencies_are_missing_says_what_to_install(capsys, mo
     code, _, err = cli(capsys, "export", "toy", "ck", "out")
     assert code == 1 and err == ("certinfer: error: export toy needs certinfer_no_such_module: "
                                  "pip install 'certinfer[train]'\n")
+
+
+def test_bundles_lists_every_packaged_bundle(capsys):
+    import certinfer
+
+    code, out, _ = cli(capsys, "bundles", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == certinfer.bundle_names()
+    for r in rows:
+        assert {"name", "defense", "kind", "threat", "clean", "certified", "command"} <= set(r)
+        assert r["kind"] in ("recovery", "detection", "probabilistic") and 0 <= r["certified"] <= r["clean"] <= 1
+        assert r["command"].startswith("certinfer train ")
+    code, out, _ = cli(capsys, "bundles")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:6] == ["name", "defense", "kind", "threat", "clean", "certified"]
+    assert all(any(line.startswith(r["name"] + " ") for line in lines[1:]) for r in rows)

@@ -28,3 +28,9 @@ def test_a_path_wins_over_a_name_and_an_unknown_name_lists_the_known(tmp_path: P
     assert packaged.resolve("sub/bundle") == Path("sub/bundle")  # a path is passed on, checked by the loader
     with pytest.raises(FileNotFoundError, match="not a packaged bundle .*default"):
         packaged.resolve("no-such-bundle")
+
+
+def test_the_default_bundle_loads_by_its_own_name_too():
+    from certinfer.runtime import packaged
+
+    assert packaged.resolve("bagcert-gtsrb") == packaged.resolve("default") == packaged.resolve(None)
