@@ -9,7 +9,7 @@ dashcam frames and CIFAR-10 test images; the first GTSRB test images for signs) 
 * false "no sign": the share of sign images answered "no sign";
 * certified "no sign": the share of no-sign images answered "no sign" with a certificate (no patch of the
   threat can make a sign appear there);
-* clean and certified accuracy on the signs.
+* clean and certified accuracy on the signs, overall and per GTSRB sign group.
 
 Results: ``<out>/background-<bundle>.json`` and a bar plot beside it.
 """
@@ -24,6 +24,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
+from certinfer.bench.groups import per_group
 from certinfer.provenance import git_commit
 from certinfer.runtime.loader import load
 from certinfer.train import background as no_sign
@@ -48,7 +49,8 @@ def rates(certifier, signs: np.ndarray, truth: np.ndarray, scenes: dict[str, np.
     labels, certified = answers(certifier, signs, "signs")
     out = {"signs": len(signs), "clean": float(np.mean(labels == truth)),
            "certified": float(np.mean((labels == truth) & certified)),
-           "false_no_sign": float(np.mean(labels == none)), "sources": {}}
+           "false_no_sign": float(np.mean(labels == none)), "sources": {},
+           "sign_groups": per_group(truth, labels == truth, certified)}
     for source, images in scenes.items():
         labels, certified = answers(certifier, images, source)
         out["sources"][source] = {"images": len(images), "false_sign": float(np.mean(labels != none)),

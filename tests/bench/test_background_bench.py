@@ -39,3 +39,14 @@ def test_rates_count_what_they_say():
 def test_without_a_no_sign_class_every_scene_is_a_false_sign():
     r = rates(Scripted(["a", "b"]), _images([0], [1]), np.array([0]), {"road": _images([1, 0], [1, 1])})
     assert r["false_sign"] == 1.0 and r["certified_no_sign"] == 0.0 and r["false_no_sign"] == 0.0
+
+
+def test_groups_cover_every_gtsrb_class_once():
+    from certinfer.bench.groups import GTSRB_GROUPS, per_group
+
+    members = sorted(c for classes in GTSRB_GROUPS.values() for c in classes)
+    assert members == list(range(43))
+    truth = np.array([0, 1, 9, 14])
+    groups = per_group(truth, np.array([True, False, True, True]), np.array([True, True, False, True]))
+    assert groups["speed limits"] == {"images": 2, "clean": 0.5, "certified": 0.5}
+    assert groups["other prohibitory"]["certified"] == 0.0 and "danger" not in groups
