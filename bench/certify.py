@@ -26,15 +26,16 @@ from certinfer.runtime.defenses.cropping import CropVotes, count_votes
 from certinfer.runtime.evaluate import evaluate_certifier, merge, shard_indices, summarize
 from certinfer.threat import Threat
 from certinfer.train import data as datasets
+from certinfer.train.background import NAME as NO_SIGN
 
 SQUARES = ",".join(f"{k}x{k}" for k in range(1, 11))  # BagCert Fig. 3: square patches 1..10
 
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation: the bundle (refused unless its digest is ``sha256``, when given), the dataset split, the
-    threat (None: the defense's default), engine backend and batch, the first ``limit`` samples of ``shard``
-    (``i/n``), and the defense's own ``params`` (``-p KEY=VALUE``)."""
+    """One evaluation: the bundle (refused unless its digest is ``sha256``, when given), the dataset split (under
+    ``data_dir``, default: the data root), the threat (None: the defense's default), engine backend and batch,
+    the first ``limit`` samples of ``shard`` (``i/n``), and the defense's own ``params`` (``-p KEY=VALUE``)."""
 
     bundle: Path
     data: str
@@ -45,6 +46,7 @@ class Job:
     shard: str = "0/1"
     params: dict[str, str] = field(default_factory=dict)
     sha256: str | None = None
+    data_dir: Path | None = None
 
     def load(self, threat: str | None) -> Certifier:
         """The bundle's certifier against ``threat`` (None: the bundle's own)."""
@@ -63,7 +65,8 @@ def evaluate(job: Job, certifier: Certifier, variants: dict | None = None,
              threat_keys: tuple[str, ...] | None = None) -> dict:
     """``certifier`` (and its ``variants``) on the job's samples; ``threat_keys``: the rectangles that make up
     "certified" for the threat (the others are reported per rectangle only)."""
-    split = datasets.load(job.data)
+    split = datasets.load(job.data, job.data_dir)
+    check_classes(certifier.classes, split)
     idx = shard_indices(len(split.y), job.shard)
     idx = idx[:job.limit] if job.limit else idx
     bar, advance = _progress(len(idx))
@@ -72,6 +75,14 @@ def evaluate(job: Job, certifier: Certifier, variants: dict | None = None,
                                     progress=advance, threat_keys=threat_keys)
     return result | {"data": job.data, "data_note": split.note, "shard": job.shard, "bundle": str(job.bundle),
                      "defense": certifier.manifest["defense"]}
+
+
+def check_classes(bundle_classes: list[str], split: datasets.Split) -> None:
+    """Refuse a dataset whose classes are not the bundle's: as many, or the bundle's a last "no sign" more."""
+    n, m = len(bundle_classes), len(split.classes)
+    if n != m and not (n == m + 1 and bundle_classes[-1] == NO_SIGN):
+        raise ValueError(f"the bundle has {n} classes but {split.name} has {m}: certify a bundle on the dataset "
+                         "it was trained for")
 
 
 def with_rects(job: Job, certifier: Certifier, extra: str, variants: Callable[[Certifier], dict] | None = None) -> dict:

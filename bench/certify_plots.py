@@ -37,24 +37,44 @@ def _square_side(key: str) -> int | None:
     return int(h) if h == w else None
 
 
+def _split_rects(per_rect: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+    """Per series: its square rectangles as [(side, accuracy)] by side, and its other rectangles as {key: accuracy}."""
+    squares = {name: sorted((_square_side(k), v) for k, v in per.items() if _square_side(k))
+               for name, per in per_rect.items()}
+    others = {name: {k: v for k, v in per.items() if not _square_side(k)} for name, per in per_rect.items()}
+    return squares, others
+
+
+def _plot_squares(ax, squares: dict[str, list[tuple[int, float]]]) -> None:
+    for i, (name, points) in enumerate(squares.items()):
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", color=f"C{i}", label=f"certified ({name})")
+    ax.set_xticks(sorted({s for points in squares.values() for s, _ in points}))
+    ax.set_xlabel("square patch side (model-input pixels)")
+
+
+def _plot_others(ax, others: dict[str, dict[str, float]]) -> None:
+    keys = list(dict.fromkeys(k for per in others.values() for k in per))
+    width = 0.8 / len(others)
+    for i, (name, per) in enumerate(others.items()):
+        ax.bar([j + i * width for j in range(len(keys))], [per.get(k, 0.0) for k in keys], width, color=f"C{i}",
+               label=f"certified ({name})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=45)
+    ax.set_xlabel("non-square patches (h x w)")
+
+
 def plot_rects(result: dict, path: Path) -> None:
-    """Left: certified accuracy against square patch side (BagCert Fig. 3); right: every other rectangle."""
-    fig, (sq, other) = _pyplot().subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
-    names = list(result["certified_accuracy_per_rect"])
-    for i, (name, per) in enumerate(result["certified_accuracy_per_rect"].items()):
-        squares = sorted((_square_side(k), v) for k, v in per.items() if _square_side(k))
-        sq.plot([s for s, _ in squares], [v for _, v in squares], marker="o", label=f"certified ({name})")
-        rest = [(k, v) for k, v in per.items() if not _square_side(k)]
-        width = 0.8 / len(names)
-        other.bar([j + i * width for j in range(len(rest))], [v for _, v in rest], width, label=f"certified ({name})")
-        other.set_xticks([j + 0.4 - width / 2 for j in range(len(rest))], [k for k, _ in rest], rotation=45)
-    for ax in (sq, other):
+    """Certified accuracy against square patch side (BagCert Fig. 3) and for every other rectangle, one colour per
+    series (e.g. BagCert's conditions); a panel only where there are such rectangles."""
+    squares, others = _split_rects(result["certified_accuracy_per_rect"])
+    panels = [(draw, data) for draw, data in ((_plot_squares, squares), (_plot_others, others))
+              if any(data.values())] or [(_plot_squares, squares)]
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 + 6 * (len(panels) - 1), 4), squeeze=False)
+    for ax, (draw, data) in zip(axes[0], panels):
+        draw(ax, data)
         ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", label="clean")
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
-    sq.set_xlabel("square patch side (model-input pixels)")
-    other.set_xlabel("non-square patches (h x w)")
     fig.suptitle(_title(result, result["defense"]["kind"]))
     _save(fig, path)
 

@@ -175,13 +175,14 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-def _frames(data: str | None, hw: tuple[int, int], n: int, seed: int) -> tuple[np.ndarray, str]:
+def _frames(data: str | None, hw: tuple[int, int], n: int, seed: int,
+            data_dir: str | None = None) -> tuple[np.ndarray, str]:
     if data is None:
         rng = np.random.default_rng(seed)
         return rng.integers(0, 256, size=(n, *hw, 3), dtype=np.uint8), "random"
     from certinfer.train.data import load as load_split
 
-    split = load_split(data, hw=hw)
+    split = load_split(data, data_dir, hw=hw)
     idx = np.random.default_rng(seed).permutation(len(split.x))[:n]
     return split.x[idx], split.name
 
@@ -194,6 +195,9 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
          feature: Optional[Path] = typer.Option(None, help="a feature-space doublemask bundle (same input size)"),
          data: Optional[str] = typer.Option(None, help="frames from gtsrb:test, cifar10:test or folder:PATH "
                                                        "(default: random frames)"),
+         data_dir: Optional[str] = typer.Option(
+             None, "--data-dir",
+             help="Data folder with gtsrb/ and cifar10/ [default: $CERTINFER_DATA, else shared/data here or above]"),
          frames: int = typer.Option(64, help="frames timed per runtime mode"),
          loop_frames: int = typer.Option(4, help="frames timed in the per-copy loop (slow)"),
          batch: int = typer.Option(32, help="frames per call for the batched throughput"),
@@ -208,7 +212,7 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
     options = {"threads": threads} if threads else None
     pixel = load(bundle, backend=backend, engine_options=options)
     feat = load(feature, backend=backend, engine_options=options) if feature is not None else None
-    x, source = _frames(data, pixel.input_hw, frames, seed)
+    x, source = _frames(data, pixel.input_hw, frames, seed, data_dir)
     result = speed(pixel, x, feat, loop_frames=loop_frames, batch=batch, repeats=repeats)
     info = machine_info()
     result.update(bundle=str(bundle), feature_bundle=str(feature) if feature else None, data=source,

@@ -68,9 +68,9 @@ GPU_NOTE = ("Measured on a GPU machine: absolute engine times are this GPU's; ce
 class LatencyOptions:
     """What to measure: ``backends``; batch-1 ``frames`` after ``warmup``; throughput at ``batches`` for
     ``seconds`` each; the math on ``vectorized_frames`` against the reference on ``reference_frames``; with
-    ``data``, certification of its first ``limit`` images (at the best batch) on ``data_backend`` (default: every
-    backend); ``threads`` caps the engine's CPU threads; ``note`` records the conditions of the run (e.g. other
-    jobs on the CPU)."""
+    ``data`` (under ``data_dir``, default: the data root), certification of its first ``limit`` images (at the best
+    batch) on ``data_backend`` (default: every backend); ``threads`` caps the engine's CPU threads; ``note`` records
+    the conditions of the run (e.g. other jobs on the CPU)."""
 
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     frames: int = 200
@@ -84,6 +84,7 @@ class LatencyOptions:
     data: str | None = None
     limit: int | None = None
     data_backend: str | None = None
+    data_dir: str | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -94,11 +95,11 @@ class LatencyOptions:
             raise ValueError("batch sizes must be positive integers, e.g. 1,8,32")
 
 
-def load_split(data: str, hw: tuple[int, int]):
+def load_split(data: str, hw: tuple[int, int], data_dir: str | None = None):
     """A dataset split as uint8 images at the model input size (numpy + PIL only, no torch)."""
     from certinfer.train import data as datasets
 
-    return datasets.load(data, hw=hw)
+    return datasets.load(data, data_dir, hw=hw)
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class _Run:
     def __init__(self, manifest: dict, options: LatencyOptions, bar):
         self.kind, self.options, self.bar = manifest["defense"]["kind"], options, bar
         hw = tuple(int(v) for v in manifest["input"]["hw"])
-        self.split = load_split(options.data, hw) if options.data else None
+        self.split = load_split(options.data, hw, options.data_dir) if options.data else None
         o = options
         self.frames, self.frames_note = _frames(hw, self.split, max(o.frames, max(o.batches), o.vectorized_frames))
 
@@ -311,6 +312,9 @@ def latency_command(
                                                   "e.g. gtsrb:test, cifar10:test, folder:PATH"),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of --data"),
     data_backend: Optional[str] = typer.Option(None, help="Certify --data on this backend only [default: every one]"),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir",
+        help="Data folder with gtsrb/ and cifar10/ [default: $CERTINFER_DATA, else shared/data here or above]"),
     note: str = typer.Option("", help="Conditions of the run to record, e.g. 'CPU shared with 4 training jobs'"),
     out: Optional[Path] = typer.Option(
         None, help="Result JSON, the plot beside it [default: bench/results/latency-DEFENSE-BUNDLE-MACHINE.json]"),
@@ -320,7 +324,7 @@ def latency_command(
     options = LatencyOptions(backends=tuple(backend) or DEFAULT_BACKENDS, frames=frames, batches=_batches(batches),
                              seconds=seconds, threat=threat, threads=threads, vectorized_frames=vectorized_frames,
                              reference_frames=reference_frames, data=data, limit=limit, data_backend=data_backend,
-                             note=note)
+                             data_dir=data_dir, note=note)
     result = run_latency(bundle, options)
     paths = write_result(result, out or default_path(result, bundle), plot)
     sys.stderr.write("\n".join(summary_lines(result)) + "\n")

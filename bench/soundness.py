@@ -8,6 +8,7 @@ Every location of every threat rectangle, with random, solid, copied-from-anothe
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -319,6 +320,9 @@ def soundness_command(
     checkpoint: Path = typer.Option(..., help="The torch checkpoint the bundle was exported from (for PGD)"),
     bundle: Optional[Path] = typer.Option(None, help="Bundle [default: the packaged default bundle]"),
     data: str = typer.Option("gtsrb:test", help="Frames to attack (the first certified ones)"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir",
+        help="Data folder with gtsrb/ and cifar10/ [default: $CERTINFER_DATA, else shared/data here or above]"),
     images: int = typer.Option(20, min=1, help="Certified frames to attack"),
     threat: str = typer.Option("5x5,2x12,12x2", help="Rectangles to attack at every location"),
     pgd_steps: int = typer.Option(10, min=1),
@@ -327,6 +331,8 @@ def soundness_command(
     """Attack certified frames at every patch location; exit 1 if any certified label flips (beyond a
     probabilistic certificate's budget)."""
     torch.set_num_threads(1)
+    if data_dir is not None:  # every defense's attack reads --data from the data root
+        os.environ["CERTINFER_DATA"] = str(data_dir)
     bundle = bundle or packaged("default_bundle")
     kind = load_bundle(bundle).manifest["defense"]["kind"]
     try:

@@ -2,7 +2,9 @@
 
 A whole-frame verdict is a status-coloured border and a banner with the label and status; a detector box's
 verdict is the box outlined in its status colour with a tag above it. Colours: green certified, amber
-uncertified, orange alert, red fail-safe.
+uncertified, orange alert, red fail-safe. A long class name is shortened so that the status always shows.
+Files are named after their frames (``sign.jpg`` -> ``sign.png``; a video's frame ``clip.mp4#12`` ->
+``clip_000012.png``, so that name order is frame order).
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ def label_text(verdict: Verdict) -> str:
     return f"{verdict.class_name or verdict.label} | {verdict.status}"
 
 
+def fit_text(pen: ImageDraw.ImageDraw, verdict: Verdict, font: ImageFont.ImageFont, width: float) -> str:
+    """The verdict's text within ``width`` pixels: the class name shortened ("...") so that the status shows."""
+    text = label_text(verdict)
+    name, sep, status = text.rpartition(" | ")
+    while name and pen.textlength(text, font=font) > width:
+        name = name[:-1].rstrip()
+        text = f"{name}...{sep}{status}"
+    return text
+
+
 def _banner(img: Image.Image, verdict: Verdict) -> None:
     color = COLORS.get(verdict.status, (128, 128, 128))
     pen = ImageDraw.Draw(img)
     font = _font(max(12, img.height // 16))
     pad = max(2, img.height // 80)
-    text = label_text(verdict)
+    text = fit_text(pen, verdict, font, img.width - 2 * pad)
     bottom = pen.textbbox((pad, pad), text, font=font)[3] + pad
     pen.rectangle((0, 0, img.width - 1, img.height - 1), outline=color, width=pad)
     pen.rectangle((0, 0, img.width, bottom), fill=color)
@@ -54,12 +66,13 @@ def _box(img: Image.Image, verdict: Verdict, scale: int) -> None:
     width = max(2, img.height // 200)
     pen.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=width)
     font = _font(max(12, img.height // 40))
-    text = label_text(verdict)
-    left, top, right, bottom = pen.textbbox((x0, y0), text, font=font)
-    lift = bottom - top + 2 * width
-    y = y0 - lift if y0 - lift >= 0 else y1  # above the box, or below it at the frame's top
-    pen.rectangle((x0, y, x0 + right - left + 2 * width, y + lift), fill=color)
-    pen.text((x0 + width, y + width - top + y0), text, fill=(255, 255, 255), font=font)
+    text = fit_text(pen, verdict, font, img.width - 2 * width)
+    left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+    tag_w, lift = right - left + 2 * width, bottom - top + 2 * width
+    x = max(0, min(x0, img.width - tag_w))  # the whole tag inside the frame, even for a box at its right edge
+    y = y0 - lift if y0 - lift >= 0 else min(y1, img.height - lift)  # above the box, or below it at the top
+    pen.rectangle((x, y, x + tag_w, y + lift), fill=color)
+    pen.text((x + width - left, y + width - top), text, fill=(255, 255, 255), font=font)
 
 
 def draw(frame: np.ndarray, verdicts: list[Verdict]) -> Image.Image:
@@ -77,9 +90,11 @@ def draw(frame: np.ndarray, verdicts: list[Verdict]) -> Image.Image:
 
 
 def file_name(frame_id: str) -> str:
-    """A safe, distinct .png name for a frame id (``clip.avi#3`` -> ``clip.avi_3.png``)."""
-    name = re.sub(r"[^\w.-]+", "_", frame_id).lstrip(".") or "frame"
-    return name if name.lower().endswith(".png") else name + ".png"
+    """A safe .png name for a frame id: ``sign.jpg`` -> ``sign.png``, a video's ``clip.mp4#12`` ->
+    ``clip_000012.png`` (zero-padded, so that name order is frame order)."""
+    source, sep, index = frame_id.rpartition("#")
+    stem = f"{Path(source).stem}_{int(index):06d}" if sep and index.isdigit() else Path(frame_id).stem
+    return (re.sub(r"[^\w.-]+", "_", stem).lstrip(".") or "frame") + ".png"
 
 
 class Annotator:
@@ -91,6 +106,7 @@ class Annotator:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._frames: OrderedDict[str, np.ndarray] = OrderedDict()
         self._order: dict[str, int] = {}  # each frame id's place in the source, drawable or not
+        self._names: set[str] = set()  # the file names written so far
 
     def watch(self, source: FrameSource) -> FrameSource:
         def items():
@@ -110,7 +126,7 @@ class Annotator:
         frame = self._frames.pop(frame_id, None)
         if frame is None:
             return None
-        path = self.out_dir / file_name(frame_id)
+        path = self._path(frame_id)
         draw(frame, verdicts).save(path)
         return path
 
@@ -121,5 +137,17 @@ class Annotator:
     def _flush(self, before: int | None) -> None:
         for frame_id in list(self._frames):
             if before is None or self._order.get(frame_id, before) < before:
-                Image.fromarray(self._frames.pop(frame_id)).save(self.out_dir / file_name(frame_id))
+                Image.fromarray(self._frames.pop(frame_id)).save(self._path(frame_id))
                 self._order.pop(frame_id, None)
+
+    def _path(self, frame_id: str) -> Path:
+        """A file for the frame that no other frame of this run has: ``sign.png`` for ``sign.jpg``, then
+        ``sign_png.png`` for ``sign.png``, then ``sign_png-2.png`` ..."""
+        name = file_name(frame_id)
+        if name in self._names:
+            name = file_name(frame_id.replace(".", "_"))
+        stem, n = name[:-len(".png")], 2
+        while name in self._names:
+            name, n = f"{stem}-{n}.png", n + 1
+        self._names.add(name)
+        return self.out_dir / name

@@ -5,22 +5,26 @@ exporter, found in the defense registry (:data:`certinfer.runtime.defenses.REGIS
 ``certinfer train bagcert --preset gtsrb-cpu``; ``export`` also holds tools for any bundle (:data:`EXPORT_TOOLS`),
 ``bench`` the benchmarks (:data:`BENCH`). ``certify`` is one command for every bundle: its defense's dataset
 evaluation comes from the registry. Modules are imported only when their command runs, so ``certinfer run``
-never imports torch. Errors are one line on stderr unless ``--debug``.
+never imports torch; on an install without torch, ``--help`` of a command that needs it shows the command's
+summary (read from its source) and what to install. Errors are one line on stderr unless ``--debug``.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from certinfer.runtime.defenses import REGISTRY, canonical
 
@@ -45,16 +49,65 @@ def _import(target: str):
     return getattr(import_module(module), attr)
 
 
-def _stub(name: str, message: str):
-    """A stand-in command that takes any arguments and fails with ``message``."""
-    stub = typer.Typer()
+def _stub(name: str, message: str, summary: str = "") -> TyperCommand:
+    """A stand-in command that takes any arguments and fails with ``message``; with a ``summary``, its ``--help``
+    prints the summary and the message instead."""
+    stub = typer.Typer(add_completion=False, rich_markup_mode=None)
+    help_text = f"{summary}\n\n{message} (its options are listed once it is installed)" if summary else None
 
-    @stub.command(name, add_help_option=False,
+    @stub.command(name, help=help_text, add_help_option=bool(summary),
                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def fail(args: Optional[list[str]] = typer.Argument(None)) -> None:
+    def fail(args: Optional[list[str]] = typer.Argument(None, hidden=True)) -> None:
         raise CLIError(message)
 
     return typer.main.get_command(stub)
+
+
+def _is_command_of(decorator: ast.expr, app: str) -> bool:
+    return (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+            and decorator.func.attr == "command" and isinstance(decorator.func.value, ast.Name)
+            and decorator.func.value.id == app)
+
+
+def _sentences(call: ast.Call) -> list[str]:
+    values = [*call.args, *(k.value for k in call.keywords)]
+    return [v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str) and " " in v.value]
+
+
+def _helps(tree: ast.Module, app: str) -> Iterator[str]:
+    """Where a command's help is written, best first: the docstring of a function decorated ``@app.command(...)``,
+    a sentence given to the call that makes ``app`` (``cli = trainer_cli(..., "Train ...")``), the module's
+    docstring."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any(_is_command_of(d, app) for d in node.decorator_list):
+            yield ast.get_docstring(node) or ""
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                any(isinstance(t, ast.Name) and t.id == app for t in node.targets):
+            yield from _sentences(node.value)
+    yield ast.get_docstring(tree) or ""
+
+
+def _summary(target: str) -> str:
+    """The first paragraph of the help of ``module:app``'s command, read from the source without running it (so
+    without the packages it imports); empty where the source cannot be found."""
+    module, app = target.split(":")
+    try:
+        spec = find_spec(module)
+    except ImportError:
+        return ""
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ""
+    helps = _helps(ast.parse(Path(spec.origin).read_text(encoding="utf-8")), app)
+    return next(filter(None, helps), "").split("\n\n")[0].replace("``", "")
+
+
+def _plain(command: TyperCommand | TyperGroup) -> TyperCommand | TyperGroup:
+    """The command (and its subcommands) with help texts printed as written: rich markup would drop the
+    ``[default: ...]`` notes of option help."""
+    command.rich_markup_mode = None
+    for sub in getattr(command, "commands", {}).values():
+        _plain(sub)
+    return command
 
 
 def _defense_commands(part: str) -> Callable[[], dict[str, str]]:
@@ -66,7 +119,7 @@ def _missing(group: str, name: str, e: ImportError) -> str:
     missing = e.name or str(e)
     if missing == "certinfer" or missing.startswith("certinfer."):
         return f"{group} {name}: {e}"
-    return f"{group} {name} needs {missing}: pip install 'certinfer[train]'"
+    return f'{group} {name} needs {missing}: pip install ".[train]"'
 
 
 def _plugin_group(commands: Callable[[], dict[str, str]], what: str) -> type[TyperGroup]:
@@ -86,23 +139,24 @@ def _plugin_group(commands: Callable[[], dict[str, str]], what: str) -> type[Typ
             try:
                 command = _import(target)
             except ImportError as e:  # e.g. torch on a runtime-only install
-                return _stub(name, _missing(group, name, e))
-            return typer.main.get_command(command) if isinstance(command, typer.Typer) else command
+                return _stub(name, _missing(group, name, e), _summary(target))
+            return _plain(typer.main.get_command(command) if isinstance(command, typer.Typer) else command)
 
     return PluginGroup
 
 
 app = typer.Typer(name="certinfer", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help texts as written: rich markup would drop their "[default: ...]"
                   help="Certified patch defenses: certify every frame, train, export, benchmark.")
 train_app = typer.Typer(cls=_plugin_group(_defense_commands("trainer"), "defense"), no_args_is_help=True,
-                        help="Train a defense: certinfer train DEFENSE ...")
+                        rich_markup_mode=None, help="Train a defense: certinfer train DEFENSE ...")
 export_app = typer.Typer(cls=_plugin_group(lambda: {**_defense_commands("exporter")(), **EXPORT_TOOLS},
-                                           "defense or tool"), no_args_is_help=True,
+                                           "defense or tool"), no_args_is_help=True, rich_markup_mode=None,
                          help="Export a trained defense to a bundle: certinfer export DEFENSE CHECKPOINT OUT ...; "
                               "add a TensorRT plan to any bundle: certinfer export trt BUNDLE; a torch engine: "
                               "certinfer export torch BUNDLE CHECKPOINT")
 bench_app = typer.Typer(cls=_plugin_group(lambda: BENCH, "benchmark"), no_args_is_help=True,
-                        help="Latency and accuracy benchmarks.")
+                        rich_markup_mode=None, help="Latency and accuracy benchmarks.")
 app.add_typer(train_app, name="train")
 app.add_typer(export_app, name="export")
 app.add_typer(bench_app, name="bench")
@@ -150,7 +204,9 @@ def run(
                                     "that cannot finish within it"),
     batch: int = typer.Option(1, min=1, help="Frames per engine call"),
     out: Optional[Path] = typer.Option(None, help="Write the JSON lines here instead of stdout"),
-    annotate: Optional[Path] = typer.Option(None, help="Write each frame with its label and status to this folder"),
+    annotate: Optional[Path] = typer.Option(
+        None, help="Write each frame with its label and status to this folder, in the status colour: green "
+                   "certified, amber uncertified, orange alert, red fail-safe"),
     strict: bool = typer.Option(False, "--strict", help="Exit with status 3 when any verdict is fail-safe"),
     bundle_sha256: Optional[str] = typer.Option(
         None, "--bundle-sha256", help="Refuse any bundle but the one with this digest (certinfer inspect prints it)"),
@@ -161,6 +217,7 @@ def run(
 
     if deadline_ms is not None and deadline_ms < 0:
         raise CLIError(f"--deadline-ms must be >= 0, got {deadline_ms:g}")
+    _check_outputs(out, annotate)
     boxes = _read_rois(rois)
     bundles = bundle or [None]
     cascade = {"deadline_ms": deadline_ms} if len(bundles) > 1 else {}
@@ -172,15 +229,36 @@ def run(
         from certinfer.annotate import Annotator
         annotator = Annotator(annotate)
         frames = annotator.watch(frames)
-    summary = StreamSummary()
-    try:
-        with _lines_out(out) as f:
+    summary = StreamSummary(truth=_sample_truth(certifier.classes) if source is None else None)
+    with _lines_out(out) as f:
+        try:
             _write(run_stream(certifier, frames, deadline_ms=deadline_ms, batch=batch, summary=summary, rois=boxes),
                    f, annotator)
-    finally:
-        typer.echo(f"certinfer: {summary}", err=True)
+        finally:
+            typer.echo(f"certinfer: {summary}", err=True)
     if strict and summary.statuses["fail-safe"]:
         raise typer.Exit(3)
+
+
+def _check_outputs(out: Path | None, annotate: Path | None) -> None:
+    """Refuse, before anything runs, an --out file or --annotate folder that cannot be written."""
+    if out is not None:
+        if out.is_dir():
+            raise CLIError(f"--out {out} is a folder: give a file name")
+        if not out.parent.is_dir():
+            raise CLIError(f"--out {out}: no folder {out.parent}")
+        if not os.access(out if out.exists() else out.parent, os.W_OK):
+            raise CLIError(f"--out {out}: not writable")
+    if annotate is not None and annotate.exists() and not annotate.is_dir():
+        raise CLIError(f"--annotate {annotate} is a file: give a folder")
+
+
+def _sample_truth(classes: list[str]) -> dict[str, int] | None:
+    """The packaged sample frames' true labels (file name -> class), where the bundle's classes begin with theirs."""
+    import certinfer
+
+    labels = json.loads((certinfer.sample_frames() / "labels.json").read_text(encoding="utf-8"))
+    return labels["frames"] if list(classes)[:len(labels["classes"])] == labels["classes"] else None
 
 
 def _read_rois(path: Path | None):
@@ -278,10 +356,12 @@ def _probe_line(backend: str, r: dict) -> str:
     if r["status"] == "failed":
         return f"probe       {backend}: FAILED: {r['error']}"
     checks = ", ".join(f"{name}{' (' + c['op'] + ' input)' if 'op' in c else ''}: {c['trials']} random patches"
-                       if "trials" in c else f"{name} skipped: {c['skipped']}" for name, c in r["checks"].items())
+                       if "trials" in c else f"{name} not checked: {c['skipped']}" for name, c in r["checks"].items())
     note = "" if r["listed_exact"] else "; not in probe.exact_backends: the runtime still treats it as unverified"
     local = "outside affected() bit-identical, " if any("trials" in c for c in r["checks"].values()) else ""
-    return f"probe       {backend}: passed ({checks}): {local}batch-invariant{note}"
+    # the pre-activation view is the sensitive one: where it could not run, the probe is only partial
+    state = "partial" if "skipped" in r["checks"].get("preactivation", {}) else "passed"
+    return f"probe       {backend}: {state} ({checks}): {local}batch-invariant{note}"
 
 
 def _inspect_probe(loaded, trials: int) -> None:
@@ -314,8 +394,11 @@ def _param(values: list[str]) -> dict[str, str]:
 
 @app.command()
 def certify(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder or .tar"),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder or .tar, or a packaged bundle's name"),
     data: Optional[str] = typer.Option(None, help="Dataset split, e.g. gtsrb:test, cifar10:test, folder:PATH"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir",
+        help="Data folder with gtsrb/ and cifar10/ [default: $CERTINFER_DATA, else shared/data here or above]"),
     threat: Optional[str] = typer.Option(None, help="Threat spec(s), e.g. 5x5,2.4% [default: the bundle's]"),
     backend: str = typer.Option("auto", help="Engine backend"),
     batch: int = typer.Option(64, min=1, help="Frames per engine call"),
@@ -347,7 +430,7 @@ def certify(
         available = ", ".join(sorted(n for n, d in REGISTRY.items() if d.certify))
         raise CLIError(f"certify: no dataset evaluation for defense {kind!r} (available: {available})")
     job = Job(bundle=bundle, data=data, threat=threat, backend=backend, batch=batch, limit=limit, shard=shard,
-              params=_param(param), sha256=verified.digest)
+              params=_param(param), sha256=verified.digest, data_dir=data_dir)
     entry.load("certify")(job, out, plot)
 
 

@@ -183,6 +183,8 @@ def _locality(bundle: Bundle, backend: str, certifier, x: np.ndarray, geometry: 
     if op and backend in ONNX_BACKENDS:
         try:  # an extra view where the graph allows it (needs the onnx package to edit the graph)
             run = _preactivation_run(bundle, backend, op, cache)
+        except ImportError as err:
+            checks["preactivation"] = {"skipped": f"needs the {err.name} package: pip install {err.name}"}
         except Exception as err:
             checks["preactivation"] = {"skipped": f"{type(err).__name__}: {err}"}
         else:

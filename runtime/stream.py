@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,11 +118,25 @@ def folder(path: str | os.PathLike) -> FrameSource:
 # --- video and cameras (OpenCV) -----------------------------------------------------------------------
 
 def _cv2():
+    """OpenCV, with FFmpeg's own log off (unless OPENCV_FFMPEG_LOGLEVEL is set): a file it cannot open is
+    reported once, as a SourceError, not also as FFmpeg's warnings on stderr."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # quiet; read when OpenCV first uses FFmpeg
     try:
         import cv2
     except ImportError as e:
-        raise SourceError("video files and cameras need OpenCV: pip install certinfer[video]") from e
+        raise SourceError('video files and cameras need OpenCV: pip install ".[video]"') from e
     return cv2
+
+
+@contextmanager
+def _quiet(cv2) -> Iterator[None]:
+    """OpenCV's own warnings (e.g. "can't open camera by index") off while a capture opens."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 def _capture_items(cap, name: str, expected: int | None, live: bool) -> Iterator[FrameItem]:
@@ -151,7 +166,8 @@ def video(path: str | os.PathLike | int) -> FrameSource:
     cv2 = _cv2()
     live = isinstance(path, int) or "://" in str(path)
     name = f"camera{path}" if isinstance(path, int) else Path(str(path)).name
-    cap = cv2.VideoCapture(path if isinstance(path, int) else str(path))
+    with _quiet(cv2):
+        cap = cv2.VideoCapture(path if isinstance(path, int) else str(path))
     if not cap.isOpened():
         raise SourceError(f"cannot open {'camera ' + str(path) if isinstance(path, int) else path} with OpenCV")
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -189,11 +205,20 @@ def open_source(source) -> FrameSource:
 
 @dataclass
 class StreamSummary:
-    """Counts of one stream: frames in, verdicts out by status, fail-safe reasons by kind."""
+    """Counts of one stream: frames in, verdicts out by status, fail-safe reasons by kind.
+
+    ``truth``, where the true labels are known (frame name -> label, e.g. the packaged sample frames'): each
+    whole-frame verdict of a named frame gets its ``truth`` and ``correct``, and the summary counts how many
+    verdicts are correct, and certified and correct.
+    """
 
     frames_in: int = 0
     statuses: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
+    truth: Mapping[str, int] | None = None
+    judged: int = 0
+    correct: int = 0
+    certified_correct: int = 0
 
     @property
     def verdicts_out(self) -> int:
@@ -203,7 +228,15 @@ class StreamSummary:
         self.statuses[verdict.status] += 1
         if verdict.status == "fail-safe":
             self.reasons[verdict.reason.split(":", 1)[0]] += 1
+        if self.truth is not None and verdict.roi is None and verdict.frame in self.truth:
+            self._judge(verdict, int(self.truth[verdict.frame]))
         return verdict
+
+    def _judge(self, verdict: Verdict, truth: int) -> None:
+        verdict.truth, verdict.correct = truth, verdict.label == truth
+        self.judged += 1
+        self.correct += verdict.correct
+        self.certified_correct += verdict.correct and verdict.status == "certified"
 
     def __str__(self) -> str:
         line = f"{self.frames_in} frames in, {self.verdicts_out} verdicts out"
@@ -213,6 +246,8 @@ class StreamSummary:
             line += ": " + ", ".join(f"{n} {s}" for s, n in counts)
         if self.reasons:
             line += " (" + ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common()) + ")"
+        if self.judged:
+            line += f"; {self.correct} of {self.judged} correct, {self.certified_correct} certified and correct"
         return line
 
 

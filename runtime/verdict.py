@@ -48,6 +48,8 @@ class Verdict:
     roi_id: str = ""  # the detector's id of that box, where it gave one
     stage: str = ""  # in a cascade: the stage (bundle name) that decided
     stages: list[dict] | None = None  # in a cascade: every stage that ran (name, label, status, timings_ms)
+    truth: int | None = None  # the frame's true label, where it is known (the packaged sample frames)
+    correct: bool | None = None  # whether ``label`` is ``truth``, where the truth is known
 
     @classmethod
     def fail_safe(cls, reason: str, backend: str = "", frame: str = "",
@@ -56,9 +58,10 @@ class Verdict:
                    timings_ms=dict(timings_ms or {}))
 
     def to_dict(self) -> dict:
-        """The verdict as a dict; optional fields that are unset (scores, roi, roi_id, stage, stages) are left out."""
+        """The verdict as a dict; optional fields that are unset (scores, roi, roi_id, stage, stages, truth, correct)
+        are left out."""
         d = asdict(self)
-        for key in ("scores", "roi", "stages"):
+        for key in ("scores", "roi", "stages", "truth", "correct"):
             if d[key] is None:
                 d.pop(key)
         for key in ("stage", "roi_id"):

@@ -263,7 +263,7 @@ def test_a_plugin_whose_dependencies_are_missing_says_what_to_install(capsys, mo
     monkeypatch.setitem(cli_module.EXPORT_TOOLS, "toy", "certinfer_no_such_module:app")
     code, _, err = cli(capsys, "export", "toy", "ck", "out")
     assert code == 1 and err == ("certinfer: error: export toy needs certinfer_no_such_module: "
-                                 "pip install 'certinfer[train]'\n")
+                                 'pip install ".[train]"\n')
 
 
 def test_bundles_lists_every_packaged_bundle(capsys):
@@ -280,3 +280,158 @@ def test_bundles_lists_every_packaged_bundle(capsys):
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:6] == ["name", "defense", "kind", "threat", "clean", "certified"]
     assert all(any(line.startswith(r["name"] + " ") for line in lines[1:]) for r in rows)
+
+
+
+# --- first-time use: the samples' truth, refusals before the run, help everywhere --------------------------------
+
+def test_run_on_the_samples_reports_truth_and_the_correct_counts(capsys):
+    import re
+
+    import certinfer
+
+    code, out, err = cli(capsys, "run")
+    verdicts = [json.loads(line) for line in out.splitlines()]
+    labels = json.loads((certinfer.sample_frames() / "labels.json").read_text())["frames"]
+    assert code == 0 and len(verdicts) == 46 and sorted(labels) == sorted(v["frame"] for v in verdicts)
+    assert all(v["truth"] == labels[v["frame"]] and v["correct"] == (v["label"] == v["truth"]) for v in verdicts)
+    correct = sum(v["correct"] for v in verdicts)
+    both = sum(v["correct"] and v["status"] == "certified" for v in verdicts)
+    assert re.fullmatch(rf"certinfer: 46 frames in, 46 verdicts out: .*; {correct} of 46 correct, {both} certified "
+                        r"and correct\n", err), err
+
+
+def test_the_samples_truth_is_not_applied_to_a_bundle_of_other_classes(capsys, tiny_bundle: Path):
+    code, out, err = cli(capsys, "run", "-b", str(tiny_bundle))
+    assert code == 0 and '"truth"' not in out and "correct" not in err
+
+
+def test_the_samples_readme_says_the_clip_is_from_the_training_set():
+    import certinfer
+
+    readme = (certinfer.sample_frames() / "README.md").read_text()
+    assert "**training** set, not the test set" in readme and "labels.json" in readme
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "/nonexistent/dir/x.jsonl"], "--out /nonexistent/dir/x.jsonl: no folder /nonexistent/dir"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder: give a file name"),
+    (["--annotate", "{tmp}/file.txt"], "--annotate {tmp}/file.txt is a file: give a folder")])
+def test_unwritable_outputs_are_one_line_before_the_run(capsys, tiny_bundle: Path, tmp_path: Path,
+                                                        args: list[str], message: str):
+    (tmp_path / "file.txt").write_text("x")
+    src = frames_folder(tmp_path / "frames", n=1)
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, out, err = cli(capsys, "run", str(src), "-b", str(tiny_bundle), *args)
+    assert (code, out, err) == (1, "", f"certinfer: error: {message.format(tmp=tmp_path)}\n")
+
+
+def _frames_of_two_kinds(root: Path) -> Path:
+    """``a.jpg`` and ``a.png``: two frames whose annotated files would both be ``a.png``."""
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.jpg", "a.png", "b.jpeg"):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def test_annotated_files_are_named_after_their_frames_and_stay_distinct(capsys, tiny_bundle: Path, tmp_path: Path):
+    src = _frames_of_two_kinds(tmp_path / "frames")
+    code, _, _ = cli(capsys, "run", str(src), "-b", str(tiny_bundle), "--annotate", str(tmp_path / "ann"))
+    assert code == 0 and sorted(p.name for p in (tmp_path / "ann").iterdir()) == ["a.png", "a_png.png", "b.png"]
+
+
+def test_video_frame_names_sort_in_frame_order():
+    from certinfer.annotate import file_name
+
+    names = [file_name(f"clip.mp4#{i}") for i in range(12)]
+    assert names[2] == "clip_000002.png" and names[10] == "clip_000010.png" and sorted(names) == names
+    assert file_name("frame.jpg") == "frame.png" and file_name("camera0#7") == "camera0_000007.png"
+
+
+def test_a_long_class_name_never_hides_the_status():
+    from PIL import ImageDraw
+
+    from certinfer.annotate import _font, draw, fit_text
+    from certinfer.runtime.verdict import Verdict
+
+    long = Verdict(label=42, class_name="End of no passing by vehicles over 3.5 metric tons", status="uncertified")
+    pen, font = ImageDraw.Draw(Image.new("RGB", (256, 256))), _font(16)
+    text = fit_text(pen, long, font, 200)
+    assert text.endswith("... | uncertified") and text.startswith("End of") and pen.textlength(text, font=font) <= 200
+    boxed = Verdict(label=42, class_name=long.class_name, status="certified", roi=[300, 0, 320, 20])
+    assert draw(np.zeros((256, 320, 3), np.uint8), [long, boxed]).size == (320, 256)
+
+
+def test_run_help_explains_the_annotation_colours(capsys):
+    code, out, _ = cli(capsys, "run", "--help")
+    assert code == 0 and "green certified, amber uncertified, orange alert, red fail-safe" in " ".join(out.split())
+
+
+def test_help_shows_the_default_notes_as_written(capsys):
+    code, out, _ = cli(capsys, "run", "--help")
+    assert code == 0 and "[default: the packaged sample frames]" in " ".join(out.split())
+
+
+NO_TORCH = "import sys\nsys.modules['torch'] = None  # as on an install without torch\nfrom certinfer.cli import main\n"
+
+
+@pytest.mark.parametrize("command", [["train", "bagcert"], ["export", "doublemask"], ["bench", "soundness"]])
+def test_help_works_without_torch_and_says_what_to_install(tmp_path: Path, command: list[str]):
+    def without_torch(*args: str) -> subprocess.CompletedProcess:
+        code = NO_TORCH + f"main({list(args)!r})\n"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    result = without_torch(*command, "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and not result.stderr
+    assert f"{' '.join(command)} needs torch: pip install \".[train]\"" in text and "Usage: certinfer" in text
+    assert len(text.split("Usage:")[1]) > 120  # the command's own summary, not just a usage line
+    listing = without_torch(command[0], "--help")
+    assert listing.returncode == 0 and command[1] in listing.stdout
+    run = without_torch(*command, "--out", "x")
+    assert run.returncode == 1 and run.stderr == f'certinfer: error: {" ".join(command)} needs torch: pip install ".[train]"\n'
+
+
+def _npz_root(root: Path, classes: int) -> Path:
+    """A data root whose gtsrb:test has ``classes`` class names and three images."""
+    (root / "gtsrb").mkdir(parents=True)
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.savez(root / "gtsrb" / "gtsrb32.npz", x_test=x, y_test=np.array([0, 1, 2], np.uint8),
+             class_names=np.array([f"class {i}" for i in range(classes)]))
+    return root
+
+
+def test_certify_refuses_a_dataset_with_other_classes(capsys, tmp_path: Path):
+    root = _npz_root(tmp_path / "data", classes=10)
+    code, out, err = cli(capsys, "certify", "default", "--data", "gtsrb:test", "--data-dir", str(root))
+    assert (code, out) == (1, "") and err == (
+        "certinfer: error: the bundle has 43 classes but gtsrb:test has 10: certify a bundle on the dataset it was "
+        "trained for\n")
+
+
+def test_certify_reads_the_data_folder_it_is_given(capsys, tmp_path: Path):
+    root = _npz_root(tmp_path / "data", classes=43)
+    code, _, err = cli(capsys, "certify", "default", "--data", "gtsrb:test", "--data-dir", str(root), "--limit", "2",
+                       "-p", "squares=")
+    assert code == 0 and err.startswith("gtsrb:test (2 images)")
+
+
+@pytest.mark.parametrize("command", [["certify"], ["bench", "latency"], ["bench", "soundness"],
+                                     ["bench", "doublemask-speed"]])
+def test_commands_that_read_a_dataset_take_data_dir(capsys, command: list[str]):
+    if command[-1] == "soundness":
+        pytest.importorskip("torch")
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0 and "--data-dir" in out
+
+
+def test_probe_without_onnx_is_partial_and_says_what_to_install(capsys, monkeypatch: pytest.MonkeyPatch):
+    from certinfer.export import probe
+
+    monkeypatch.setattr(probe, "candidate_backends", lambda bundle: ["onnxruntime-cpu"])
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as on an install without onnx
+    code, out, _ = cli(capsys, "inspect", "default", "--probe", "--trials", "2")
+    (line,) = [line for line in out.splitlines() if line.startswith("probe ")]
+    assert code == 0 and "onnxruntime-cpu: partial (" in line
+    assert "preactivation not checked: needs the onnx package: pip install onnx" in line

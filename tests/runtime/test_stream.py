@@ -215,7 +215,7 @@ def test_unopenable_video_and_missing_opencv(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(SourceError, match="cannot open"):
         open_source(tmp_path / "bad.avi")
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
-    with pytest.raises(SourceError, match=r"pip install certinfer\[video\]"):
+    with pytest.raises(SourceError, match=r'pip install "\.\[video\]"'):
         open_source(tmp_path / "bad.avi")
 
 
