@@ -30,6 +30,7 @@ from certinfer.train.loop import load_checkpoint
 PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, max |output|)
 METRICS_BACKEND = "onnxruntime-cpu"  # the backend the recorded accuracy is measured on
 METRICS_SEED = 0  # a randomized defense's draws for the recorded accuracy (reproducible; never a deployment setting)
+CHECK_IMAGES = 500  # the fixed slice of the test data CI re-measures on every shipped bundle
 
 
 def load_trained(checkpoint: str | Path, defense: str) -> tuple[dict, dict]:
@@ -120,6 +121,17 @@ def runtime_metrics(bundle: Bundle, split: datasets.Split, threat: str, batch: i
     return {**result, "data": split.name, "data_note": split.note, **seeded}
 
 
+def slice_check(bundle: Bundle, split: datasets.Split, threat: str, metrics: dict, batch: int = 256) -> dict:
+    """What CI re-measures on every shipped bundle: the correct and certified-correct counts on the first
+    ``CHECK_IMAGES`` test images, on onnxruntime CPU (the metrics themselves when they cover exactly those)."""
+    n = min(CHECK_IMAGES, len(split.y))
+    if n != len(split.y):
+        metrics = runtime_metrics(bundle, datasets.Split(split.x[:n], split.y[:n], split.classes, split.name),
+                                  threat, batch)
+    return {"data": split.name, "images": n, "backend": METRICS_BACKEND, "clean": metrics["clean"],
+            "certified": metrics["variants"]["default"]["certified"]}
+
+
 def publish(out: str | Path, manifest: dict, files: dict[str, bytes | Path], test: datasets.Split,
             metrics_batch: int = 256, parity_frames: np.ndarray | None = None) -> dict:
     """Write the bundle to ``out`` once: engine files staged, accuracy on ``test`` measured through the runtime
@@ -129,6 +141,7 @@ def publish(out: str | Path, manifest: dict, files: dict[str, bytes | Path], tes
     bundle = stage_bundle(out, manifest, files)
     m = bundle.manifest
     m["provenance"]["metrics"] = runtime_metrics(bundle, test, m["threat"], metrics_batch)
+    m["provenance"]["check"] = slice_check(bundle, test, m["threat"], m["provenance"]["metrics"], metrics_batch)
     if parity_frames is not None:
         m["parity"]["backends"] = backend_parity(bundle, parity_frames, source=test.name)
         if problems := parity_problems(m["parity"]["backends"]):

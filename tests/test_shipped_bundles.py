@@ -1,0 +1,36 @@
+"""Every bundle shipped in the package: its probe passes here, and its certificates on the fixed slice of the
+test data its manifest records (``provenance.check``) are exactly the recorded counts. A changed engine file, a
+broken runtime or a drifted backend fails here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import certinfer
+from certinfer.export.exporter import CHECK_IMAGES
+from certinfer.export.probe import probe_bundle
+from certinfer.runtime.packaged import bundle_names, resolve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", bundle_names())
+def test_shipped_bundle_certifies_the_slice_it_shipped_with(name: str, gtsrb_root) -> None:
+    from certinfer.train import data
+
+    certifier = certinfer.load(name, backend="onnxruntime-cpu")
+    check = certifier.manifest["provenance"]["check"]
+    assert check["data"] == "gtsrb:test" and check["images"] == CHECK_IMAGES
+    test = data.load("gtsrb:test", gtsrb_root)
+    x, y = test.x[:CHECK_IMAGES], test.y[:CHECK_IMAGES]
+    verdicts = [v for i in range(0, len(x), 100) for v in certifier(x[i:i + 100])]
+    correct = np.array([v.label for v in verdicts]) == y
+    certified = np.array([v.status == "certified" for v in verdicts])
+    assert (int(correct.sum()), int((correct & certified).sum())) == (check["clean"], check["certified"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", bundle_names())
+def test_shipped_bundle_passes_its_probe(name: str) -> None:
+    report = probe_bundle(resolve(name), backends=["onnxruntime-cpu"])["onnxruntime-cpu"]
+    assert report["status"] == "passed" and report["listed_exact"], report
