@@ -32,9 +32,13 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def label_text(verdict: Verdict) -> str:
+    """``class | status``, with the threat a certified verdict holds against (``Stop | certified 5x5``)."""
     if verdict.status == "fail-safe":
         return "fail-safe: " + verdict.reason.split(":", 1)[0]
-    return f"{verdict.class_name or verdict.label} | {verdict.status}"
+    status = verdict.status
+    if status == "certified" and verdict.certificate is not None:
+        status += f" {verdict.certificate.threat}"
+    return f"{verdict.class_name or verdict.label} | {status}"
 
 
 def fit_text(pen: ImageDraw.ImageDraw, verdict: Verdict, font: ImageFont.ImageFont, width: float) -> str:

@@ -435,3 +435,12 @@ def test_probe_without_onnx_is_partial_and_says_what_to_install(capsys, monkeypa
     (line,) = [line for line in out.splitlines() if line.startswith("probe ")]
     assert code == 0 and "onnxruntime-cpu: partial (" in line
     assert "preactivation not checked: needs the onnx package: pip install onnx" in line
+
+
+def test_annotation_names_the_threat_a_certified_box_holds_against():
+    from certinfer.annotate import label_text
+    from certinfer.runtime.verdict import Certificate, RectCert, Verdict
+
+    cert = Certificate.from_rects("24x24@camera", {"6x6": RectCert(True, 1.0)})
+    assert label_text(Verdict(3, "Stop", "certified", cert)) == "Stop | certified 24x24@camera"
+    assert label_text(Verdict(3, "Stop", "uncertified", cert)) == "Stop | uncertified"
