@@ -124,9 +124,10 @@ def _loss(cfg: TrainConfig, model, xs, ys, run: Run):
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
-          preset: str = "custom", command: str = "") -> dict:
-    """Train a region scorer; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns metrics."""
-    run = start(DEFENSE, cfg, data_dir, device, preset, command)
+          preset: str = "custom", command: str = "", resume: bool = False) -> dict:
+    """Train a region scorer; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns metrics.
+    ``resume``: carry on from the resume state under ``out`` (see :mod:`certinfer.train.trainer`)."""
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, out=out, resume=resume)
     xs, ys = run.fit_tensors()
     scorer = build_scorer(run.num_classes, cfg.model).to(run.device).to(memory_format=torch.channels_last)
     model = DistributedDataParallel(scorer) if run.dist.world > 1 else scorer
@@ -149,7 +150,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
         return {"test": evaluate(maps, run.test.y, geometry, cfg.eval_threat),
                 "test_condition_3.3": evaluate(maps, run.test.y, geometry, cfg.eval_threat, "3.3")}
 
-    history = run_epochs(run, step, validate, every=5)
+    history = run_epochs(run, step, validate, every=5, net=scorer, optimizers=[opt])
     return finish(run, scorer, out, history, test, geometry=geometry.to_dict())
 
 

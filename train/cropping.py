@@ -108,9 +108,11 @@ def crop_accuracy(model, x: np.ndarray, y: np.ndarray, mean, std, crop_hw, devic
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
-          preset: str = "custom", command: str = "") -> dict:
-    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, test_images=cfg.eval_images)
+          preset: str = "custom", command: str = "", resume: bool = False) -> dict:
+    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics.
+    ``resume``: carry on from the resume state under ``out`` (see :mod:`certinfer.train.trainer`)."""
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, test_images=cfg.eval_images,
+                out=out, resume=resume)
     xs, ys = run.fit_tensors()
     net = build_cropnet(run.num_classes, cfg.model).to(run.device)
     model = DistributedDataParallel(net) if run.dist.world > 1 else net
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                 "note": (f"first {len(run.tested)} test images; crop: one crop per image; clean/certified: "
                          f"majority of {cfg.eval_crops} crops with replacement, p_c >= 0.95, ties as flips")}
 
-    history = run_epochs(run, step, validate, cfg.eval_every)
+    history = run_epochs(run, step, validate, cfg.eval_every, net=net, optimizers=[opt])
     return finish(run, net, out, history, test, crop_hw=list(cfg.crop_hw))
 
 

@@ -10,9 +10,10 @@ Feature-space masking (PatchCURE, Xiang et al. 2024): with ``feature_splits`` a 
 batches is masked after the network's first ``split`` units instead, zeroing every feature cell whose receptive
 field meets the pixel mask, so the back part learns what the runtime will show it.
 
-Training runs in resumable pieces: every epoch writes ``last.safetensors`` (+ .json: epoch, step, RNG states,
-history) and ``optimizer.safetensors`` under ``--out``; ``--resume`` carries on from there. The finished model is
-``model.safetensors`` (+ .json), what ``certinfer export doublemask`` reads.
+Training runs in resumable pieces, as every trainer's does (:mod:`certinfer.train.trainer`): every epoch writes
+``last.safetensors`` (+ .json: epoch, step, history), ``optimizer.safetensors`` and ``rng.json`` under ``--out``;
+``--resume`` carries on from there (same preset, options and ``--limit``; ``--epochs`` may be raised). The finished
+model is ``model.safetensors`` (+ .json), what ``certinfer export doublemask`` reads.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from certinfer.runtime.defenses.doublemask import mask_set
 from certinfer.train import trainer
-from certinfer.train.loop import (augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
-                                  photometric, preset_config, save_checkpoint, to_nchw)
+from certinfer.train.loop import (augment, command_line, cosine_lr, epoch_batches, normalize, photometric,
+                                  preset_config, save_checkpoint, to_nchw)
 from certinfer.train.models.doublemask import Classifier, classifier, geometry
 
 DEFENSE = "doublemask"
@@ -185,33 +185,6 @@ def monitor(model: Classifier, x: np.ndarray, y: np.ndarray, mean, std, masks: t
     return out
 
 
-def _save_state(out: Path, model, opt, meta: dict, rng: np.random.Generator) -> None:
-    save_checkpoint(model, meta, out / "last.safetensors")
-    state = {}
-    for gi, group in enumerate(opt.param_groups):
-        for pi, p in enumerate(group["params"]):
-            for name, value in opt.state.get(p, {}).items():
-                state[f"{gi}.{pi}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    state["torch_rng"] = torch.get_rng_state()
-    save_file(state, str(out / "optimizer.safetensors"))
-    (out / "rng.json").write_text(json.dumps(rng.bit_generator.state))
-
-
-def _load_state(out: Path, model, opt) -> tuple[dict, np.random.Generator]:
-    weights, meta = load_checkpoint(out / "last.safetensors")
-    model.load_state_dict(weights)
-    state = load_file(str(out / "optimizer.safetensors"))
-    for gi, group in enumerate(opt.param_groups):
-        for pi, p in enumerate(group["params"]):
-            entry = {name.split(".", 2)[2]: v for name, v in state.items() if name.startswith(f"{gi}.{pi}.")}
-            if entry:
-                opt.state[p] = entry
-    torch.set_rng_state(state["torch_rng"])
-    rng = np.random.default_rng()
-    rng.bit_generator.state = json.loads((out / "rng.json").read_text())
-    return meta, rng
-
-
 def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor,
           geos: dict[int, dict], cfg: TrainConfig, rng: np.random.Generator) -> float:
     """One optimizer step on a normalized batch, masked in pixels or (a ``feature_prob`` share) on features."""
@@ -252,7 +225,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
           command: str = "", resume: bool = False, limit: int | None = None, monitor_every: int = 3) -> dict:
     """Train (or resume) a double-masking classifier under ``out``; returns the final checkpoint's metadata."""
     out.mkdir(parents=True, exist_ok=True)
-    run = trainer.start(DEFENSE, cfg, data_dir, device, preset, command, images=limit or 0, val_images=0)
+    run = trainer.start(DEFENSE, cfg, data_dir, device, preset, command, images=limit or 0, val_images=0, out=out,
+                        resume=resume)
     val_idx = np.random.default_rng(cfg.seed).permutation(run.val)[:32 if limit else MONITORED]
     hw = tuple(run.train.x.shape[1:3])
     masks = torch.from_numpy(mask_set(hw, cfg.threat, cfg.stride))
@@ -266,12 +240,11 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
             "input_hw": list(hw), "mask": {"threat": cfg.threat, "stride": cfg.stride, "value": cfg.mask_value,
                                            "space": "normalized input", "count": len(masks)},
             "dataset": run.dataset_meta() | {"monitored": f"{len(val_idx)} validation images", "limit": limit},
-            "seed": cfg.seed, "commit": run.commit, "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
-    if resume and (out / "last.safetensors").exists():
-        prev, run.rng = _load_state(out, model, opt)
-        meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history", "commit")})
-        meta["resumed"] = prev.get("resumed", []) + [{"epoch": prev["epoch"], "epochs_before": prev["config"]["epochs"],
-                                                      "epochs": cfg.epochs, "commit": run.commit}]
+            "seed": cfg.seed, "commit": run.commit, "world_size": run.dist.world, "images": run.images,
+            "resumed": run.resumed, "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
+    if run.previous is not None:
+        prev = trainer.load_state(out, model, [opt], run.rng)
+        meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history")})
     data = run.fit_tensors()
     while meta["epoch"] < cfg.epochs:
         t0 = time.time()
@@ -283,7 +256,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                       100 if pairs else 0)
         meta["history"].append({"epoch": meta["epoch"], "loss": loss, "minutes": meta["minutes"], "val": val})
         tqdm.write(json.dumps(meta["history"][-1]))
-        _save_state(out, model, opt, meta, run.rng)
+        trainer.save_state(out, model, [opt], meta, run.rng)
         save_checkpoint(model, meta, out / f"epoch{meta['epoch']:03d}.safetensors")
     save_checkpoint(model, meta, out / "model.safetensors")
     return meta
@@ -300,7 +273,8 @@ def train_command(
     seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
     stride: Optional[int] = typer.Option(None, help="Override the preset's mask stride"),
     worst_of: Optional[int] = typer.Option(None, help="Override the preset's greedy-cutout candidates (1 = random)"),
-    resume: bool = typer.Option(False, help="Carry on from OUT/last.safetensors"),
+    resume: bool = typer.Option(False, help="Carry on from OUT/last.safetensors (same preset and options; --epochs "
+                                            "may be raised)"),
     limit: Optional[int] = typer.Option(None, help="Train on this many images only (a quick check)"),
     data_dir: Optional[str] = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
@@ -310,7 +284,7 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     command = command_line("doublemask", preset, out, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of,
-                           limit=limit, threads=threads)
+                           limit=limit, threads=threads, resume=resume)
     cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of)
     meta = train(cfg, out, data_dir, device, preset, command, resume, limit)
     typer.echo(json.dumps(meta["history"][-1] if meta["history"] else {}))

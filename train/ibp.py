@@ -215,13 +215,15 @@ class _Objective:
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
-          preset: str = "custom", command: str = "") -> dict:
-    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
+          preset: str = "custom", command: str = "", resume: bool = False) -> dict:
+    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics.
+    ``resume``: carry on from the resume state under ``out`` (see :mod:`certinfer.train.trainer`); the U-net of
+    guided training, its optimizer and its generator resume with the network."""
     if cfg.dataset == "mnist":
         raise ValueError("MNIST: the data folder holds only the MNIST test set (no training images); the mnist-* "
                          "presets record the paper's settings for a data folder that has them")
     run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, val_images=cfg.val_images,
-                test_images=cfg.eval_images)
+                test_images=cfg.eval_images, out=out, resume=resume)
     if run.dist.world > 1:
         raise ValueError("IBP training runs in one process (certificate training is not set up for DDP)")
     net = IBPNet(run.num_classes, cfg.model).to(run.device)
@@ -250,7 +252,9 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                          f"every lower bound > 0 at every {cfg.patch}x{cfg.patch} location; "
                          f"{run.test.note or 'exact pixels'}")}
 
-    history = run_epochs(run, step, validate, cfg.eval_every)
+    trained = net if unet is None else torch.nn.ModuleDict({"net": net, "unet": unet})  # the resume state's weights
+    history = run_epochs(run, step, validate, cfg.eval_every, net=trained, optimizers=opts,
+                         generators=[objective.gen])
     return finish(run, net, out, history, test)
 
 

@@ -125,6 +125,8 @@ def preset_config(presets: dict, preset: str, defense: str, **overrides):
 def command_line(defense: str, preset: str, out: Path, **options) -> str:
     """The ``certinfer train`` command that reproduces a run (recorded in its checkpoint); options that are None
     (not given) are left out, while 0 is kept (``--seed 0`` overrides a preset's seed). ``dense_epochs`` is
-    written ``--dense-epochs``, as typer names it."""
-    return " ".join([f"certinfer train {defense}", f"--preset {preset}"]
-                    + [f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not None] + [f"--out {out}"])
+    written ``--dense-epochs``, as typer names it; a flag that is True is written alone (``--resume``), one that is
+    False not at all."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items()
+             if v is not None and v is not False]
+    return " ".join([f"certinfer train {defense}", f"--preset {preset}", *flags, f"--out {out}"])

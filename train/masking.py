@@ -258,9 +258,10 @@ def _dataset_meta(run: Run) -> dict:
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
-          preset: str = "custom", command: str = "") -> dict:
-    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit)
+          preset: str = "custom", command: str = "", resume: bool = False) -> dict:
+    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics.
+    ``resume``: carry on from the resume state under ``out`` (see :mod:`certinfer.train.trainer`)."""
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, out=out, resume=resume)
     if cfg.network == "drs":  # the base classifier takes [0, 1] pixels: its (x, 1 - x) encoding needs them unnormalized
         run.mean, run.std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     net = build(cfg, run.num_classes).to(run.device).to(memory_format=torch.channels_last)
@@ -286,7 +287,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                          "base: base classifier accuracy over all ablations; clean: majority vote over all "
                          "ablations; drs_certified: vote gap > 2 x affected bands/blocks (ties as flips)")}
 
-    history = run_epochs(run, step, validate, cfg.eval_every)
+    history = run_epochs(run, step, validate, cfg.eval_every, net=net, optimizers=[opt])
     extra = {"ablation": dict(cfg.ablation)} if cfg.network == "drs" else {}
     return finish(run, net, out, history, test, network=cfg.network, geometry=geometry.to_dict(),
                   dataset=_dataset_meta(run), **extra)

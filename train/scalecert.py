@@ -125,13 +125,18 @@ def worst_masks(net, x: torch.Tensor, y: torch.Tensor, windows: torch.Tensor, tr
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "auto",
-          preset: str = "custom", command: str = "") -> dict:
-    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics."""
-    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, test_images=cfg.eval_images)
+          preset: str = "custom", command: str = "", resume: bool = False) -> dict:
+    """Train; writes ``out/model.safetensors`` (+ .json) and ``out/metrics.json``; returns the metrics.
+    ``resume``: carry on from the resume state under ``out`` (see :mod:`certinfer.train.trainer`), in either
+    phase (dense or SIN fine-tuning: the epoch decides)."""
+    run = start(DEFENSE, cfg, data_dir, device, preset, command, images=cfg.limit, test_images=cfg.eval_images,
+                out=out, resume=resume)
     xs, ys = run.fit_tensors()
     windows = torch.from_numpy(occlusion_masks(cfg.input_hw, cfg.occlusion_threat, cfg.r, cfg.tau))
     net = build_scalecert(run.num_classes, cfg.model)
-    if cfg.init:
+    if cfg.init and run.previous is not None:  # resuming: the weights are in the resume state
+        run.mean, run.std = run.previous["mean"], run.previous["std"]
+    elif cfg.init:
         state, init_meta = load_checkpoint(Path(cfg.init))
         net.load_state_dict(state)
         run.mean, run.std = init_meta["mean"], init_meta["std"]  # the inputs the weights were trained on
@@ -169,7 +174,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                 "note": (f"first {len(run.tested)} test images, sparse network; occluded: one random window of "
                          f"the {cfg.occlusion_threat} families (r={cfg.r}, tau={cfg.tau}) per image")}
 
-    history = run_epochs(run, step, validate, cfg.eval_every)
+    history = run_epochs(run, step, validate, cfg.eval_every, net=net, optimizers=[opt])
     return finish(run, net, out, history, test, geometry=net.cfg.geometry())
 
 

@@ -57,7 +57,7 @@ def test_loss_falls_and_training_resumes(trained, gtsrb_root):
     assert meta["mask"] == {"threat": "5x5", "stride": 5, "value": 0.0, "space": "normalized input", "count": 36}
     assert {"certified", "one_mask", "clean"} <= set(meta["history"][-1]["val"])
     cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=5, batch_size=32, lr=5e-3, worst_of=2,
-                              feature_splits=(2,))
+                              feature_splits=(2,), feature_prob=0.5)  # the same config, but epochs
     resumed = train(cfg, out, str(gtsrb_root), limit=256, monitor_every=5, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
     assert resumed["resumed"][0]["epoch"] == 4
