@@ -26,7 +26,7 @@ from certinfer.runtime.defenses.cropping import CropVotes, count_votes
 from certinfer.runtime.evaluate import evaluate_certifier, merge, shard_indices, summarize
 from certinfer.threat import Threat
 from certinfer.train import data as datasets
-from certinfer.train.background import NAME as NO_SIGN
+from certinfer.train.background import check_classes
 
 SQUARES = ",".join(f"{k}x{k}" for k in range(1, 11))  # BagCert Fig. 3: square patches 1..10
 
@@ -66,7 +66,7 @@ def evaluate(job: Job, certifier: Certifier, variants: dict | None = None,
     """``certifier`` (and its ``variants``) on the job's samples; ``threat_keys``: the rectangles that make up
     "certified" for the threat (the others are reported per rectangle only)."""
     split = datasets.load(job.data, job.data_dir)
-    check_classes(certifier.classes, split)
+    check_classes(certifier.classes, split.classes, split.name)
     idx = shard_indices(len(split.y), job.shard)
     idx = idx[:job.limit] if job.limit else idx
     bar, advance = _progress(len(idx))
@@ -75,14 +75,6 @@ def evaluate(job: Job, certifier: Certifier, variants: dict | None = None,
                                     progress=advance, threat_keys=threat_keys)
     return result | {"data": job.data, "data_note": split.note, "shard": job.shard, "bundle": str(job.bundle),
                      "defense": certifier.manifest["defense"]}
-
-
-def check_classes(bundle_classes: list[str], split: datasets.Split) -> None:
-    """Refuse a dataset whose classes are not the bundle's: as many, or the bundle's a last "no sign" more."""
-    n, m = len(bundle_classes), len(split.classes)
-    if n != m and not (n == m + 1 and bundle_classes[-1] == NO_SIGN):
-        raise ValueError(f"the bundle has {n} classes but {split.name} has {m}: certify a bundle on the dataset "
-                         "it was trained for")
 
 
 def with_rects(job: Job, certifier: Certifier, extra: str, variants: Callable[[Certifier], dict] | None = None) -> dict:

@@ -34,6 +34,7 @@ from certinfer.provenance import git_commit
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
 from certinfer.train import data as datasets
+from certinfer.train.background import check_classes
 from certinfer.train import models
 from certinfer.train.models.doublemask import Back, Classifier, Front, classifier, geometry
 
@@ -198,8 +199,10 @@ def export_classifier(classifier_onnx: Path, out: Path, input_hw: tuple[int, int
         raise ExportError("--mean and --std take three values each (std > 0), on the [0, 1] pixel scale")
     onnx = _rename_io(raw)
     split = datasets.load(data, data_dir, input_hw)
-    if len(split.classes) != len(classes):
-        raise ExportError(f"{data} has {len(split.classes)} classes, --classes names {len(classes)}")
+    try:
+        check_classes(classes, split.classes, data)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     test = eval_split({"dataset": {"test": data}}, input_hw, data_dir, data, limit)
     x = prepare(test.x[:PARITY_FRAMES], input_hw, mean, std)
     max_batch, rows = _check_classifier(onnx, input_hw, len(classes), x[:16])

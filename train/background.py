@@ -34,6 +34,14 @@ TRAIN_COUNT = 3000  # half dashcam crops, half CIFAR-10
 TEST_COUNT = 2000
 
 
+def check_classes(bundle_classes: list[str], dataset_classes: list[str], dataset: str) -> None:
+    """Refuse a dataset whose classes are not the bundle's: as many, or the bundle's a last "no sign" more."""
+    n, m = len(bundle_classes), len(dataset_classes)
+    if n != m and not (n == m + 1 and bundle_classes[-1] == NAME):
+        raise ValueError(f"the bundle has {n} classes but {dataset} has {m}: use the dataset the classifier "
+                         "was trained for")
+
+
 def _frames(root: Path, held_out: bool) -> list[tuple[str, np.ndarray]]:
     files = sorted(p for p in (root / "frames").glob("*.jpg") if (p.name in HELD_OUT) == held_out)
     return [(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in files]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from certinfer.bench import certify_plots
-from certinfer.bench.certify import check_classes
+from certinfer.train.background import check_classes
 from certinfer.train.data import Split
 
 
@@ -17,12 +17,12 @@ def split(classes: int) -> Split:
 
 
 def test_a_bundle_matches_its_classes_or_those_and_a_last_no_sign():
-    check_classes([str(i) for i in range(43)], split(43))
-    check_classes([str(i) for i in range(43)] + ["no sign"], split(43))
+    check_classes([str(i) for i in range(43)], split(43).classes, "data")
+    check_classes([str(i) for i in range(43)] + ["no sign"], split(43).classes, "data")
     with pytest.raises(ValueError, match="the bundle has 43 classes but data has 10"):
-        check_classes([str(i) for i in range(43)], split(10))
+        check_classes([str(i) for i in range(43)], split(10).classes, "data")
     with pytest.raises(ValueError, match="the bundle has 44 classes but data has 43"):
-        check_classes([str(i) for i in range(43)] + ["other"], split(43))
+        check_classes([str(i) for i in range(43)] + ["other"], split(43).classes, "data")
 
 
 def _figure(monkeypatch: pytest.MonkeyPatch, per_rect: dict) -> object:

@@ -32,7 +32,7 @@ def trained(gtsrb4, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dm-soundness")
     cfg = dataclasses.replace(config_for("gtsrb-cpu"), dataset=f"folder:{gtsrb4}", input_hw=(16, 16), model=TINY,
                               epochs=6, batch_size=32, lr=5e-3, threat=THREAT, stride=4, worst_of=1,
-                              feature_splits=(SPLIT,), feature_prob=0.5)
+                              feature_splits=(SPLIT,), feature_prob=0.5, background=False)
     train(cfg, out, monitor_every=6)
     checkpoint = out / "model.safetensors"
     for space in SPACES:

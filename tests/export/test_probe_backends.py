@@ -99,7 +99,7 @@ def test_inspect_probe_fails_when_no_backend_could_run(capsys, monkeypatch, with
 def test_a_bundle_without_geometry_is_probed_for_batch_independence_only(capsys, tiny_bundle: Path):
     code, out, err = inspect_probe(capsys, tiny_bundle)
     assert code == 0, err
-    assert ("probe       onnxruntime-cpu: passed (outputs skipped: the bundle has no geometry: nothing local to "
+    assert ("probe       onnxruntime-cpu: passed (outputs not checked: the bundle has no geometry: nothing local to "
             "probe): batch-invariant\n") in out
 
 

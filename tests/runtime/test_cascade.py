@@ -224,6 +224,30 @@ def test_deadline_skips_a_stage_that_does_not_fit_and_names_it():
     assert (v.status, v.stage, v.reason) == ("certified", "doublemask-gtsrb", "")
 
 
+class _EarlyExit(Toy):
+    """A stage with an ``early_exit`` option: 30 ms per frame with it (the blank frame exits early), 300 without."""
+
+    def __init__(self):
+        super().__init__(by_pixel({X: ("certified", STOP)}), ms=30.0)
+        self.options = SimpleNamespace(early_exit=True)
+
+    def with_options(self, threat=None, early_exit=None) -> Toy:
+        twin = super().with_options(threat)
+        if early_exit is not None:
+            twin.options = SimpleNamespace(early_exit=early_exit)
+            twin.ms = lambda f: 30.0 if early_exit else 300.0
+        return twin
+
+
+def test_the_warm_up_times_the_slowest_path():
+    """A blank frame takes a defense's early exit; the first estimate must be what a certified frame costs."""
+    stage = _EarlyExit()
+    cascade = Cascade([("fast", Toy(by_pixel({}), ms=10)), ("early-exit", stage)], deadline_ms=100)
+    assert cascade.latency_ms == {"fast": 10.0, "early-exit": 300.0}
+    assert cascade.plan() == ([0], ["skipped early-exit (est. 300.0 ms > 90.0 ms left)"])
+    assert dict(cascade.stages)["early-exit"].options.early_exit  # the stage itself keeps its early exit
+
+
 def test_no_stage_fits_is_fail_safe():
     cascade = Cascade([("a", Toy(by_pixel({}), ms=5)), ("b", Toy(by_pixel({}), ms=3))], deadline_ms=2)
     (v,) = cascade.certify_frames(frame(X)[None])

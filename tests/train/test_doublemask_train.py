@@ -97,16 +97,20 @@ def test_any_onnx_classifier_is_wrapped(trained, tmp_path):
 class _BatchDependent(torch.nn.Module):
     """Logits that depend on the other frames of the batch (a masked copy would not be judged on its own)."""
 
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
     def forward(self, x):
         z = x - x.mean(dim=0, keepdim=True)
-        return z.mean(dim=(2, 3)).repeat(1, 15)[:, :43]
+        return z.mean(dim=(2, 3)).repeat(1, self.classes)[:, :self.classes]
 
 
 @pytest.mark.slow
 def test_batch_dependent_classifier_is_refused(trained, tmp_path):
     _, meta = trained
     path = tmp_path / "bad.onnx"
-    path.write_bytes(export_onnx(_BatchDependent(), (torch.randn(2, 3, 32, 32),), ["x"], ["y"]))
+    path.write_bytes(export_onnx(_BatchDependent(len(meta["classes"])), (torch.randn(2, 3, 32, 32),), ["x"], ["y"]))
     with pytest.raises(ExportError, match="not batch-independent"):
         export_classifier(path, tmp_path / "bad", (32, 32), meta["classes"], meta["mean"], meta["std"], "5x5", 5,
                           "gtsrb:test", limit=4)
