@@ -35,6 +35,7 @@ from certinfer.runtime.regions import MIN_ROI, RegionCalls
 from certinfer.runtime.verdict import Certificate, Verdict
 
 ALPHA = 0.25  # weight of the newest measurement in a stage's latency estimate
+RETRY = 32  # calls in a row that skip a stage before its estimate returns to its warm-up measurement
 ON_UNCERTIFIED = ("uncertified", "fail-safe")
 TIMINGS = ("prepare", "engine", "certify", "total")
 
@@ -52,10 +53,14 @@ class _Ran:
 
 class Latency:
     """Per-stage latency estimates (ms per frame): an exponential moving average of the ``total`` time each
-    stage's verdicts report, updated after each call of that stage. Shared by a cascade's variants."""
+    stage's verdicts report, updated after each call of that stage. Shared by a cascade's variants.
+
+    A skipped stage is not measured, so one slow call could keep it skipped for good: after ``RETRY`` calls in a
+    row that skip it, its estimate returns to its warm-up measurement (when that fits, the stage runs again)."""
 
     def __init__(self, ms: list[float]):
-        self.ms = ms
+        self.ms, self.warm_up = list(ms), list(ms)
+        self.skips = [0] * len(ms)
         self._lock = threading.Lock()
 
     def record(self, stage: int, verdicts: list[Verdict]) -> None:
@@ -63,6 +68,15 @@ class Latency:
         if measured:
             with self._lock:
                 self.ms[stage] += ALPHA * (float(np.mean(measured)) - self.ms[stage])
+                self.skips[stage] = 0
+
+    def skipped(self, stages: list[int]) -> None:
+        """Count one more call that skipped each of ``stages``."""
+        with self._lock:
+            for k in stages:
+                self.skips[k] += 1
+                if self.skips[k] >= RETRY:
+                    self.ms[k], self.skips[k] = self.warm_up[k], 0
 
 
 class Cascade(RegionCalls):
@@ -181,6 +195,7 @@ class Cascade(RegionCalls):
         t0 = time.perf_counter()
         frames = resize(validate_frames(frames), self.input_hw)
         run, skipped = self.plan()
+        self._latency.skipped([k for k in range(len(self.stages)) if k not in run])
         resize_ms = (time.perf_counter() - t0) * 1e3 / len(frames)
         if not run:
             reason = f"deadline missed: no stage fits {self.deadline_ms:g} ms; " + "; ".join(skipped)

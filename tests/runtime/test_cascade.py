@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import certinfer
-from certinfer.runtime.cascade import ALPHA, Cascade
+from certinfer.runtime.cascade import ALPHA, RETRY, Cascade
 from certinfer.runtime.certifier import Certifier, EngineRunError
 from certinfer.runtime.verdict import Certificate, RectCert, Verdict
 from certinfer.threat import parse
@@ -274,6 +274,22 @@ def test_the_plan_never_depends_on_the_frame():
     assert twin_a.plan() == ([0], ["skipped two (est. 50.0 ms > 15.0 ms left)"])
     twin_b.certify_frames(np.stack([x, bright]))
     assert twin_b.latency_ms == twin_a.latency_ms
+
+
+def test_a_stage_skipped_after_one_slow_call_is_retried():
+    """One slow call (400 ms against a 100 ms deadline) lifts stage one's estimate over the deadline; after RETRY
+    calls that skip it, its estimate is its warm-up's again and it runs."""
+    one = Toy(by_pixel({X: ("uncertified", STOP), 200: ("uncertified", STOP)}), ms=_slow_on_bright(40))
+    two = Toy(by_pixel({X: ("certified", STOP)}), ms=50)
+    cascade = Cascade([("one", one), ("two", two)], deadline_ms=100)
+    cascade.certify_frames(frame(200)[None])
+    assert cascade.latency_ms["one"] == pytest.approx(40 + ALPHA * (400 - 40))
+    for _ in range(RETRY):
+        (v,) = cascade.certify_frames(frame(X)[None])
+        assert [s["stage"] for s in v.stages] == ["two"] and "skipped one" in v.reason
+    assert cascade.latency_ms["one"] == 40.0
+    (v,) = cascade.certify_frames(frame(X)[None])
+    assert [s["stage"] for s in v.stages] == ["one", "two"] and v.status == "certified"
 
 
 # --- (5) stages, verdicts, loading ---------------------------------------------------------------------------------
