@@ -406,7 +406,7 @@ def test_certify_refuses_a_dataset_with_other_classes(capsys, tmp_path: Path):
     root = _npz_root(tmp_path / "data", classes=10)
     code, out, err = cli(capsys, "certify", "default", "--data", "gtsrb:test", "--data-dir", str(root))
     assert (code, out) == (1, "") and err == (
-        "certinfer: error: the bundle has 43 classes but gtsrb:test has 10: certify a bundle on the dataset it was "
+        "certinfer: error: the bundle has 44 classes but gtsrb:test has 10: use the dataset the classifier was "
         "trained for\n")
 
 

@@ -51,6 +51,16 @@ def results(tmp_path: Path) -> Path:
         "verdicts_out": 1000, "batch": 8, "cameras": 2, "engine_threads": 1,
         "statuses": {"certified": 900, "fail-safe": 100}, "fail_safe_reasons": {"invalid frame": 100},
         "frames_per_s": 612.4, "rss_mb": {"growth_after_warmup": 1.5}, "mismatches": []})
+    _write(tmp_path, "background-f.json", {
+        "bundle": "default", "threat": "5x5", "background_images": 1000, "signs": 500, "false_sign": 0.002,
+        "certified_no_sign": 0.954, "false_no_sign": 0.004, "clean": 0.83, "certified": 0.182})
+    stage = {"clean_accuracy": 0.9, "certified_accuracy": 0.4, "alert_rate": 0.05, "fail_safe_rate": 0.0,
+             "mean_ms": 12.34, "p99_ms": 250.0}
+    _write(tmp_path, "cascade-g.json", {
+        "bundles": ["default", "doublemask-gtsrb"], "threat": "5x5", "data": "gtsrb:test", "images": 300,
+        "backend": "onnxruntime-cpu", "machine": {"cpu": "AMD EPYC", "cores": 2, "gpus": []},
+        "configs": {"cascade": stage, "default": stage | {"alert_rate": 0.0}},
+        "deadline_sweep": [{"deadline_ms": 5.0, **stage, "fail_safe_rate": 0.5}]})
     _write(tmp_path, "other.json", {"unrelated": True})
     _write(tmp_path, "list.json", [1, 2])
     (tmp_path / "broken.json").write_text("{", encoding="utf-8")
@@ -79,6 +89,13 @@ def test_each_kind_of_result_renders_its_rows(results: Path):
     assert ("| `soak-e.json` | `default` | onnxruntime-cpu | 1,000 / 1,000 | 8, 2, 1 | certified 900, fail-safe 100 "
             "| invalid frame 100 | 612 | 1.5 | 0 |") in lines
     assert "## Latency" not in lines
+    assert "| `background-f.json` | `default` | `5x5` | 1,000 | 500 | 0.2 | 95.4 | 0.4 | 83.0 | 18.2 |" in lines
+    cascades = lines.index("## Cascades")
+    assert lines[cascades + 4] == ("`cascade-g.json`: `default` then `doublemask-gtsrb`, threat `5x5`, `gtsrb:test` "
+                                   "first 300, onnxruntime-cpu, AMD EPYC, 2 cores (no GPU)")
+    assert lines[cascades + 8:cascades + 11] == ["| cascade | 90.0 | 40.0 | 5.0 | 0.0 | 12.3 | 250.0 |",
+                                                 "| default | 90.0 | 40.0 | 0.0 | 0.0 | 12.3 | 250.0 |",
+                                                 "| cascade, deadline 5 ms | 90.0 | 40.0 | 5.0 | 50.0 | 12.3 | 250.0 |"]
 
 
 @pytest.mark.parametrize(("n", "shards", "cell"), [
