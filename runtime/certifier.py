@@ -100,7 +100,7 @@ class Certifier(RegionCalls):
     Options: ClassVar[type[Options]] = Options
     roles: ClassVar[tuple[str, ...]] = ("model",)  # the bundle's engine roles this defense runs
     needs_exact: ClassVar[bool] = False  # certificates hold only on verified backends (see the module docstring)
-    randomized: ClassVar[bool] = False  # infer draws random numbers (OS entropy unless seeded)
+    randomized: bool = False  # infer draws random numbers (OS entropy unless seeded); a defense may make it a property
     local_outputs: ClassVar[bool] = False  # local_features() is a map the export probe checks against geometry
     threat_in_features: ClassVar[bool] = True  # infer's features depend on the threat (windows, masks, locations)
 

@@ -41,6 +41,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     flips: bool = False  # off for traffic signs: a mirrored "turn left" is "turn right"
     jitter: float = 0.0  # brightness/contrast jitter
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
     seed: int = 0
     input_hw: tuple[int, int] = (32, 32)
     eval_crops: int = 128
@@ -60,7 +61,7 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # CPU presets, one thread each, at most about 30 minutes on one core here (epoch times in the README).
-    "gtsrb-cpu": TrainConfig(jitter=0.4, epochs=30),
+    "gtsrb-cpu": TrainConfig(jitter=0.4, epochs=30, background=True),
     # CIFAR-10 (our copy is JPEG-compressed), flips on.
     "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=30),
     # The paper's setting (Sec. 4): ResNet9 without final pooling on 10x10 CIFAR-10 crops, 30 epochs. A GPU job.

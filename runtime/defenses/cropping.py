@@ -278,7 +278,6 @@ class CroppingCertifier(Certifier):
 
     name = "cropping"
     Options = CroppingOptions
-    randomized = True
     threat_in_features = False  # the threat enters only in decide
 
     def __init__(self, bundle, engines, threat: Threat, options: CroppingOptions | None = None):
@@ -292,6 +291,11 @@ class CroppingCertifier(Certifier):
     @property
     def kind(self) -> str:
         return "recovery" if self.options.exhaustive else "probabilistic"
+
+    @property
+    def randomized(self) -> bool:
+        """Sampled crops are random draws; exhaustive mode takes every location once, in order."""
+        return not self.options.exhaustive
 
     def _validate(self) -> None:
         o = self.options

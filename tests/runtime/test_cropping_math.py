@@ -224,3 +224,18 @@ def test_certifier_options_are_validated_against_the_bundle():
     with pytest.raises(ValueError, match="threshold"):
         _certifier().with_options(threshold=0.0)
     assert _certifier(crops=26, replace=False, mode="exhaustive").options.exhaustive
+
+
+def test_only_sampled_crops_are_random_draws():
+    """Exhaustive mode takes every location once, in order: deterministic, so it may be a cascade stage; sampled
+    crops may not."""
+    from certinfer.runtime.cascade import Cascade
+
+    sampled, exhaustive = _certifier(crops=20), _certifier(mode="exhaustive")
+    assert sampled.randomized and not exhaustive.randomized
+    assert sampled.with_options(exhaustive=True).randomized is False
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    assert [v.certificate.per_rect for v in exhaustive(frames)] == [v.certificate.per_rect for v in exhaustive(frames)]
+    Cascade([("exhaustive", exhaustive)])
+    with pytest.raises(ValueError, match="randomized"):
+        Cascade([("sampled", sampled)])
