@@ -20,7 +20,7 @@ import typer
 
 from certinfer.bench.attacks import (copied_contents, count_flips, locations, pgd_contents, random_contents,
                                      solid_contents)
-from certinfer.bench.bundles import load_certifier, packaged
+from certinfer.bench.bundles import load_certifier, resolve
 from certinfer.provenance import git_commit
 from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.certifier import Certifier
@@ -318,7 +318,7 @@ cli = typer.Typer(add_completion=False)
 @cli.command("soundness")
 def soundness_command(
     checkpoint: Path = typer.Option(..., help="The torch checkpoint the bundle was exported from (for PGD)"),
-    bundle: Optional[Path] = typer.Option(None, help="Bundle [default: the packaged default bundle]"),
+    bundle: Optional[str] = typer.Option(None, help="Bundle folder, .tar or packaged name [default: default]"),
     data: str = typer.Option("gtsrb:test", help="Frames to attack (the first certified ones)"),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir",
@@ -333,7 +333,7 @@ def soundness_command(
     torch.set_num_threads(1)
     if data_dir is not None:  # every defense's attack reads --data from the data root
         os.environ["CERTINFER_DATA"] = str(data_dir)
-    bundle = bundle or packaged("default_bundle")
+    bundle = resolve(bundle)
     kind = load_bundle(bundle).manifest["defense"]["kind"]
     try:
         attack = defense(kind).load("surrogate")

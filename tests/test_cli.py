@@ -444,3 +444,22 @@ def test_annotation_names_the_threat_a_certified_box_holds_against():
     cert = Certificate.from_rects("24x24@camera", {"6x6": RectCert(True, 1.0)})
     assert label_text(Verdict(3, "Stop", "certified", cert)) == "Stop | certified 24x24@camera"
     assert label_text(Verdict(3, "Stop", "uncertified", cert)) == "Stop | uncertified"
+
+
+def test_bench_soundness_takes_a_packaged_bundle_by_name(capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    pytest.importorskip("torch")
+    from certinfer.bench import soundness
+
+    attacked = []
+
+    def attack(bundle, checkpoint, data, images, threat, pgd_steps):
+        attacked.append(Path(bundle))
+        return {"total_flips": 0}
+
+    monkeypatch.setattr(soundness, "defense", lambda kind: type("Entry", (), {"load": lambda self, what: attack})())
+    code, _, err = cli(capsys, "bench", "soundness", "--checkpoint", "ckpt", "--bundle", "doublemask-gtsrb",
+                       "--out", str(tmp_path / "r.json"))
+    assert code == 0, err
+    from certinfer.runtime.packaged import resolve
+
+    assert attacked == [resolve("doublemask-gtsrb")]

@@ -54,6 +54,7 @@ class TrainConfig:
     crop_pad: int = 0
     flips: bool = False
     jitter: float = 0.0
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
     unet_width: int = 16
     guide_temperature: float = 1.0
     seed: int = 0
@@ -87,7 +88,8 @@ PRESETS: dict[str, TrainConfig] = {
     # would be the same with epochs=80, ramp_epochs=48, lr_decay_every=8 (--epochs alone keeps the ramp and decay
     # of the 25-minute one).
     "gtsrb-cpu": TrainConfig(dataset="gtsrb", model=arch("small", (32, 32)), patch=2, k=5, epochs=36,
-                             batch_size=64, ramp_start=1.0, ramp_epochs=21.0, lr_decay_every=4, jitter=0.2),
+                             batch_size=64, ramp_start=1.0, ramp_epochs=21.0, lr_decay_every=4, jitter=0.2,
+                             background=True),
     "cifar10-cpu": TrainConfig(dataset="cifar10", model=arch("small", (32, 32)), patch=2, k=5, epochs=30,
                                batch_size=64, ramp_start=1.0, ramp_epochs=17.0, lr_decay_every=4, flips=True,
                                crop_pad=2),
