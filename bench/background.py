@@ -6,6 +6,7 @@ dashcam frames and CIFAR-10 test images; the first GTSRB test images for signs) 
 
 * false sign: the share of no-sign images answered with a sign class (a bundle without a "no sign" class
   answers every one with a sign);
+* alert: the share of no-sign images a detection defense (ScaleCert) answers with an alert, which names no sign;
 * false "no sign": the share of sign images answered "no sign";
 * certified "no sign": the share of no-sign images answered "no sign" with a certificate (no patch of the
   threat can make a sign appear there);
@@ -31,6 +32,7 @@ from certinfer.train import background as no_sign
 from certinfer.train.data import data_root, load as load_data
 
 CHUNK = 64
+ALERT = -1  # the label of an alert verdict
 
 
 def answers(certifier, images: np.ndarray, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,11 +55,12 @@ def rates(certifier, signs: np.ndarray, truth: np.ndarray, scenes: dict[str, np.
            "sign_groups": per_group(truth, labels == truth, certified)}
     for source, images in scenes.items():
         labels, certified = answers(certifier, images, source)
-        out["sources"][source] = {"images": len(images), "false_sign": float(np.mean(labels != none)),
+        out["sources"][source] = {"images": len(images), "false_sign": float(np.mean((labels != none) & (labels >= 0))),
+                                  "alert": float(np.mean(labels == ALERT)),
                                   "certified_no_sign": float(np.mean((labels == none) & certified))}
     every = [s for s in out["sources"].values()]
     n = sum(s["images"] for s in every)
-    for key in ("false_sign", "certified_no_sign"):
+    for key in ("false_sign", "alert", "certified_no_sign"):
         out[key] = sum(s[key] * s["images"] for s in every) / n
     return out
 

@@ -71,6 +71,7 @@ class TrainConfig:
     mask_loss: float = 0.0  # bagnet: weight of the robust-masking surrogate (models.bagnet.masked_evidence_loss)
     eval_every: int = 5
     limit: int = 0  # > 0: at most this many images per split (smoke tests)
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
 
     def __post_init__(self) -> None:
         if self.network not in NETWORKS:
@@ -92,7 +93,7 @@ PRESETS: dict[str, TrainConfig] = {
     "bagnet-gtsrb-cpu-masked": TrainConfig(jitter=0.4, epochs=8, mask_loss=0.5),
     "bagnet-cifar10-cpu-masked": TrainConfig(dataset="cifar10", flips=True, epochs=6, mask_loss=0.5),
     # DRS base classifier, columns of 4 at stride 1 (35 bands on 32 columns), small ResNet (28 M MACs/image).
-    "drs-gtsrb-cpu": TrainConfig(network="drs", model={}, jitter=0.4, epochs=30),
+    "drs-gtsrb-cpu": TrainConfig(network="drs", model={}, jitter=0.4, epochs=30, background=True),
     "drs-cifar10-cpu": TrainConfig(network="drs", dataset="cifar10", model={}, flips=True, epochs=25),
     # The paper's Mask-BN model (Appendix A): CIFAR-10 upsampled to 192x192 (bilinear here), BagNet-17 geometry
     # (RF 17, output stride 8). From scratch (no ImageNet weights here), so Adam and 60 epochs. A GPU job.

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_images: int = 2000
     eval_every: int = 4
     limit: int = 0  # > 0: at most this many images per split (smoke tests)
+    background: bool = False  # add a "no sign" class (see certinfer.train.background)
 
     def __post_init__(self) -> None:
         self.input_hw = tuple(int(v) for v in self.input_hw)
@@ -68,9 +69,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # SIN fine-tuning of a trained checkpoint (--init) against the worst of 4 windows per image, every image occluded.
     "gtsrb-cpu-finetune": TrainConfig(jitter=0.4, epochs=10, dense_epochs=0, lr=5e-4, warmup_epochs=0.2, occlude=1.0,
-                                      worst_of=4),
+                                      worst_of=4, background=True),
     # CPU presets, one thread: about 25 minutes on one core here (times in the README).
-    "gtsrb-cpu": TrainConfig(jitter=0.4),
+    "gtsrb-cpu": TrainConfig(jitter=0.4, background=True),
     # CIFAR-10 (our copy is JPEG-compressed), flips on.
     "cifar10-cpu": TrainConfig(dataset="cifar10", flips=True, epochs=20, dense_epochs=5),
     # The paper's setting: ResNet-18 on CIFAR-10, SIN after the first layer, top 20%. A GPU job.

@@ -15,7 +15,8 @@ class Scripted:
         self.classes = classes
 
     def certify_frames(self, images: np.ndarray) -> list[Verdict]:
-        return [Verdict(label=int(im[0, 0, 0]), class_name="", status="certified" if im[0, 0, 1] else "uncertified")
+        return [Verdict(label=-1, class_name="", status="alert") if im[0, 0, 0] == 255 else
+                Verdict(label=int(im[0, 0, 0]), class_name="", status="certified" if im[0, 0, 1] else "uncertified")
                 for im in images]
 
 
@@ -32,8 +33,15 @@ def test_rates_count_what_they_say():
     scenes = {"road": _images([2, 2, 0], [1, 0, 1]), "cifar": _images([1], [0])}
     r = rates(c, signs, truth, scenes)
     assert r["clean"] == 0.5 and r["certified"] == 0.25 and r["false_no_sign"] == 0.25
-    assert r["sources"]["road"] == {"images": 3, "false_sign": 1 / 3, "certified_no_sign": 1 / 3}
-    assert r["false_sign"] == 0.5 and r["certified_no_sign"] == 0.25
+    assert r["sources"]["road"] == {"images": 3, "false_sign": 1 / 3, "alert": 0.0, "certified_no_sign": 1 / 3}
+    assert r["false_sign"] == 0.5 and r["certified_no_sign"] == 0.25 and r["alert"] == 0.0
+
+
+def test_an_alert_is_not_a_sign():
+    """A detection defense's alert (label -1) names no class: it counts as an alert, not as a false sign."""
+    scenes = {"road": _images([255, 255, 0, 1], [0, 0, 1, 1])}
+    r = rates(Scripted(["a", "no sign"]), _images([0], [1]), np.array([0]), scenes)
+    assert r["false_sign"] == 0.25 and r["alert"] == 0.5 and r["certified_no_sign"] == 0.25
 
 
 def test_without_a_no_sign_class_every_scene_is_a_false_sign():

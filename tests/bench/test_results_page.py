@@ -53,7 +53,7 @@ def results(tmp_path: Path) -> Path:
         "frames_per_s": 612.4, "rss_mb": {"growth_after_warmup": 1.5}, "mismatches": []})
     _write(tmp_path, "background-f.json", {
         "bundle": "default", "threat": "5x5", "background_images": 1000, "signs": 500, "false_sign": 0.002,
-        "certified_no_sign": 0.954, "false_no_sign": 0.004, "clean": 0.83, "certified": 0.182})
+        "alert": 0.031, "certified_no_sign": 0.954, "false_no_sign": 0.004, "clean": 0.83, "certified": 0.182})
     stage = {"clean_accuracy": 0.9, "certified_accuracy": 0.4, "alert_rate": 0.05, "fail_safe_rate": 0.0,
              "mean_ms": 12.34, "p99_ms": 250.0}
     _write(tmp_path, "cascade-g.json", {
@@ -89,7 +89,7 @@ def test_each_kind_of_result_renders_its_rows(results: Path):
     assert ("| `soak-e.json` | `default` | onnxruntime-cpu | 1,000 / 1,000 | 8, 2, 1 | certified 900, fail-safe 100 "
             "| invalid frame 100 | 612 | 1.5 | 0 |") in lines
     assert "## Latency" not in lines
-    assert "| `background-f.json` | `default` | `5x5` | 1,000 | 500 | 0.2 | 95.4 | 0.4 | 83.0 | 18.2 |" in lines
+    assert "| `background-f.json` | `default` | `5x5` | 1,000 | 500 | 0.2 | 3.1 | 95.4 | 0.4 | 83.0 | 18.2 |" in lines
     cascades = lines.index("## Cascades")
     assert lines[cascades + 4] == ("`cascade-g.json`: `default` then `doublemask-gtsrb`, threat `5x5`, `gtsrb:test` "
                                    "first 300, onnxruntime-cpu, AMD EPYC, 2 cores (no GPU)")
