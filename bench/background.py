@@ -32,32 +32,33 @@ from certinfer.train import background as no_sign
 from certinfer.train.data import data_root, load as load_data
 
 CHUNK = 64
-ALERT = -1  # the label of an alert verdict
 
 
 def answers(certifier, images: np.ndarray, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and certified flags for uint8 images, in chunks with a progress bar."""
-    labels, certified = [], []
+    """Labels and statuses for uint8 images, in chunks with a progress bar."""
+    labels, statuses = [], []
     for i in tqdm(range(0, len(images), CHUNK), desc=desc, leave=False):
         for v in certifier.certify_frames(images[i:i + CHUNK]):
             labels.append(v.label)
-            certified.append(v.status == "certified")
-    return np.asarray(labels), np.asarray(certified)
+            statuses.append(v.status)
+    return np.asarray(labels), np.asarray(statuses)
 
 
 def rates(certifier, signs: np.ndarray, truth: np.ndarray, scenes: dict[str, np.ndarray]) -> dict:
     """The rates of the module docstring; ``scenes`` holds the no-sign images by source."""
     none = certifier.classes.index(no_sign.NAME) if no_sign.NAME in certifier.classes else -1
-    labels, certified = answers(certifier, signs, "signs")
+    labels, statuses = answers(certifier, signs, "signs")
+    certified = statuses == "certified"
     out = {"signs": len(signs), "clean": float(np.mean(labels == truth)),
            "certified": float(np.mean((labels == truth) & certified)),
            "false_no_sign": float(np.mean(labels == none)), "sources": {},
            "sign_groups": per_group(truth, labels == truth, certified)}
     for source, images in scenes.items():
-        labels, certified = answers(certifier, images, source)
-        out["sources"][source] = {"images": len(images), "false_sign": float(np.mean((labels != none) & (labels >= 0))),
-                                  "alert": float(np.mean(labels == ALERT)),
-                                  "certified_no_sign": float(np.mean((labels == none) & certified))}
+        labels, statuses = answers(certifier, images, source)
+        alert = statuses == "alert"  # names no class
+        out["sources"][source] = {"images": len(images), "false_sign": float(np.mean((labels != none) & ~alert)),
+                                  "alert": float(np.mean(alert)),
+                                  "certified_no_sign": float(np.mean((labels == none) & (statuses == "certified")))}
     every = [s for s in out["sources"].values()]
     n = sum(s["images"] for s in every)
     for key in ("false_sign", "alert", "certified_no_sign"):
