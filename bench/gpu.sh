@@ -11,7 +11,7 @@ out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation . >"$out/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-for manifest in certinfer/data/*/manifest.json; do
+for manifest in certinfer/data/default_bundle/manifest.json certinfer/data/bundles/*/manifest.json; do
   bundle="$(dirname "$manifest")"
   name="$(basename "$bundle")"
   timeout 180 python3 -c "from certinfer.cli import main; main()" bench latency "$bundle" -b torch-cuda -b torch-cuda-graphs \

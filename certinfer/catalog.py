@@ -34,18 +34,22 @@ def _latency_ms(certifier, repeats: int = 5) -> float:
 
 
 def entry(name: str, measure: bool = False) -> dict:
-    """One packaged bundle, loaded (so its hashes are checked) and described from its manifest."""
+    """One packaged bundle, loaded (so its hashes are checked) and described from its manifest: accuracy and
+    latency as recorded there (``certinfer bench testset --record``), or latency measured here with ``measure``."""
     folder = packaged.resolve(name)
     certifier = load(name)
-    metrics = certifier.manifest.get("provenance", {}).get("metrics", {})
+    provenance = certifier.manifest.get("provenance", {})
+    metrics = provenance.get("metrics", {})
     certified = metrics.get("certified_accuracy", {})
+    latency = provenance.get("latency", {})
     return {"name": name, "defense": certifier.name, "kind": certifier.kind, "threat": str(certifier.threat),
             "clean": metrics.get("clean_accuracy"),
             "certified": certified.get("default") if isinstance(certified, dict) else certified,
             "images": metrics.get("n"), "data": metrics.get("data") or "gtsrb:test",
             "no_sign": "no sign" in certifier.classes,
-            "latency_ms": _latency_ms(certifier) if measure else None, "size_mb": _size_mb(folder),
-            "command": certifier.manifest.get("provenance", {}).get("command", "")}
+            "latency_ms": _latency_ms(certifier) if measure else latency.get("batch1_p50_ms"),
+            "latency_on": "here" if measure else latency.get("machine"), "size_mb": _size_mb(folder),
+            "sign_groups": metrics.get("sign_groups"), "command": provenance.get("command", "")}
 
 
 def catalog(measure: bool = False) -> list[dict]:
@@ -63,10 +67,34 @@ def _cell(column: str, value) -> str:
     return str(value)
 
 
+def _columns(cells: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def _latency_note(rows: list[dict]) -> str:
+    where = sorted({r["latency_on"] for r in rows if r["latency_on"]})
+    if not where:
+        return "latency: not recorded; --measure times each bundle here"
+    return f"latency: batch 1, p50, onnxruntime CPU, {'; '.join(where)}"
+
+
+def _groups_table(rows: list[dict]) -> list[str]:
+    """Certified accuracy per GTSRB sign group, for the bundles whose manifest records it."""
+    grouped = [r for r in rows if r.get("sign_groups")]
+    if not grouped:
+        return []
+    names = list(grouped[0]["sign_groups"])
+    cells = [("certified per sign group", *names)]
+    cells += [(r["name"], *(_cell("certified", r["sign_groups"].get(g, {}).get("certified")) for g in names))
+              for r in grouped]
+    return [""] + _columns(cells)
+
+
 def table(rows: list[dict]) -> str:
-    """A plain-text table of the rows (accuracies in percent), then each bundle's training command."""
-    cells = [HEAD] + [tuple(_cell(c, r[c]) for c in HEAD) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEAD))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    """A plain-text table of the rows (accuracies in percent), certified accuracy per sign group, then each
+    bundle's training command."""
+    lines = _columns([HEAD] + [tuple(_cell(c, r[c]) for c in HEAD) for r in rows])
+    lines += [_latency_note(rows)] + _groups_table(rows)
     lines += [""] + [f"{r['name']}: {r['command']}" for r in rows]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "c
                          "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli",
                          "doublemask-speed": "certinfer.bench.doublemask_speed:cli",
                          "cascade": "certinfer.bench.cascade:cli",
-                         "background": "certinfer.bench.background:cli"}
+                         "background": "certinfer.bench.background:cli",
+                         "testset": "certinfer.bench.testset:cli"}
 
 _state = {"debug": False}
 
