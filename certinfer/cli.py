@@ -34,6 +34,7 @@ EXPORT_TOOLS: dict[str, str] = {"trt": "certinfer.export.tensorrt_build:cli", "p
 BENCH: dict[str, str] = {"latency": "certinfer.bench.latency:cli", "summary": "certinfer.bench.summary:cli",
                          "soak": "certinfer.bench.soak:cli", "soundness": "certinfer.bench.soundness:cli",
                          "doublemask-speed": "certinfer.bench.doublemask_speed:cli",
+                         "doublemask-tradeoff": "certinfer.bench.doublemask_tradeoff:cli",
                          "cascade": "certinfer.bench.cascade:cli",
                          "background": "certinfer.bench.background:cli",
                          "testset": "certinfer.bench.testset:cli"}

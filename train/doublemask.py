@@ -80,6 +80,11 @@ PRESETS: dict[str, TrainConfig] = {
     "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=30, flips=True, crop_pad=4, jitter=0.2,
                                model={"units": ["c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:128:1", "r3:256:2"],
                                       "dropout": 0.1}),
+    # Built for feature space (PatchCURE): RF 5 at 16x16 after five units that hold 92% of the multiply-adds,
+    # then a light back (a strided 3x3 unit and one basic block), masked on features only; split 5 at export.
+    "gtsrb-cpu-feature": TrainConfig(background=True, epochs=16, feature_splits=(5,), feature_prob=1.0,
+                                     model={"units": ["c3:48:1", "c3:96:2", "r1:128", "r1:128", "r1:128",
+                                                      "c3:32:2", "r3:64:2"], "dropout": 0.0}),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,
@@ -102,12 +107,15 @@ def feature_masks(masks: torch.Tensor, geo: dict) -> torch.Tensor:
 
 
 def masked_forward(model: Classifier, x: torch.Tensor, masks: torch.Tensor, split: int, geo: dict | None,
-                   value: float) -> torch.Tensor:
-    """Logits of ``x`` (N, 3, H, W) under per-image masks (N, H, W): in pixels (``split`` = all units) or on the
-    features after ``split`` units (cells meeting the mask set to 0)."""
+                   value: float, repeat: int = 1) -> torch.Tensor:
+    """Logits of ``x`` (N, 3, H, W), each image repeated ``repeat`` times in a row, under one mask per row
+    (N * repeat, H, W): in pixels (``geo`` None) or on the features after ``split`` units (cells meeting the mask
+    set to 0; the front runs once per image)."""
     if geo is None:
+        x = x.repeat_interleave(repeat, 0) if repeat > 1 else x
         return model(torch.where(masks[:, None], torch.as_tensor(value, dtype=x.dtype), x))
     f = model.front(x, split)
+    f = f.repeat_interleave(repeat, 0) if repeat > 1 else f
     fm = feature_masks(masks, geo).to(f.device)
     return model.back(f.masked_fill(fm[:, None], 0.0), split)
 
@@ -129,7 +137,7 @@ def _worst_pairs(model: Classifier, x: torch.Tensor, y: torch.Tensor, masks: tor
     pairs = torch.from_numpy(candidates.reshape(-1, 2))
     union = masks[pairs[:, 0]] | masks[pairs[:, 1]]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        z = masked_forward(model, x.repeat_interleave(m, 0), union.to(x.device), split, geo, cfg.mask_value)
+        z = masked_forward(model, x, union.to(x.device), split, geo, cfg.mask_value, repeat=m)
     loss = F.cross_entropy(z.float(), y.repeat_interleave(m, 0), reduction="none").view(n, m)
     model.train(was_training)
     best = loss.argmax(dim=1).cpu().numpy()
@@ -152,34 +160,46 @@ def _batch_masks(model, x, y, masks, split, geo, cfg: TrainConfig, rng) -> torch
 
 
 def _all_right(model: Classifier, x: torch.Tensor, y: torch.Tensor, union: torch.Tensor, cfg: TrainConfig,
-               chunk: int = 2048) -> torch.Tensor:
-    """(N, M) bool: the prediction under each of the ``union`` masks (M, H, W) equals the label."""
+               space: tuple[int, dict | None], chunk: int = 2048) -> torch.Tensor:
+    """(N, M) bool: the prediction under each of the ``union`` masks (M, H, W) equals the label; ``space``: the
+    split and geometry of :func:`masked_forward`."""
     out = []
     for i in range(len(x)):
         for j in range(0, len(union), chunk):
             m = union[j:j + chunk]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                z = masked_forward(model, x[i:i + 1].expand(len(m), -1, -1, -1), m, 0, None, cfg.mask_value)
+                z = masked_forward(model, x[i:i + 1], m, *space, cfg.mask_value, repeat=len(m))
             out.append(z.argmax(1) == y[i])
     return torch.cat(out).view(len(x), len(union))
+
+
+def monitor_space(model: Classifier, cfg: TrainConfig, hw: tuple[int, int]) -> tuple[int, dict | None]:
+    """(split, geometry) for :func:`masked_forward`: pixels, unless every batch is masked on features."""
+    if cfg.feature_splits and cfg.feature_prob >= 1:
+        split = max(cfg.feature_splits)
+        return split, geometry(model.unit_specs, split, hw)
+    return len(model.units), None
 
 
 @torch.no_grad()
 def monitor(model: Classifier, x: np.ndarray, y: np.ndarray, mean, std, masks: torch.Tensor, cfg: TrainConfig,
             pair_images: int) -> dict:
     """Quick bf16 check on held-out images: clean accuracy, every one-mask prediction right (the certification
-    ceiling) and, on the first ``pair_images``, every two-mask prediction right (certified, up to bf16 rounding)."""
+    ceiling) and, on the first ``pair_images``, every two-mask prediction right (certified, up to bf16 rounding).
+    Masks go where the model is meant to run: in pixels, or on the features of the deepest split for a model
+    trained in feature space only."""
     model.eval()
+    space = monitor_space(model, cfg, tuple(x.shape[1:3]))
     xb, yb = normalize(to_nchw(x), mean, std), torch.from_numpy(y)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         clean = torch.cat([model(xb[i:i + 256]).argmax(1) for i in range(0, len(xb), 256)]) == yb
-    one = _all_right(model, xb, yb, masks, cfg).all(1) & clean
+    one = _all_right(model, xb, yb, masks, cfg, space).all(1) & clean
     out = {"images": int(len(y)), "clean": float(clean.float().mean()), "one_mask": float(one.float().mean())}
     if pair_images:
         ii, jj = np.triu_indices(len(masks))
         union = masks[torch.from_numpy(ii)] | masks[torch.from_numpy(jj)]
         n = min(pair_images, len(y))
-        cert = _all_right(model, xb[:n], yb[:n], union, cfg).all(1) & clean[:n]
+        cert = _all_right(model, xb[:n], yb[:n], union, cfg, space).all(1) & clean[:n]
         out |= {"certified": float(cert.float().mean()), "certified_images": n}
     model.train()
     return out

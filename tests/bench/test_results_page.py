@@ -61,6 +61,10 @@ def results(tmp_path: Path) -> Path:
         "backend": "onnxruntime-cpu", "machine": {"cpu": "AMD EPYC", "cores": 2, "gpus": []},
         "configs": {"cascade": stage, "default": stage | {"alert_rate": 0.0}},
         "deadline_sweep": [{"deadline_ms": 5.0, **stage, "fail_safe_rate": 0.5}]})
+    counts = {"images": [2] * 43, "right": [2] * 42 + [0], "certified": [1] * 43}
+    _write(tmp_path, "testset-h.json", {
+        "bundle": "ibp-gtsrb", "engines": ["e"], "threat": "2x2", "data": "gtsrb:test", "data_images": 12630,
+        "shard": "0/2,1/2", "classes": ["c"] * 43, "counts": counts, "seconds": 1.0, "commit": "c"})
     _write(tmp_path, "other.json", {"unrelated": True})
     _write(tmp_path, "list.json", [1, 2])
     (tmp_path / "broken.json").write_text("{", encoding="utf-8")
@@ -90,6 +94,11 @@ def test_each_kind_of_result_renders_its_rows(results: Path):
             "| invalid frame 100 | 612 | 1.5 | 0 |") in lines
     assert "## Latency" not in lines
     assert "| `background-f.json` | `default` | `5x5` | 1,000 | 500 | 0.2 | 3.1 | 95.4 | 0.4 | 83.0 | 18.2 |" in lines
+    testset = lines.index("## Shipped bundles on the whole test set")
+    assert lines[testset + 4].endswith("| certified: speed limits | certified: other prohibitory | certified: danger "
+                                       "| certified: mandatory | certified: others |")
+    assert lines[testset + 6] == ("| `testset-h.json` | `ibp-gtsrb` | `2x2` | `gtsrb:test`, 86 from shards 0/2, 1/2 "
+                                  "| 97.7 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |")
     cascades = lines.index("## Cascades")
     assert lines[cascades + 4] == ("`cascade-g.json`: `default` then `doublemask-gtsrb`, threat `5x5`, `gtsrb:test` "
                                    "first 300, onnxruntime-cpu, AMD EPYC, 2 cores (no GPU)")

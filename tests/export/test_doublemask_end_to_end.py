@@ -14,6 +14,8 @@ from torch import nn  # noqa: E402
 
 from certinfer.bench.doublemask_reference import reference_decisions  # noqa: E402
 from certinfer.bench.doublemask_speed import levers, plot, speed  # noqa: E402
+from certinfer.bench.doublemask_tradeoff import frame_macs, onnx_macs  # noqa: E402
+from certinfer.bench.doublemask_tradeoff import plot as plot_tradeoff  # noqa: E402
 from certinfer.export.bundle_writer import write_bundle  # noqa: E402
 from certinfer.export.probe import ProbeError, probe  # noqa: E402
 from certinfer.runtime.defenses import doublemask as dm  # noqa: E402
@@ -159,6 +161,22 @@ def test_speed_bench_runs_every_mode_with_identical_certificates(untrained, tmp_
     shares = levers({"loop": {"ms_per_frame": 100.0}, "batched": {"ms_per_frame": 10.0},
                      "early-exit": {"ms_per_frame": 5.0}, "feature": {"ms_per_frame": 1.0}})
     assert shares["total"] == pytest.approx(100) and shares["batching"]["share"] == pytest.approx(0.5)
+
+
+def test_multiply_adds_are_counted_on_the_graphs(untrained, tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                        nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    assert onnx_macs(_onnx(net, 3, tmp_path / "n.onnx").read_bytes()) == 8 * 64 * 27 + 8 * 64 * 9 + 512 * 10
+    front = 16 * 16 * WIDTH * 27
+    back = 8 * 8 * 32 * WIDTH * 9 + 8 * 8 * 32 * 32 * 9 + 32 * len(CLASSES)  # the graph folds batch norm away
+    pixel, feature = (frame_macs(load(p, backend=BACKEND)) for p in untrained)
+    copies = 25 + 25 * 24 // 2  # 25 masks of 5x5 at stride 3 on 16x16: one- and two-mask copies
+    assert pixel == {"masks": 25, "copies": copies, "model": front + back, "per_certified_frame": (front + back) * copies}
+    assert feature["per_certified_frame"] == front + back * copies and feature["front"] == front
+    points = [{"bundle": "p", "space": "pixel", "macs": pixel, "clean": 0.9, "certified": 0.4, "data": "d", "n": 5},
+              {"bundle": "f", "space": "feature", "split": 1, "geometry": FRONT, "macs": feature, "clean": 0.8,
+               "certified": 0.3, "data": "d", "n": 5}]
+    assert plot_tradeoff(points, tmp_path / "tradeoff.png").stat().st_size > 0
 
 
 # --- the recovery guarantee under attack -------------------------------------------------------------------------
