@@ -32,6 +32,16 @@ def take(frames: np.ndarray, n: int, start: int = 0) -> np.ndarray:
     return frames[(start + np.arange(n)) % len(frames)]
 
 
+def batch1_p50_ms(certifier: Certifier, frames: np.ndarray, repeats: int = 20) -> float:
+    """Batch-1 p50 over up to ``repeats`` of ``frames`` (the first call, which pays engine set-up, not counted)."""
+    times = []
+    for frame in frames[:repeats + 1]:
+        t0 = time.perf_counter()
+        certifier(frame[None])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(float(np.median(times[1:])), 2)
+
+
 def stream_latency(certifier: Certifier, frames: np.ndarray, n: int, warmup: int = 5,
                    progress: Callable[[int], None] | None = None) -> dict:
     """Batch-1 streaming: one frame per call, ``n`` calls after ``warmup``; percentiles per stage and of the call."""

@@ -15,7 +15,6 @@ the split; the 500-image ``provenance.check`` that CI re-measures is left as it 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from certinfer.bench.groups import GTSRB_GROUPS
 from certinfer.bench.machine import machine_info, machine_line
+from certinfer.bench.measure import batch1_p50_ms
 from certinfer.provenance import git_commit
 from certinfer.runtime.bundle import load_bundle
 from certinfer.runtime.evaluate import shard_indices
@@ -97,16 +97,6 @@ def summary(result: dict) -> dict:
             "certified_accuracy": float(cert.sum() / max(n, 1)), "sign_groups": groups}
 
 
-def latency_ms(certifier, frames: np.ndarray, repeats: int = 20) -> float:
-    """Batch-1 p50 over ``frames`` (the first call, which pays engine set-up, not counted)."""
-    times = []
-    for frame in frames[:repeats + 1]:
-        t0 = time.perf_counter()
-        certifier(frame[None])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(times[1:]), 2)
-
-
 def record(result: dict, folder: Path, frames: np.ndarray) -> dict:
     """Write a whole-split ``result``, and the batch-1 latency on ``frames`` on this machine, into the bundle at
     ``folder``; reseal it. Returns the new provenance."""
@@ -125,7 +115,7 @@ def record(result: dict, folder: Path, frames: np.ndarray) -> dict:
         "clean": int(sum(result["counts"]["right"])), "clean_accuracy": s["clean_accuracy"],
         "certified_accuracy": {"default": s["certified_accuracy"]}, "sign_groups": s["sign_groups"],
         "measured_by": "certinfer bench testset", "commit": result["commit"]}
-    m["provenance"]["latency"] = {"batch1_p50_ms": latency_ms(certifier, frames), "backend": BACKEND,
+    m["provenance"]["latency"] = {"batch1_p50_ms": batch1_p50_ms(certifier, frames), "backend": BACKEND,
                                   "machine": machine_line(machine_info())}
     write_manifest(bundle)
     return m["provenance"]

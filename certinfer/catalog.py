@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from certinfer.bench.measure import batch1_p50_ms
 from certinfer.runtime import packaged
 from certinfer.runtime.loader import load
 
@@ -19,18 +18,11 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1)
 
 
-def _latency_ms(certifier, repeats: int = 5) -> float:
-    """Batch-1 p50 over the packaged sample frames (the first call, which pays engine set-up, not counted)."""
+def _sample_frames(count: int) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(packaged.data_dir("samples").glob("gtsrb_test_*.png"))[:repeats + 1]
-    frames = [np.asarray(Image.open(f).convert("RGB"))[None] for f in files]
-    times = []
-    for frame in frames:
-        t0 = time.perf_counter()
-        certifier(frame)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(times[1:]), 2)
+    files = sorted(packaged.data_dir("samples").glob("gtsrb_test_*.png"))[:count]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
 def entry(name: str, measure: bool = False) -> dict:
@@ -47,7 +39,7 @@ def entry(name: str, measure: bool = False) -> dict:
             "certified": certified.get("default") if isinstance(certified, dict) else certified,
             "images": metrics.get("n"), "data": metrics.get("data") or "gtsrb:test",
             "no_sign": "no sign" in certifier.classes,
-            "latency_ms": _latency_ms(certifier) if measure else latency.get("batch1_p50_ms"),
+            "latency_ms": batch1_p50_ms(certifier, _sample_frames(6), 5) if measure else latency.get("batch1_p50_ms"),
             "latency_on": "here" if measure else latency.get("machine"), "size_mb": _size_mb(folder),
             "sign_groups": metrics.get("sign_groups"), "command": provenance.get("command", "")}
 
