@@ -46,10 +46,12 @@ def class_counts(certifier, x: np.ndarray, y: np.ndarray, classes: int) -> dict[
     """Per true class: images, right (the verdict names the label) and certified and right."""
     right = np.zeros(len(y), bool)
     certified = np.zeros(len(y), bool)
-    for i in tqdm(range(0, len(y), CHUNK), desc="test set", unit_scale=CHUNK, leave=False):
-        for j, v in enumerate(certifier.certify_frames(x[i:i + CHUNK]), start=i):
-            right[j] = v.label == y[j]
-            certified[j] = right[j] and v.status == "certified"
+    with tqdm(total=len(y), desc="test set", unit="image", leave=False) as bar:
+        for i in range(0, len(y), CHUNK):
+            for j, v in enumerate(certifier.certify_frames(x[i:i + CHUNK]), start=i):
+                right[j] = v.label == y[j]
+                certified[j] = right[j] and v.status == "certified"
+            bar.update(min(CHUNK, len(y) - i))
     return {"images": np.bincount(y, minlength=classes).tolist(),
             "right": np.bincount(y[right], minlength=classes).tolist(),
             "certified": np.bincount(y[certified], minlength=classes).tolist()}
