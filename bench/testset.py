@@ -100,8 +100,8 @@ def summary(result: dict) -> dict:
 
 
 def record(result: dict, folder: Path, frames: np.ndarray) -> dict:
-    """Write a whole-split ``result``, and the batch-1 latency on ``frames`` on this machine, into the bundle at
-    ``folder``; reseal it. Returns the new provenance."""
+    """Write a whole-split ``result``, and the batch-1 latency on ``frames`` on this machine (one engine thread),
+    into the bundle at ``folder``; reseal it. Returns the new provenance."""
     from certinfer.export.bundle_writer import write_manifest
 
     bundle = load_bundle(folder)
@@ -111,14 +111,14 @@ def record(result: dict, folder: Path, frames: np.ndarray) -> dict:
     s = summary(result)
     if s["n"] != result["data_images"]:
         raise ValueError(f"the result covers {s['n']} of {result['data_images']} images: merge every shard first")
-    certifier = load(folder, backend=BACKEND)
+    certifier = load(folder, backend=BACKEND, engine_options={"threads": 1})
     m["provenance"]["metrics"] = {
         "backend": BACKEND, "data": result["data"], "data_note": "", "n": s["n"],
         "clean": int(sum(result["counts"]["right"])), "clean_accuracy": s["clean_accuracy"],
         "certified_accuracy": {"default": s["certified_accuracy"]}, "sign_groups": s["sign_groups"],
         "measured_by": "certinfer bench testset", "commit": result["commit"]}
     m["provenance"]["latency"] = {"batch1_p50_ms": batch1_p50_ms(certifier, frames), "backend": BACKEND,
-                                  "machine": machine_line(machine_info())}
+                                  "threads": 1, "machine": machine_line(machine_info())}
     write_manifest(bundle)
     return m["provenance"]
 

@@ -29,7 +29,7 @@ def entry(name: str, measure: bool = False) -> dict:
     """One packaged bundle, loaded (so its hashes are checked) and described from its manifest: accuracy and
     latency as recorded there (``certinfer bench testset --record``), or latency measured here with ``measure``."""
     folder = packaged.resolve(name)
-    certifier = load(name)
+    certifier = load(name, backend="onnxruntime-cpu", engine_options={"threads": 1})  # what the latency note says
     provenance = certifier.manifest.get("provenance", {})
     metrics = provenance.get("metrics", {})
     certified = metrics.get("certified_accuracy", {})
@@ -68,7 +68,7 @@ def _latency_note(rows: list[dict]) -> str:
     where = sorted({r["latency_on"] for r in rows if r["latency_on"]})
     if not where:
         return "latency: not recorded; --measure times each bundle here"
-    return f"latency: batch 1, p50, onnxruntime CPU, {'; '.join(where)}"
+    return f"latency: batch 1, p50, onnxruntime CPU, 1 engine thread, {'; '.join(where)}"
 
 
 def _groups_table(rows: list[dict]) -> list[str]:
