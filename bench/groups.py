@@ -14,12 +14,19 @@ GTSRB_GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 
-def per_group(truth: np.ndarray, right: np.ndarray, certified: np.ndarray) -> dict[str, dict]:
-    """Clean and certified accuracy per GTSRB group (``right``: label correct; ``certified``: certified)."""
+def group_rates(images: np.ndarray, right: np.ndarray, certified: np.ndarray) -> dict[str, dict]:
+    """Clean and certified accuracy per GTSRB group from per-class counts (images, right, certified and right)."""
     out = {}
     for name, classes in GTSRB_GROUPS.items():
-        member = np.isin(truth, classes)
-        if member.any():
-            out[name] = {"images": int(member.sum()), "clean": float(right[member].mean()),
-                         "certified": float((right & certified)[member].mean())}
+        member = [c for c in classes if c < len(images)]
+        if k := int(images[member].sum()):
+            out[name] = {"images": k, "clean": float(right[member].sum() / k),
+                         "certified": float(certified[member].sum() / k)}
     return out
+
+
+def per_group(truth: np.ndarray, right: np.ndarray, certified: np.ndarray) -> dict[str, dict]:
+    """Clean and certified accuracy per GTSRB group (``right``: label correct; ``certified``: certified)."""
+    size = max(max(c for g in GTSRB_GROUPS.values() for c in g), int(truth.max(initial=0))) + 1
+    return group_rates(np.bincount(truth, minlength=size), np.bincount(truth[right], minlength=size),
+                       np.bincount(truth[right & certified], minlength=size))

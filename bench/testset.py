@@ -23,7 +23,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from certinfer.bench.groups import GTSRB_GROUPS
+from certinfer.bench.groups import group_rates
 from certinfer.bench.machine import machine_info, machine_line
 from certinfer.bench.measure import batch1_p50_ms
 from certinfer.provenance import git_commit
@@ -89,12 +89,7 @@ def summary(result: dict) -> dict:
     """Totals, and per GTSRB sign group on GTSRB data, from a result's class counts."""
     images, right, cert = (np.asarray(result["counts"][k]) for k in COUNTS)
     n = int(images.sum())
-    groups = {}
-    for name, classes in GTSRB_GROUPS.items() if result["data"].startswith("gtsrb") else ():
-        member = [c for c in classes if c < len(images)]
-        if k := int(images[member].sum()):
-            groups[name] = {"images": k, "clean": float(right[member].sum() / k),
-                            "certified": float(cert[member].sum() / k)}
+    groups = group_rates(images, right, cert) if result["data"].startswith("gtsrb") else {}
     return {"n": n, "clean_accuracy": float(right.sum() / max(n, 1)),
             "certified_accuracy": float(cert.sum() / max(n, 1)), "sign_groups": groups}
 
