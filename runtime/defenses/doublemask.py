@@ -5,7 +5,7 @@ at stride s per axis, the last one flush with the border, deduplicated: every lo
 inside some mask (the covering property). Per axis, a patch starting at t lies in the mask starting at
 p = s * floor(t / s) (p <= t and p + h + s - 1 >= t + h), or in the flush last mask when t is past it.
 Masked pixels are replaced by one value fixed per bundle (``defense.params.mask_value``, in the space that is
-masked), in training and at run time alike (:func:`apply_masks`).
+masked), in training and at run time alike (:func:`masked_copies`).
 
 Certificate. A frame is certified for y when the classifier says y, with a strict margin, under every mask and
 every pair of masks. Inference (:func:`recover`, the paper's Algorithm 1) then returns y on any patched frame:
@@ -87,15 +87,30 @@ def mask_set(input_hw: Pair, threat: str | Threat, stride: int | Sequence[int]) 
     return box_masks(mask_boxes(input_hw, threat, stride), input_hw)
 
 
-def apply_masks(x: np.ndarray, masks: np.ndarray, value: float | Sequence[float] = 0.0) -> np.ndarray:
-    """Every frame under every mask: (N, C, H, W) and bool (K, H, W) -> float32 (N, K, C, H, W).
+def masked_copies(base: np.ndarray, masked: np.ndarray, frames: np.ndarray,
+                  value: float | Sequence[float] = 0.0) -> np.ndarray:
+    """Masked copies: row r is ``base[frames[r]]`` with the positions ``masked[r]`` set to ``value``.
 
-    Masked positions take ``value`` (a scalar, or one value per channel), everything else is ``x`` unchanged.
+    ``base`` (N, C, H, W), ``masked`` bool (R, H, W), ``frames`` int (R,), ``value`` a scalar or one per channel
+    -> float32 (R, C, H, W). Unmasked positions keep ``base``'s bits exactly (-0.0 and NaN included), masked ones
+    hold exactly ``value``. Built as one bitwise AND per run of equal frames, broadcast from the frame (no gathered
+    intermediate): the feature-space copies are large, and building them moves most of the bytes.
     """
-    x = np.asarray(x, dtype=np.float32)
+    bits = np.ascontiguousarray(base, dtype=np.float32).view(np.uint32)
+    masked = np.asarray(masked, dtype=bool)
+    frames = np.asarray(frames, dtype=np.int64)
+    if masked.shape[0] != len(frames) or masked.shape[1:] != bits.shape[2:]:
+        raise ValueError(f"masked_copies: masks {masked.shape} do not fit {len(frames)} rows of {bits.shape[1:]}")
+    keep = np.where(masked, np.uint32(0), np.uint32(0xFFFFFFFF))[:, None]
+    out = np.empty((len(frames), *bits.shape[1:]), dtype=np.uint32)
+    starts = np.flatnonzero(np.diff(frames, prepend=-1))
+    for s, e in zip(starts, np.append(starts[1:], len(frames))):
+        np.bitwise_and(bits[frames[s]], keep[s:e], out=out[s:e])
+    copies = out.view(np.float32)  # masked positions hold +0.0 here
     v = np.asarray(value, dtype=np.float32)
-    v = v.reshape(1, 1, -1, 1, 1) if v.ndim else v
-    return np.where(np.asarray(masks, dtype=bool)[None, :, None], v, x[:, None])
+    if v.any() or np.signbit(v).any():
+        np.copyto(copies, v.reshape(-1, 1, 1) if v.ndim else v, where=masked[:, None])
+    return copies
 
 
 def feature_masks(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -292,13 +307,11 @@ class DoubleMaskCertifier(Certifier):
                        b: np.ndarray) -> np.ndarray:
         """Logits of ``base[frames[r]]`` under masks ``a[r]`` and ``b[r]`` (a == b: one mask), row by row; the
         copies are built by one vectorized operation per :data:`BATCH_BYTES` and sent as one engine call."""
-        value = self.mask_value.reshape(1, -1, 1, 1) if self.mask_value.ndim else self.mask_value
         step = max(1, BATCH_BYTES // max(base[0].nbytes, 1))
         parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for s in range(0, len(frames), step):
             sl = slice(s, s + step)
-            copies = base[frames[sl]]  # a fresh array: masked in place
-            np.copyto(copies, value, where=(masks[a[sl]] | masks[b[sl]])[:, None])
+            copies = masked_copies(base, masks[a[sl]] | masks[b[sl]], frames[sl], self.mask_value)
             out = self.run_engine(copies, role=role)
             parts.append(np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float32))
         return np.concatenate(parts)

@@ -55,17 +55,21 @@ def test_mask_set_rejects_bad_strides():
             dm.mask_set((32, 32), "5x5", bad)
 
 
-def test_apply_masks_scalar_and_per_channel_value():
+def test_masked_copies_are_bit_exact_for_any_value_and_row_order():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 3, 7, 9)).astype(np.float32)
+    x = rng.normal(size=(3, 3, 7, 9)).astype(np.float32)
+    x[0, 1, 2, 3], x[1, 0, 0, 0], x[2, 2, 6, 8] = -0.0, np.nan, np.inf  # bits that arithmetic would not keep
     masks = dm.mask_set((7, 9), "2x2", 3)
-    for value in (0.0, [1.0, -2.0, 0.5]):
-        out = dm.apply_masks(x, masks, value)
-        assert out.shape == (2, len(masks), 3, 7, 9) and out.dtype == np.float32
+    frames = np.array([2, 0, 0, 1, 2, 2, 1, 0])  # runs of equal frames, in any order
+    masked = masks[rng.integers(0, len(masks), len(frames))] | masks[rng.integers(0, len(masks), len(frames))]
+    for value in (0.0, -0.0, 1.5, [1.0, -2.0, 0.5]):
+        out = dm.masked_copies(x, masked, frames, value)
+        assert out.shape == (len(frames), 3, 7, 9) and out.dtype == np.float32
         v = np.broadcast_to(np.asarray(value, np.float32).reshape(-1, 1, 1), (3, 7, 9))
-        for n in range(2):
-            for k, m in enumerate(masks):
-                assert np.array_equal(out[n, k], np.where(m, v, x[n]))
+        for r, f in enumerate(frames):
+            assert np.array_equal(out[r].view(np.uint32), np.where(masked[r], v, x[f]).view(np.uint32))
+    with pytest.raises(ValueError, match="do not fit"):
+        dm.masked_copies(x, masked[:3], frames)
 
 
 # --- certification and inference against the plain reference, on stand-in classifiers -------------------------
