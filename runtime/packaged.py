@@ -1,6 +1,7 @@
 """What ships inside the package: the default bundle, bundles by name, and the sample frames.
 
-A bundle is named ``<defense>-<dataset>`` (``doublemask-gtsrb``) after its folder under ``certinfer/data/bundles``;
+A bundle is named ``<defense>-<dataset>`` (``doublemask-gtsrb``), with a suffix for a variant of the same defense
+(``doublemask-gtsrb-feature``), after its folder under ``certinfer/data/bundles``;
 ``default`` is the default bundle, also loaded by its own name (``bagcert-gtsrb``). Anything else given where a bundle is expected is a path.
 """
 
