@@ -21,7 +21,9 @@ receptive field reaches, which the export's locality probe verifies per backend.
 
 Occlusion batching. The K one-mask copies of every frame of a batch go to the engine as one call; then the
 K(K-1)/2 pairs of the frames whose first round agrees, and, for the other frames (never certifiable), only the
-pairs inference reads (the rows of their disagreeing masks), all in a second call.
+pairs inference reads (the rows of their disagreeing masks), all in a second call. On a CPU engine each round is
+sent in calls of a few megabytes instead: feature-space copies that stay in cache run faster (a few percent on a
+quiet machine, a fifth when other work shares the memory bus); pixel-space frames take the same time either way.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ def gaps(logits: np.ndarray, labels: int | np.ndarray) -> np.ndarray:
 SPACES = ("pixel", "feature")
 FEATURE_ROLES = ("front", "back")
 BATCH_BYTES = 256 << 20  # masked copies built at once (each build is one engine call, chunked by the engine)
+CPU_BATCH_BYTES = 3 << 20  # on a CPU engine: copies that stay in cache run faster than one large call
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,10 @@ class DoubleMaskCertifier(Certifier):
     def _masked_logits(self, base: np.ndarray, masks: np.ndarray, role: str, frames: np.ndarray, a: np.ndarray,
                        b: np.ndarray) -> np.ndarray:
         """Logits of ``base[frames[r]]`` under masks ``a[r]`` and ``b[r]`` (a == b: one mask), row by row; the
-        copies are built by one vectorized operation per :data:`BATCH_BYTES` and sent as one engine call."""
-        step = max(1, BATCH_BYTES // max(base[0].nbytes, 1))
+        copies are built by one vectorized operation per :data:`BATCH_BYTES` (:data:`CPU_BATCH_BYTES` on a CPU
+        engine) and sent as one engine call."""
+        budget = CPU_BATCH_BYTES if self.engines[role].name.endswith("-cpu") else BATCH_BYTES
+        step = max(1, budget // max(base[0].nbytes, 1))
         parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for s in range(0, len(frames), step):
             sl = slice(s, s + step)

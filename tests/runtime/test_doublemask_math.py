@@ -193,6 +193,21 @@ def test_masked_copies_go_to_the_engine_in_one_call_per_round():
     assert engine.calls == 2 and engine.rows == features.rows.sum()
 
 
+def test_a_cpu_engine_gets_cache_sized_calls_and_the_same_decisions(monkeypatch):
+    frames = _frames(8, seed=5)
+    reference = _certifier()
+    expected = reference.certify(reference.timed_features(frames)[0])
+    certifier = _certifier()
+    engine = certifier.engines["model"]
+    engine.name = "stand-in-cpu"
+    monkeypatch.setattr(dm, "CPU_BATCH_BYTES", 6 * frames[0].size * 4)  # 6 normalized frames a call
+    features, _ = certifier.timed_features(frames)
+    first = len(frames) * len(certifier.masks)
+    assert engine.calls == -(-first // 6) + -(-(features.rows.sum() - first) // 6)
+    assert engine.rows == features.rows.sum()
+    assert certifier.certify(features) == expected
+
+
 def test_mask_value_is_what_masked_pixels_hold():
     seen = []
     certifier = _certifier(mask_value=[1.5, -2.0, 0.25])
