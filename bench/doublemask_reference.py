@@ -10,7 +10,9 @@ is computed (mask i and mask j for every i <= j; i == j is the one-mask predicti
   to the largest label;
 * certification: certified for the inferred label y when every prediction of the map is y, each with a strict
   margin: ``logit[y] - max_{c != y} logit[c] > 0`` (a tie is a flip). The margin is the smallest such gap over
-  the copies the certificate reads: the whole map when the first round agrees, else the one-mask copies.
+  the copies the certificate reads: the one-mask copies, and when they all agree with a strict margin the pairs
+  in check order (nearest the centre first: by the sum of both masks' squared centre offsets in half cells, ties
+  in row-major order) up to the first that fails, or all of them.
 
 Masks are the certifier's (pixel masks, or feature masks on the front part's map, which runs once per frame);
 each copy is built pixel by pixel (cell by cell) from its two masks. ``certinfer.bench.doublemask_speed`` times
@@ -75,13 +77,33 @@ def gap(logits: np.ndarray, label: int) -> float:
     return float(logits[label]) - max(float(v) for c, v in enumerate(logits) if c != label)
 
 
-def decide(logits: np.ndarray) -> tuple[int, int, bool, float]:
-    """``(label, case, certified, margin)`` from a (K, K, classes) logit map."""
+def centre_offset(mask: np.ndarray) -> int:
+    """Squared distance, in half cells, from the centre of the mask's bounding box to the centre of the map."""
+    rows = [r for r in range(mask.shape[0]) if mask[r].any()]
+    cols = [c for c in range(mask.shape[1]) if mask[:, c].any()]
+    dy = rows[0] + rows[-1] - (mask.shape[0] - 1)
+    dx = cols[0] + cols[-1] - (mask.shape[1] - 1)
+    return dy * dy + dx * dx
+
+
+def check_order(masks: np.ndarray) -> list[tuple[int, int]]:
+    """The pairs ``(i, j)``, ``i < j``, nearest the centre first; Python's sort is stable: ties stay row-major."""
+    offset = [centre_offset(m) for m in masks]
+    pairs = [(i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+    return sorted(pairs, key=lambda p: offset[p[0]] + offset[p[1]])
+
+
+def decide(logits: np.ndarray, order: list[tuple[int, int]]) -> tuple[int, int, bool, float]:
+    """``(label, case, certified, margin)`` from a (K, K, classes) logit map and the pairs' check order."""
     k = len(logits)
     preds = logits.argmax(axis=-1)
     label, case = double_masking(preds)
-    read = [(i, j) for i in range(k) for j in range(i, k)] if case == 1 else [(i, i) for i in range(k)]
-    margin = min(gap(logits[i, j], label) for i, j in read)
+    margin = min(gap(logits[i, i], label) for i in range(k))
+    if case == 1 and margin > 0:
+        for i, j in order:
+            margin = min(margin, gap(logits[i, j], label))
+            if margin <= 0:
+                break
     certified = all(int(preds[i, j]) == label for i in range(k) for j in range(k)) and margin > 0
     return label, case, certified, margin
 
@@ -102,7 +124,8 @@ def reference_decisions(certifier: DoubleMaskCertifier, frames: np.ndarray) -> l
         if certifier.space == "feature":
             out = certifier.run_engine(frame[None], role="front")
             base = (out[0] if isinstance(out, tuple) else out)[0]
-        label, case, certified, margin = decide(prediction_map(run, base, certifier.masks, value))
+        logits = prediction_map(run, base, certifier.masks, value)
+        label, case, certified, margin = decide(logits, check_order(certifier.masks))
         rects = {key: RectCert(certified, margin + 0.0) for key in certifier.threat.keys}
         results.append((label, case, Certificate.from_rects(str(certifier.threat), rects)))
     return results

@@ -19,11 +19,15 @@ becomes the feature cells whose receptive field meets it (:func:`feature_masks`)
 per masked copy. The argument above holds on the feature map as long as a patch changes only the cells its
 receptive field reaches, which the export's locality probe verifies per backend.
 
-Occlusion batching. The K one-mask copies of every frame of a batch go to the engine as one call; then the
-K(K-1)/2 pairs of the frames whose first round agrees, and, for the other frames (never certifiable), only the
-pairs inference reads (the rows of their disagreeing masks), all in a second call. On a CPU engine each round is
-sent in calls of a few megabytes instead: feature-space copies that stay in cache run faster (a few percent on a
-quiet machine, a fifth when other work shares the memory bus); pixel-space frames take the same time either way.
+Occlusion batching. The K one-mask copies of every frame of a batch go to the engine as one call. Then the
+second round: for frames whose first round disagrees (never certifiable) only the pairs inference reads (the rows
+of their disagreeing masks); for frames whose first round agrees (case 1: the label is decided, only the
+certificate is open) the K(K-1)/2 pairs in :func:`pair_order`, nearest the centre first, a block per call, until
+one pair fails. The certificate fails at the first failing pair whatever the rest say, so the margin of such a
+frame is read up to that pair: decisions do not depend on how the pairs are batched. A GPU engine takes every pair
+in one block; on a CPU engine calls are a few megabytes: feature-space copies that stay in cache run faster (a few
+percent on a quiet machine, a fifth when other work shares the memory bus), and most uncertified frames stop
+after their first block.
 """
 
 from __future__ import annotations
@@ -127,9 +131,22 @@ def feature_masks(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.stack(list(out.values())) if out else np.zeros((0, *geometry.output_hw), dtype=bool)
 
 
-def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two-mask pairs ``(i, j)``, ``i < j``, in row-major order: pair ``p`` masks ``i[p]`` and ``j[p]``."""
-    return np.triu_indices(k, 1)
+def pair_order(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two-mask pairs ``(i, j)``, ``i < j``, in the order certification checks them: pair ``p`` masks ``i[p]``
+    and ``j[p]``. Nearest the centre first (by the sum of both masks' squared centre offsets, in half cells, an
+    integer), ties in row-major order. A sign fills the middle of its box, so the pair that breaks a certificate
+    usually comes among the first few and checking stops there (:class:`DoubleMaskOptions`)."""
+    masks = np.asarray(masks, dtype=bool)
+    i, j = np.triu_indices(len(masks), 1)
+    if not len(i):
+        return i, j
+    offsets = np.zeros(len(masks), dtype=np.int64)
+    for axis, size in ((2, masks.shape[1]), (1, masks.shape[2])):
+        hit = masks.any(axis=axis)  # (K, size): rows (or columns) each mask touches
+        first, last = hit.argmax(axis=1), size - 1 - hit[:, ::-1].argmax(axis=1)
+        offsets += (first + last - (size - 1)) ** 2
+    order = np.argsort(offsets[i] + offsets[j], kind="stable")
+    return i[order], j[order]
 
 
 def majority(preds: np.ndarray) -> int:
@@ -179,8 +196,10 @@ CPU_BATCH_BYTES = 3 << 20  # on a CPU engine: copies that stay in cache run fast
 @dataclass(frozen=True)
 class DoubleMaskOptions(Options):
     """``early_exit``: a frame whose one-mask predictions disagree cannot be certified, so only the second rounds
-    its inference reads (the pairs of its disagreeing masks) are run; False runs every pair of every frame.
-    Decisions are identical either way."""
+    its inference reads (the pairs of its disagreeing masks) are run; a frame whose one-mask predictions agree has
+    its label (case 1) and runs its pairs in :func:`pair_order`, a block per engine call, until one fails. False
+    runs every pair of every frame. Decisions are identical either way (the margin reads only the pairs up to the
+    first that fails)."""
 
     INFER: ClassVar[tuple[str, ...]] = ("early_exit",)
     early_exit: bool = True
@@ -193,7 +212,7 @@ class DoubleMaskOptions(Options):
 @dataclass(frozen=True)
 class DoubleMaskFeatures:
     one: np.ndarray  # float32 (N, K, C): logits under each mask
-    two: np.ndarray  # int64 (N, P): prediction under each pair of pair_index(K); -1 where not run
+    two: np.ndarray  # int64 (N, P): prediction under each pair of pair_order(masks); -1 where not run
     two_gap: np.ndarray  # float32 (N, P): gap (see gaps) of the frame's one-mask majority under each pair run
     rows: np.ndarray  # int64 (N,): engine rows (masked copies) per frame
 
@@ -206,11 +225,15 @@ def _space(params: Mapping[str, Any]) -> str:
 
 
 @lru_cache(maxsize=64)
-def _masks(input_hw: Pair, threat: str, stride: Pair, geometry: Geometry | None) -> np.ndarray:
+def _masks(input_hw: Pair, threat: str, stride: Pair,
+           geometry: Geometry | None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The masks and their :func:`pair_order`, read-only."""
     boxes = mask_boxes(input_hw, threat, stride)
     masks = box_masks(boxes, input_hw) if geometry is None else feature_masks(boxes, geometry)
-    masks.flags.writeable = False
-    return masks
+    pairs = pair_order(masks)
+    for a in (masks, *pairs):
+        a.flags.writeable = False
+    return masks, pairs
 
 
 class DoubleMaskCertifier(Certifier):
@@ -223,7 +246,9 @@ class DoubleMaskCertifier(Certifier):
     ``back`` maps (masked) feature maps to logits).
 
     Certified for label y when every one- and two-mask prediction is y with a strict margin (ties are flips);
-    the margin is the smallest gap of y's logit over the best other class among the copies. :meth:`decide` then
+    the margin is the smallest gap of y's logit over the best other class among the copies (on a frame that is
+    not certified, among the copies read until the certificate failed: the one-mask copies, then the pairs in
+    check order up to the first that fails). :meth:`decide` then
     returns y by case 1, and the inference returns y on any patched frame. Both variants rely on the engine
     giving a masked copy the same output bits in whatever batch it runs (certification and a later inference batch
     the copies differently), and the feature variant also on the front part's locality (a patch changes only the
@@ -258,7 +283,12 @@ class DoubleMaskCertifier(Certifier):
     @property
     def masks(self) -> np.ndarray:
         """bool (K, H, W) pixel masks, or (K', H', W') feature masks: what is masked for this threat."""
-        return _masks(self.input_hw, str(self.threat), self.stride, self.geometry)
+        return _masks(self.input_hw, str(self.threat), self.stride, self.geometry)[0]
+
+    @property
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two-mask pairs of :attr:`masks` in the order certification checks them (:func:`pair_order`)."""
+        return _masks(self.input_hw, str(self.threat), self.stride, self.geometry)[1]
 
     def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...] | None:
         return None if role == "front" else ((len(self.classes),),)
@@ -279,40 +309,64 @@ class DoubleMaskCertifier(Certifier):
 
     def infer(self, x: np.ndarray) -> DoubleMaskFeatures:
         base, role = (x, "model") if self.space == "pixel" else (self._front(x), "back")
-        masks = self.masks
+        masks, (i, j) = self.masks, self.pairs
         n, k = len(x), len(masks)
         ks = np.arange(k)
         one = self._masked_logits(base, masks, role, np.repeat(np.arange(n), k), np.tile(ks, n), np.tile(ks, n))
         one = one.reshape(n, k, -1)
-        i, j = pair_index(k)
         preds = one.argmax(axis=-1)
-        ran = self._pairs_to_run(preds, i, j)
-        frames, pairs = np.nonzero(ran)
-        logits = self._masked_logits(base, masks, role, frames, i[pairs], j[pairs])
-        two, two_gap = np.full(ran.shape, -1, dtype=np.int64), np.zeros(ran.shape, dtype=np.float32)
-        two[frames, pairs] = logits.argmax(axis=-1)
-        two_gap[frames, pairs] = gaps(logits, np.array([majority(p) for p in preds])[frames])
-        return DoubleMaskFeatures(one, two, two_gap, k + ran.sum(axis=1))
+        labels = np.array([majority(p) for p in preds], dtype=np.int64)
+        two, two_gap = np.full((n, len(i)), -1, dtype=np.int64), np.zeros((n, len(i)), dtype=np.float32)
 
-    def _pairs_to_run(self, preds: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """(N, P) bool: every pair for frames whose first round agrees (or without early exit), else the pairs of
-        the masks that disagree with the majority."""
-        ran = np.ones((len(preds), len(i)), dtype=bool)
-        if not self.options.early_exit:
-            return ran
-        for f, p in enumerate(preds):
-            if (p != p[0]).any():
-                disagree = p != majority(p)
-                ran[f] = disagree[i] | disagree[j]
+        def run(frames: np.ndarray, pairs: np.ndarray) -> None:
+            logits = self._masked_logits(base, masks, role, frames, i[pairs], j[pairs])
+            two[frames, pairs] = logits.argmax(axis=-1)
+            two_gap[frames, pairs] = gaps(logits, labels[frames])
+
+        if self.options.early_exit:
+            agree = (preds == labels[:, None]).all(axis=1)
+            checked = agree & (gaps(one, labels[:, None]).min(axis=1) > 0)
+            self._check_in_order(run, np.nonzero(self._inference_pairs(preds, labels, i, j)), np.flatnonzero(checked),
+                                 two_gap, self._rows_per_call(role, base))
+        else:
+            run(np.repeat(np.arange(n), len(i)), np.tile(np.arange(len(i)), n))
+        return DoubleMaskFeatures(one, two, two_gap, k + (two >= 0).sum(axis=1))
+
+    @staticmethod
+    def _inference_pairs(preds: np.ndarray, labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(N, P) bool: for frames whose first round disagrees, the pairs of the masks that disagree with the
+        majority (the second rounds inference reads)."""
+        disagree = preds != labels[:, None]
+        ran = disagree[:, i] | disagree[:, j]
+        ran[~disagree.any(axis=1)] = False
         return ran
+
+    @staticmethod
+    def _check_in_order(run, inference: tuple[np.ndarray, np.ndarray], alive: np.ndarray, two_gap: np.ndarray,
+                        rows_per_call: int) -> None:
+        """Run the ``inference`` (frames, pairs) and check the pairs of the ``alive`` frames in order, a block of
+        about ``rows_per_call`` rows at a time; a frame leaves at its first pair without a strict margin."""
+        frames, pairs = inference
+        start, total = 0, two_gap.shape[1]
+        while len(frames) or (len(alive) and start < total):
+            block = np.arange(start, min(total, start + max(1, rows_per_call // max(len(alive), 1))))
+            if len(alive) and len(block):
+                frames = np.concatenate([frames, np.repeat(alive, len(block))])
+                pairs = np.concatenate([pairs, np.tile(block, len(alive))])
+            run(frames, pairs)
+            alive = alive[(two_gap[alive[:, None], block] > 0).all(axis=1)] if len(block) else alive[:0]
+            frames, pairs, start = frames[:0], pairs[:0], start + len(block)
+
+    def _rows_per_call(self, role: str, base: np.ndarray) -> int:
+        """Masked copies per engine call: :data:`BATCH_BYTES` of them, :data:`CPU_BATCH_BYTES` on a CPU engine."""
+        budget = CPU_BATCH_BYTES if self.engines[role].name.endswith("-cpu") else BATCH_BYTES
+        return max(1, budget // max(base[0].nbytes, 1))
 
     def _masked_logits(self, base: np.ndarray, masks: np.ndarray, role: str, frames: np.ndarray, a: np.ndarray,
                        b: np.ndarray) -> np.ndarray:
         """Logits of ``base[frames[r]]`` under masks ``a[r]`` and ``b[r]`` (a == b: one mask), row by row; the
-        copies are built by one vectorized operation per :data:`BATCH_BYTES` (:data:`CPU_BATCH_BYTES` on a CPU
-        engine) and sent as one engine call."""
-        budget = CPU_BATCH_BYTES if self.engines[role].name.endswith("-cpu") else BATCH_BYTES
-        step = max(1, budget // max(base[0].nbytes, 1))
+        copies are built by one vectorized operation per engine call (:meth:`_rows_per_call` rows)."""
+        step = self._rows_per_call(role, base)
         parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for s in range(0, len(frames), step):
             sl = slice(s, s + step)
@@ -325,7 +379,7 @@ class DoubleMaskCertifier(Certifier):
         """Inference label (PatchCleanser's three cases) and certificate for every frame."""
         one, k = features.one, features.one.shape[1]
         p1 = one.argmax(axis=-1)
-        i, j = pair_index(k)
+        i, j = self.pairs
         decisions = []
         for f in range(len(one)):
             table = np.full((k, k), -1, dtype=np.int64)
@@ -333,12 +387,20 @@ class DoubleMaskCertifier(Certifier):
             table[np.arange(k), np.arange(k)] = p1[f]
             label, case = recover(p1[f], table)
             margin = float(gaps(one[f], label).min())
-            if case == 1 and len(i):
-                if (features.two[f] < 0).any():
-                    raise ValueError("doublemask features: a frame whose first round agrees lacks two-mask copies")
-                margin = min(margin, float(features.two_gap[f].min()))  # the gaps of label, the majority
+            if case == 1 and margin > 0:
+                margin = min(margin, _pair_margin(features.two[f], features.two_gap[f]))
             rect = RectCert(margin > 0, margin + 0.0)  # no -0.0
             cert = Certificate.from_rects(str(self.threat), {key: rect for key in self.threat.keys})
             decisions.append(Decision(label=label, certificate=cert,
                                       scores=np.bincount(p1[f], minlength=one.shape[-1]).astype(float).tolist()))
         return decisions
+
+
+def _pair_margin(two: np.ndarray, two_gap: np.ndarray) -> float:
+    """The smallest gap of the pairs in check order up to the first without a strict margin (all when none):
+    inf without pairs. Raises when one of those pairs was not run."""
+    failed = np.flatnonzero((two >= 0) & (two_gap <= 0))
+    read = slice(0, failed[0] + 1 if len(failed) else len(two))
+    if (two[read] < 0).any():
+        raise ValueError("doublemask features: a frame whose first round agrees lacks two-mask copies")
+    return float(two_gap[read].min(initial=np.inf))

@@ -183,7 +183,20 @@ def test_early_exit_gives_identical_decisions_with_fewer_rows(space):
     assert (full.rows == k * (k + 1) // 2).all()
     assert (fast.rows <= full.rows).all() and fast.rows.sum() < full.rows.sum()
     agree = (fast.one.argmax(-1) == fast.one.argmax(-1)[:, :1]).all(axis=1)
-    assert (fast.rows[agree] == k * (k + 1) // 2).all() and (fast.rows[~agree] < k * (k + 1) // 2).all()
+    certified = np.array([d.certificate.certified for d in certifier.certify(fast)])
+    assert (fast.rows[certified] == k * (k + 1) // 2).all() and (fast.rows[~agree] < k * (k + 1) // 2).all()
+
+
+def test_pairs_are_checked_nearest_the_centre_first():
+    masks = dm.mask_set((32, 32), "5x5", 5)
+    i, j = dm.pair_order(masks)
+    k = len(masks)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(k) for b in range(a + 1, k)]
+    centre = [14, 15, 20, 21]  # the four masks nearest the centre of a 6 x 6 grid
+    assert set(i[:6].tolist()) | set(j[:6].tolist()) == set(centre)
+    corners = {0, 5, 30, 35}
+    assert set(i[-6:].tolist()) | set(j[-6:].tolist()) == corners  # pairs of corners come last
+    assert (i[-1], j[-1]) == (30, 35)  # equal offsets: row-major order
 
 
 def test_masked_copies_go_to_the_engine_in_one_call_per_round():
@@ -191,6 +204,26 @@ def test_masked_copies_go_to_the_engine_in_one_call_per_round():
     engine = certifier.engines["model"]
     features, _ = certifier.timed_features(_frames(8, seed=5))
     assert engine.calls == 2 and engine.rows == features.rows.sum()
+
+
+def test_a_frame_whose_pairs_fail_stops_at_the_block_of_its_first_failure(monkeypatch):
+    frames = _frames(32, seed=4)
+    full = _certifier().with_options(early_exit=False)
+    full_features, _ = full.timed_features(frames)
+    expected = full.certify(full_features)
+    certifier = _certifier()
+    certifier.engines["model"].name = "stand-in-cpu"
+    monkeypatch.setattr(dm, "CPU_BATCH_BYTES", frames[0].size * 4)  # one normalized frame a call: a pair a block
+    k, stopped = len(certifier.masks), 0
+    for f, d in enumerate(expected):
+        one, _ = certifier.timed_features(frames[f:f + 1])
+        assert certifier.certify(one) == [d]
+        agree = (one.one[0].argmax(-1) == d.label).all() and dm.gaps(one.one[0], d.label).min() > 0
+        if agree and not d.certificate.certified:
+            first = np.flatnonzero(full_features.two_gap[f] <= 0)[0]
+            assert one.rows[0] == k + first + 1  # nothing checked past the first failing pair
+            stopped += 1
+    assert stopped
 
 
 def test_a_cpu_engine_gets_cache_sized_calls_and_the_same_decisions(monkeypatch):
