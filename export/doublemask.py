@@ -31,6 +31,7 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, batch_probe, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.provenance import git_commit
+from certinfer.runtime.defenses.doublemask import rows_per_call
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
 from certinfer.train import data as datasets
@@ -64,13 +65,15 @@ def _logits_parity(module: torch.nn.Module, onnx: bytes, x: np.ndarray, what: st
     return float_parity(ref, got, what, images=len(x))
 
 
-def _batch_checked(onnx: bytes, rows: np.ndarray, max_batch: int, what: str) -> dict:
+def _batch_checked(onnx: bytes, rows: np.ndarray, max_batch: int, what: str, copies: bool = True) -> dict:
     """The batch probe of one graph on onnxruntime CPU: a masked copy is certified from its own row alone, so every
-    row must get the same output bits whatever batch it runs in (the runtime's batches go up to ``max_batch``)."""
+    row must get the same output bits whatever batch it runs in (the runtime's batches go up to ``max_batch``).
+    A graph that runs masked ``copies`` is checked at every size a CPU engine call of them can have."""
     session = cpu_session(onnx)
     name = session.get_inputs()[0].name
+    sizes = range(1, rows_per_call(rows[0].nbytes, cpu=True) + 1) if copies else ()
     try:
-        return batch_probe(lambda b: session.run(None, {name: b})[0], rows, max_batch)
+        return batch_probe(lambda b: session.run(None, {name: b})[0], rows, max_batch, sizes=sizes)
     except ProbeError as e:
         raise ExportError(f"{what} on onnxruntime CPU: {e}; double masking needs each row computed from its own "
                           "input alone (no batch statistics or batch-coupled operations)") from None
@@ -113,7 +116,7 @@ def _feature_parts(net: Classifier, meta: dict, x: np.ndarray, split: int, rects
                front_entry, back_entry]
     files = {"front.onnx": front_onnx, "back.onnx": back_onnx, "front.safetensors": front_w,
              "back.safetensors": back_w}
-    batch = {"front": _batch_checked(front_onnx, x, MAX_BATCH, "the front part"),
+    batch = {"front": _batch_checked(front_onnx, x, MAX_BATCH, "the front part", copies=False),
              "back": _batch_checked(back_onnx, f, MAX_BATCH, "the back part")}
     sections = {"geometry": geo.to_dict(),
                 "probe": {"backend": "onnxruntime-cpu", "role": "front", **report, "batch": batch,

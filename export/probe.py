@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -109,12 +109,13 @@ def _rows_equal(a, i: int, b, j: int) -> bool:
 
 
 def batch_probe(run: Callable[[np.ndarray], np.ndarray | tuple], rows: np.ndarray, max_batch: int,
-                alone: int = 8) -> dict:
+                alone: int = 8, sizes: Iterable[int] = ()) -> dict:
     """Batch independence at the sizes the runtime uses: ``rows`` (engine inputs, repeated up to ``max_batch``)
-    run in batches of 7, 64 and ``max_batch`` (those that fit) must give every row the same output bits, and
-    ``alone`` rows spread over the batch must get them run alone too. Raises :class:`ProbeError` otherwise."""
+    run in batches of 7, 64, every one of ``sizes`` and ``max_batch`` (those that fit) must give every row the
+    same output bits, and ``alone`` rows spread over the batch must get them run alone too. Raises
+    :class:`ProbeError` otherwise."""
     rows = np.resize(rows, (max_batch, *rows.shape[1:]))  # the rows repeated in order
-    sizes = sorted({s for s in (7, 64) if s < max_batch} | {max_batch})
+    sizes = sorted({s for s in (7, 64, *sizes) if 1 < s < max_batch} | {max_batch})
     full = run(rows)
     for s in sizes[:-1]:
         part = run(rows[:s])
@@ -125,8 +126,20 @@ def batch_probe(run: Callable[[np.ndarray], np.ndarray | tuple], rows: np.ndarra
         if not _rows_equal(run(rows[i:i + 1]), 0, full, i):
             raise ProbeError(f"engine outputs of row {i} differ between a batch of 1 and a batch of {max_batch}: "
                              "not batch-independent")
-    return {"rows": int(max_batch), "batch_sizes": [1, *sizes], "rows_alone": int(len(picks)),
+    return {"rows": int(max_batch), "batch_sizes": _ranges([1, *sizes]), "rows_alone": int(len(picks)),
             "batch_invariant": True}
+
+
+def _ranges(sizes: list[int]) -> list[int | str]:
+    """Sorted sizes with runs of four or more written ``"a-b"``: the report stays short."""
+    out: list[int | str] = []
+    start = 0
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or sizes[i] != sizes[i - 1] + 1:
+            run = sizes[start:i]
+            out.extend([f"{run[0]}-{run[-1]}"] if len(run) >= 4 else run)
+            start = i
+    return out
 
 
 ONNX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt")
@@ -193,9 +206,11 @@ def _locality(bundle: Bundle, backend: str, certifier, x: np.ndarray, geometry: 
 
 
 def _batches(certifier, recordings: dict[str, Recording], frames: np.ndarray) -> dict[str, dict]:
-    """Batch independence of every engine role (by role) on the inputs the defense makes from ``frames``."""
+    """Batch independence of every engine role (by role) on the inputs the defense makes from ``frames``, at the
+    sizes of the calls it made too."""
     certifier.timed_features(frames)
-    return {role: batch_probe(rec.engine.run, np.concatenate([x for x, _ in rec.calls]), rec.engine.max_batch)
+    return {role: batch_probe(rec.engine.run, np.concatenate([x for x, _ in rec.calls]), rec.engine.max_batch,
+                              sizes={len(x) for x, _ in rec.calls})
             for role, rec in recordings.items()}
 
 

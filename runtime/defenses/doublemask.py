@@ -193,6 +193,12 @@ BATCH_BYTES = 256 << 20  # masked copies built at once (each build is one engine
 CPU_BATCH_BYTES = 3 << 20  # on a CPU engine: copies that stay in cache run faster than one large call
 
 
+def rows_per_call(row_nbytes: int, cpu: bool) -> int:
+    """Masked copies of ``row_nbytes`` each per engine call: :data:`BATCH_BYTES` of them, :data:`CPU_BATCH_BYTES`
+    on a CPU engine (at least one)."""
+    return max(1, (CPU_BATCH_BYTES if cpu else BATCH_BYTES) // max(int(row_nbytes), 1))
+
+
 @dataclass(frozen=True)
 class DoubleMaskOptions(Options):
     """``early_exit``: a frame whose one-mask predictions disagree cannot be certified, so only the second rounds
@@ -358,9 +364,7 @@ class DoubleMaskCertifier(Certifier):
             frames, pairs, start = frames[:0], pairs[:0], start + len(block)
 
     def _rows_per_call(self, role: str, base: np.ndarray) -> int:
-        """Masked copies per engine call: :data:`BATCH_BYTES` of them, :data:`CPU_BATCH_BYTES` on a CPU engine."""
-        budget = CPU_BATCH_BYTES if self.engines[role].name.endswith("-cpu") else BATCH_BYTES
-        return max(1, budget // max(base[0].nbytes, 1))
+        return rows_per_call(base[0].nbytes, cpu=self.engines[role].name.endswith("-cpu"))
 
     def _masked_logits(self, base: np.ndarray, masks: np.ndarray, role: str, frames: np.ndarray, a: np.ndarray,
                        b: np.ndarray) -> np.ndarray:
