@@ -1,7 +1,8 @@
 """``certinfer bench doublemask-tradeoff``: multiply-adds per certified frame against certified accuracy, for
 double-masking bundles in pixel space and in feature space (PatchCURE's split points).
 
-A certified frame runs every one- and two-mask copy: K + K(K-1)/2 copies for K masks. In pixel space each copy
+A certified frame runs every distinct one- and two-mask copy: K + K(K-1)/2 copies for K masks, fewer where
+feature masks nest (a pair masking what one mask or an earlier pair masks runs once). In pixel space each copy
 is the whole classifier; in feature space the front part runs once and the back part once per copy. Multiply-adds
 are counted on the bundle's own ONNX graphs (convolutions and matrix products at batch 1), so any wrapped
 classifier is counted the same way. Accuracy is the bundle's own decision rule through the runtime on the first
@@ -20,6 +21,7 @@ import typer
 
 from certinfer.bench.testset import BACKEND, class_counts, summary
 from certinfer.provenance import git_commit
+from certinfer.runtime.defenses.doublemask import twins
 from certinfer.runtime.loader import load
 from certinfer.train.data import load as load_data
 
@@ -60,7 +62,7 @@ def frame_macs(certifier) -> dict:
         return certifier.bundle.read(entry)
 
     k = len(certifier.masks)
-    copies = k + k * (k - 1) // 2
+    copies = k + int((twins(certifier.masks, *certifier.pairs) < 0).sum())  # the distinct copies the runtime runs
     if certifier.space == "pixel":
         model = onnx_macs(graph("model"))
         return {"masks": k, "copies": copies, "model": model, "per_certified_frame": model * copies}
