@@ -241,9 +241,10 @@ def twins(masks: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         first.setdefault(mask.tobytes(), m)
     out = np.full(len(i), -1, dtype=np.int64)
     for p, key in enumerate((masks[a] | masks[b]).tobytes() for a, b in zip(i.tolist(), j.tolist())):
-        out[p] = first.setdefault(key, k + p)
-        if out[p] == k + p:
-            out[p] = -1
+        if key in first:
+            out[p] = first[key]
+        else:
+            first[key] = k + p
     return out
 
 
@@ -333,7 +334,7 @@ class DoubleMaskCertifier(Certifier):
 
     def infer(self, x: np.ndarray) -> DoubleMaskFeatures:
         base, role = (x, "model") if self.space == "pixel" else (self._front(x), "back")
-        masks, (i, j) = self.masks, self.pairs
+        masks, (i, j), twin = _masks(self.input_hw, str(self.threat), self.stride, self.geometry)
         n, k = len(x), len(masks)
         ks = np.arange(k)
         one = self._masked_logits(base, masks, role, np.repeat(np.arange(n), k), np.tile(ks, n), np.tile(ks, n))
@@ -342,7 +343,6 @@ class DoubleMaskCertifier(Certifier):
         labels = np.array([majority(p) for p in preds], dtype=np.int64)
         two, two_gap = np.full((n, len(i)), -1, dtype=np.int64), np.zeros((n, len(i)), dtype=np.float32)
         rows = np.full(n, k, dtype=np.int64)
-        twin = _masks(self.input_hw, str(self.threat), self.stride, self.geometry)[2]
 
         def run(frames: np.ndarray, pairs: np.ndarray) -> None:
             """Fill the pairs' predictions and gaps. A copy equal to an earlier one (its twin, see :func:`twins`) is
