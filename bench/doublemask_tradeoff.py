@@ -78,9 +78,18 @@ def measure(bundle: str, images: int, data: str = "gtsrb:test", data_dir: str | 
     counts = class_counts(certifier, x, y, len(certifier.classes))
     s = summary({"data": data, "counts": counts})
     geometry = certifier.manifest.get("geometry") if certifier.space == "feature" else None
-    return {"bundle": bundle, "space": certifier.space, "split": certifier.params.get("split"),
+    return {"bundle": bundle, "engines": sorted(e["sha256"] for e in certifier.manifest["engines"]),
+            "commit": git_commit(), "space": certifier.space, "split": certifier.params.get("split"),
             "geometry": geometry, "macs": frame_macs(certifier), "data": data, "n": int(len(y)),
             "clean": s["clean_accuracy"], "certified": s["certified_accuracy"], "sign_groups": s["sign_groups"]}
+
+
+def merge(points: list[dict], earlier: dict) -> list[dict]:
+    """``points`` after the points of an earlier result whose bundles were not measured again (each keeps the
+    commit it was measured at)."""
+    measured = {p["bundle"] for p in points}
+    kept = [{"commit": earlier.get("commit"), **p} for p in earlier["points"] if p["bundle"] not in measured]
+    return kept + points
 
 
 def _label(point: dict) -> str:
@@ -138,9 +147,16 @@ def tradeoff_command(
     data: str = typer.Option("gtsrb:test", help="Dataset split"),
     data_dir: str = typer.Option(None, help="Data folder [default: $CERTINFER_DATA or ../shared/data]"),
     out: Path = typer.Option(Path("bench/results/doublemask-gtsrb-tradeoff.json"), help="Result JSON"),
+    update: bool = typer.Option(False, help="Keep the points of OUT whose bundles are not given (measured before "
+                                            "on the same images)"),
 ) -> None:
     """Multiply-adds per certified frame against certified accuracy, pixel and feature space."""
     points = [measure(b, images, data, data_dir) for b in bundles]
+    if update and out.exists():
+        earlier = json.loads(out.read_text())
+        if any((p["data"], p["n"]) != (data, images) for p in earlier["points"]):
+            raise typer.BadParameter(f"{out} holds points measured on other images than the first {images} of {data}")
+        points = merge(points, earlier)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"points": points, "commit": git_commit()}, indent=1) + "\n")
     plot(points, out.with_suffix(".png"))

@@ -107,6 +107,7 @@ def manifest(kind: str, params: dict, input_hw: tuple[int, int], mean, std, clas
             "engines": engines,
             "parity": parity,
             "provenance": {k: meta.get(k) for k in ("preset", "command", "config", "dataset", "seed", "commit")}
+                          | ({"init": meta["init"]} if meta.get("init") else {})  # the checkpoint fine-tuned
                           | extra | {"train_metrics": meta.get("metrics", {})}}
 
 

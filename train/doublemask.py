@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from certinfer.runtime.defenses.doublemask import mask_set
 from certinfer.train import trainer
-from certinfer.train.loop import (augment, command_line, cosine_lr, epoch_batches, normalize, photometric,
-                                  preset_config, save_checkpoint, to_nchw)
+from certinfer.train.loop import (augment, command_line, cosine_lr, epoch_batches, load_checkpoint, normalize,
+                                  photometric, preset_config, save_checkpoint, to_nchw)
 from certinfer.train.models.doublemask import Classifier, classifier, geometry
 
 DEFENSE = "doublemask"
@@ -68,6 +68,7 @@ class TrainConfig:
     background: bool = False  # add a "no sign" class (see certinfer.train.background)
     seed: int = 0
     input_hw: tuple[int, int] = (32, 32)
+    init: str = ""  # a double-masking checkpoint to start from (fine-tuning; its weights only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +77,8 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # 20 epochs: about 50 minutes of training on one shared CPU core (bf16 autocast; resumable).
     "gtsrb-cpu": TrainConfig(background=True),
+    # Fine-tuning a trained stride-4 gtsrb-cpu checkpoint (--init): a lower, short cosine schedule.
+    "gtsrb-cpu-finetune": TrainConfig(background=True, stride=4, epochs=10, lr=5e-4, warmup_epochs=0.2),
     # CIFAR-10 (our copy is JPEG-compressed): flips on, wider last block.
     "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=30, flips=True, crop_pad=4, jitter=0.2,
                                model={"units": ["c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:128:1", "r3:256:2"],
@@ -241,6 +244,20 @@ def _epoch(run: trainer.Run, model: Classifier, opt: torch.optim.Optimizer, data
     return float(np.mean(losses))
 
 
+def start_from(model: Classifier, path: Path, cfg: TrainConfig) -> dict:
+    """Load a checkpoint's weights into ``model`` for fine-tuning; returns its record (``mean`` and ``std``: the
+    inputs the weights were trained on, kept so the fine-tuned model sees the same; ``command``: how it was
+    trained)."""
+    state, meta = load_checkpoint(path)
+    if meta["config"]["model"] != cfg.model:
+        raise ValueError(f"--init {path}: its architecture {meta['config']['model']} is not the preset's {cfg.model}")
+    if meta["config"]["stride"] != cfg.stride or meta["config"]["threat"] != cfg.threat:
+        raise ValueError(f"--init {path}: trained for masks of {meta['config']['threat']} at stride "
+                         f"{meta['config']['stride']}, not {cfg.threat} at stride {cfg.stride}")
+    model.load_state_dict(state)
+    return meta
+
+
 def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str = "cpu", preset: str = "custom",
           command: str = "", resume: bool = False, limit: int | None = None, monitor_every: int = 3) -> dict:
     """Train (or resume) a double-masking classifier under ``out``; returns the final checkpoint's metadata."""
@@ -250,7 +267,15 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     val_idx = np.random.default_rng(cfg.seed).permutation(run.val)[:32 if limit else MONITORED]
     hw = tuple(run.train.x.shape[1:3])
     masks = torch.from_numpy(mask_set(hw, cfg.threat, cfg.stride))
-    model = classifier(run.num_classes, cfg.model).to(run.device)
+    model = classifier(run.num_classes, cfg.model)
+    init = None
+    if cfg.init and run.previous is None:  # resuming: the weights are in the resume state
+        init = start_from(model, Path(cfg.init), cfg)
+        run.mean, run.std = init["mean"], init["std"]
+        init = {"checkpoint": cfg.init, "command": init.get("command"), "commit": init.get("commit")}
+    elif cfg.init:
+        run.mean, run.std, init = run.previous["mean"], run.previous["std"], run.previous.get("init")
+    model = model.to(run.device)
     geos = {s: geometry(model.unit_specs, s, hw) for s in cfg.feature_splits}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = trainer.steps_per_epoch(run, cfg.batch_size)
@@ -261,7 +286,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
                                            "space": "normalized input", "count": len(masks)},
             "dataset": run.dataset_meta() | {"monitored": f"{len(val_idx)} validation images", "limit": limit},
             "seed": cfg.seed, "commit": run.commit, "world_size": run.dist.world, "images": run.images,
-            "resumed": run.resumed, "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
+            "resumed": run.resumed, "init": init, "epoch": 0, "step": 0, "minutes": 0.0, "history": []}
     if run.previous is not None:
         prev = trainer.load_state(out, model, [opt], run.rng)
         meta.update({k: prev[k] for k in ("epoch", "step", "minutes", "history")})
@@ -293,6 +318,7 @@ def train_command(
     seed: Optional[int] = typer.Option(None, help="Override the preset's seed"),
     stride: Optional[int] = typer.Option(None, help="Override the preset's mask stride"),
     worst_of: Optional[int] = typer.Option(None, help="Override the preset's greedy-cutout candidates (1 = random)"),
+    init: Optional[str] = typer.Option(None, help="Start from this double-masking checkpoint (fine-tuning presets)"),
     resume: bool = typer.Option(False, help="Carry on from OUT/last.safetensors (same preset and options; --epochs "
                                             "may be raised)"),
     limit: Optional[int] = typer.Option(None, help="Train on this many images only (a quick check)"),
@@ -304,7 +330,7 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     command = command_line("doublemask", preset, out, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of,
-                           limit=limit, threads=threads, resume=resume)
-    cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of)
+                           init=init, limit=limit, threads=threads, resume=resume)
+    cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of, init=init)
     meta = train(cfg, out, data_dir, device, preset, command, resume, limit)
     typer.echo(json.dumps(meta["history"][-1] if meta["history"] else {}))

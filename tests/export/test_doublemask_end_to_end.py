@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from certinfer.bench.doublemask_reference import reference_decisions  # noqa: E402
 from certinfer.bench.doublemask_speed import levers, plot, speed  # noqa: E402
-from certinfer.bench.doublemask_tradeoff import frame_macs, onnx_macs  # noqa: E402
+from certinfer.bench.doublemask_tradeoff import frame_macs, merge, onnx_macs  # noqa: E402
 from certinfer.bench.doublemask_tradeoff import plot as plot_tradeoff  # noqa: E402
 from certinfer.export.bundle_writer import write_bundle  # noqa: E402
 from certinfer.export.probe import ProbeError, probe  # noqa: E402
@@ -180,6 +180,9 @@ def test_multiply_adds_are_counted_on_the_graphs(untrained, tmp_path):
               {"bundle": "f", "space": "feature", "split": 1, "geometry": FRONT, "macs": feature, "clean": 0.8,
                "certified": 0.3, "data": "d", "n": 5}]
     assert plot_tradeoff(points, tmp_path / "tradeoff.png").stat().st_size > 0
+    remeasured = {**points[0], "certified": 0.45, "commit": "new"}
+    merged = merge([remeasured], {"points": points, "commit": "old"})
+    assert merged == [{**points[1], "commit": "old"}, remeasured]  # the point measured again replaces its old one
 
 
 # --- the recovery guarantee under attack -------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.runtime.defenses.doublemask import feature_masks, mask_boxes, mask_set
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.loader import load
-from certinfer.train.doublemask import config_for, feature_masks as train_feature_masks, train
+from certinfer.train.doublemask import config_for, feature_masks as train_feature_masks, start_from, train
+from certinfer.train.loop import save_checkpoint
 from certinfer.train.models.doublemask import Back, Front, classifier, geometry
 
 TINY = {"units": ["c3:8:1", "c3:16:2", "r1:16", "r3:16:2"], "dropout": 0.0}
@@ -37,6 +38,24 @@ def test_split_network_is_the_whole_network():
     with torch.no_grad():
         for split in range(1, len(TINY["units"])):
             assert torch.allclose(Back(net, split)(Front(net, split)(x)), net(x), atol=1e-5)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_it_was_given(tmp_path):
+    """``--init``: the weights and the input statistics come from the checkpoint; a checkpoint of another
+    architecture or mask set is refused rather than half-loaded."""
+    cfg = dataclasses.replace(config_for("gtsrb-cpu-finetune"), model=TINY)
+    trained = classifier(44, TINY)
+    meta = {"config": cfg.to_dict(), "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "command": "certinfer train"}
+    save_checkpoint(trained, meta, tmp_path / "model.safetensors")
+    fresh = classifier(44, TINY)
+    assert start_from(fresh, tmp_path / "model.safetensors", cfg) == meta
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    other = dataclasses.replace(cfg, model={**TINY, "units": TINY["units"][:-1]})
+    with pytest.raises(ValueError, match="architecture"):
+        start_from(classifier(44, other.model), tmp_path / "model.safetensors", other)
+    with pytest.raises(ValueError, match="stride"):
+        start_from(classifier(44, TINY), tmp_path / "model.safetensors", dataclasses.replace(cfg, stride=5))
 
 
 @pytest.fixture(scope="module")
