@@ -14,7 +14,8 @@ Certificates must be identical across modes of one model (the label and the cert
 within ``MARGIN_ATOL``: batched and single-copy engine calls may round differently in the last bits); the
 feature bundle's against its own per-copy loop. A mismatch fails the benchmark. Each lever's share of the total
 speed-up is its share of the log of the ratio (batching x early exit x feature space = total).
-Results: ``<out>/doublemask-speed-<bundle>-<machine>.json`` and a ``.png`` plot.
+Results: ``<out>/doublemask-speed-<bundle>-<machine>.json`` (``-<N>threads`` added with ``--threads N`` above 1)
+and a ``.png`` plot.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
                   machine=info, versions=versions(), commit=git_commit(),
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"doublemask-speed-{bundle.resolve().name}-{machine_slug(info)}"
+    suffix = f"-{threads}threads" if threads and threads > 1 else ""
+    stem = out / f"doublemask-speed-{bundle.resolve().name}-{machine_slug(info)}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"))
     for name, m in result["modes"].items():

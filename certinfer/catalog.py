@@ -41,7 +41,14 @@ def entry(name: str, measure: bool = False) -> dict:
             "no_sign": "no sign" in certifier.classes,
             "latency_ms": batch1_p50_ms(certifier, _sample_frames(6), 5) if measure else latency.get("batch1_p50_ms"),
             "latency_on": "here" if measure else latency.get("machine"), "size_mb": _size_mb(folder),
-            "sign_groups": metrics.get("sign_groups"), "command": provenance.get("command", "")}
+            "sign_groups": metrics.get("sign_groups"), "command": training_command(provenance)}
+
+
+def training_command(provenance: dict) -> str:
+    """The commands that trained a bundle's model: the one that trained the checkpoint it was fine-tuned from
+    (``init``), if any, then its own."""
+    first = [provenance["init"]["command"]] if (provenance.get("init") or {}).get("command") else []
+    return " && ".join([*first, provenance.get("command", "")])
 
 
 def catalog(measure: bool = False) -> list[dict]:

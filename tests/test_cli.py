@@ -277,6 +277,9 @@ def test_bundles_lists_every_packaged_bundle(capsys):
         assert r["kind"] in ("recovery", "detection", "probabilistic") and 0 <= r["certified"] <= r["clean"] <= 1
         assert r["command"].startswith("certinfer train ")
         assert r["images"] == 12630 and r["latency_ms"] > 0 and len(r["sign_groups"]) == 5  # the whole test set
+        init = certinfer.load(r["name"], backend="onnxruntime-cpu").manifest["provenance"].get("init")
+        if init:  # a fine-tuned model: both trainings, in order
+            assert r["command"].startswith(init["command"] + " && certinfer train ") and "--init" in r["command"]
     code, out, _ = cli(capsys, "bundles")
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:6] == ["name", "defense", "kind", "threat", "clean", "certified"]
