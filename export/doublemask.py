@@ -25,8 +25,8 @@ import torch
 import typer
 
 from certinfer.export import ExportError
-from certinfer.export.exporter import (cpu_session, eval_split, float_parity, load_trained, manifest, onnx_engine,
-                                       prepare, publish, summary)
+from certinfer.export.exporter import (CHECK_IMAGES, SHORT_CHECK_IMAGES, cpu_session, eval_split, float_parity,
+                                       load_trained, manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import ProbeError, batch_probe, probe
 from certinfer.export.torch_weights import torch_engine
@@ -148,7 +148,8 @@ def export_checkpoint(checkpoint: Path, out: Path, space: str = "pixel", split: 
     m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat, engines, parity, meta,
                  {"trained_mask": mask, "epochs": meta.get("epoch"), "train_minutes": meta.get("minutes"),
                   "train_history": meta.get("history", [])[-1:]}, **sections)
-    return publish(out, m, files, test, parity_frames=test.x[:PARITY_FRAMES])
+    return publish(out, m, files, test, parity_frames=test.x[:PARITY_FRAMES],
+                   check_images=SHORT_CHECK_IMAGES if space == "pixel" else CHECK_IMAGES)
 
 
 def _check_classifier(onnx: bytes, hw: tuple[int, int], classes: int, x: np.ndarray) -> tuple[int, dict]:
@@ -215,7 +216,8 @@ def export_classifier(classifier_onnx: Path, out: Path, input_hw: tuple[int, int
     m = manifest(DEFENSE, params, input_hw, mean, std, classes, threat, [onnx_engine(max_batch)], {}, meta, source,
                  probe={"backend": "onnxruntime-cpu", "role": "model", "batch": rows,
                         "exact_backends": ["onnxruntime-cpu"]})
-    return publish(out, m, {"model.onnx": onnx}, test, parity_frames=test.x[:PARITY_FRAMES])
+    return publish(out, m, {"model.onnx": onnx}, test, parity_frames=test.x[:PARITY_FRAMES],
+                   check_images=SHORT_CHECK_IMAGES)
 
 
 def _floats(text: str, what: str) -> list[float]:

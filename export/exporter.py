@@ -31,6 +31,7 @@ PARITY_RTOL = 1e-4  # fp32 torch vs fp32 onnxruntime: max |difference| / max(1, 
 METRICS_BACKEND = "onnxruntime-cpu"  # the backend the recorded accuracy is measured on
 METRICS_SEED = 0  # a randomized defense's draws for the recorded accuracy (reproducible; never a deployment setting)
 CHECK_IMAGES = 500  # the fixed slice of the test data CI re-measures on every shipped bundle
+SHORT_CHECK_IMAGES = 200  # the slice of bundles that run the whole model hundreds of times per frame
 
 
 def load_trained(checkpoint: str | Path, defense: str) -> tuple[dict, dict]:
@@ -122,10 +123,11 @@ def runtime_metrics(bundle: Bundle, split: datasets.Split, threat: str, batch: i
     return {**result, "data": split.name, "data_note": split.note, **seeded}
 
 
-def slice_check(bundle: Bundle, split: datasets.Split, threat: str, metrics: dict, batch: int = 256) -> dict:
+def slice_check(bundle: Bundle, split: datasets.Split, threat: str, metrics: dict, batch: int = 256,
+                images: int = CHECK_IMAGES) -> dict:
     """What CI re-measures on every shipped bundle: the correct and certified-correct counts on the first
-    ``CHECK_IMAGES`` test images, on onnxruntime CPU (the metrics themselves when they cover exactly those)."""
-    n = min(CHECK_IMAGES, len(split.y))
+    ``images`` test images, on onnxruntime CPU (the metrics themselves when they cover exactly those)."""
+    n = min(images, len(split.y))
     if n != len(split.y):
         metrics = runtime_metrics(bundle, datasets.Split(split.x[:n], split.y[:n], split.classes, split.name),
                                   threat, batch)
@@ -134,15 +136,17 @@ def slice_check(bundle: Bundle, split: datasets.Split, threat: str, metrics: dic
 
 
 def publish(out: str | Path, manifest: dict, files: dict[str, bytes | Path], test: datasets.Split,
-            metrics_batch: int = 256, parity_frames: np.ndarray | None = None) -> dict:
+            metrics_batch: int = 256, parity_frames: np.ndarray | None = None,
+            check_images: int = CHECK_IMAGES) -> dict:
     """Write the bundle to ``out`` once: engine files staged, accuracy on ``test`` measured through the runtime
     (``provenance.metrics``), then the sealed manifest. ``parity_frames``: also compare every backend installed
     here with onnxruntime CPU on these frames (``parity.backends``); one that breaks the certificate policy fails
-    the export. Returns the manifest as written."""
+    the export. ``check_images``: the slice CI re-measures (``provenance.check``). Returns the manifest as written."""
     bundle = stage_bundle(out, manifest, files)
     m = bundle.manifest
     m["provenance"]["metrics"] = runtime_metrics(bundle, test, m["threat"], metrics_batch)
-    m["provenance"]["check"] = slice_check(bundle, test, m["threat"], m["provenance"]["metrics"], metrics_batch)
+    m["provenance"]["check"] = slice_check(bundle, test, m["threat"], m["provenance"]["metrics"], metrics_batch,
+                                           check_images)
     if parity_frames is not None:
         m["parity"]["backends"] = backend_parity(bundle, parity_frames, source=test.name)
         if problems := parity_problems(m["parity"]["backends"]):
