@@ -268,13 +268,13 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     hw = tuple(run.train.x.shape[1:3])
     masks = torch.from_numpy(mask_set(hw, cfg.threat, cfg.stride))
     model = classifier(run.num_classes, cfg.model)
-    init = None
-    if cfg.init and run.previous is None:  # resuming: the weights are in the resume state
-        init = start_from(model, Path(cfg.init), cfg)
-        run.mean, run.std = init["mean"], init["std"]
-        init = {"checkpoint": cfg.init, "command": init.get("command"), "commit": init.get("commit")}
-    elif cfg.init:
-        run.mean, run.std, init = run.previous["mean"], run.previous["std"], run.previous.get("init")
+    init = run.previous.get("init") if run.previous is not None else None
+    if cfg.init and run.previous is None:
+        record = start_from(model, Path(cfg.init), cfg)
+        run.mean, run.std = record["mean"], record["std"]
+        init = {"checkpoint": cfg.init, "command": record.get("command"), "commit": record.get("commit")}
+    elif cfg.init:  # resuming a fine-tuning run: the weights are in the resume state, the inputs as it began
+        run.mean, run.std = run.previous["mean"], run.previous["std"]
     model = model.to(run.device)
     geos = {s: geometry(model.unit_specs, s, hw) for s in cfg.feature_splits}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

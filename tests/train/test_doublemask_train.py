@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -81,6 +82,20 @@ def test_loss_falls_and_training_resumes(trained, gtsrb_root):
     resumed = train(cfg, out, str(gtsrb_root), limit=256, monitor_every=5, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
     assert resumed["resumed"][0]["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_fine_tuning_records_the_checkpoint_it_started_from(trained, gtsrb_root, tmp_path):
+    out, _ = trained
+    source = json.loads((out / "model.json").read_text())
+    cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=1, batch_size=32, lr=1e-3, worst_of=2,
+                              feature_splits=(2,), feature_prob=0.5, init=str(out / "model.safetensors"))
+    tuned = train(cfg, tmp_path / "ft", str(gtsrb_root), limit=256, monitor_every=2)
+    assert tuned["init"] == {"checkpoint": cfg.init, "command": source["command"], "commit": source["commit"]}
+    assert (tuned["mean"], tuned["std"]) == (source["mean"], source["std"])
+    resumed = train(dataclasses.replace(cfg, epochs=2), tmp_path / "ft", str(gtsrb_root), limit=256,
+                    monitor_every=2, resume=True)
+    assert resumed["init"] == tuned["init"] and [h["epoch"] for h in resumed["history"]] == [1, 2]
 
 
 @pytest.mark.slow
