@@ -52,10 +52,10 @@ def load_classifier(checkpoint: str | Path) -> tuple[Classifier, dict]:
 
 
 def _torch_entry(module: torch.nn.Module, kind: str, meta: dict, input_shape: tuple[int, ...], role: str,
-                 **extra) -> tuple[dict, bytes]:
+                 file: str, **extra) -> tuple[dict, bytes]:
     config = models.config(kind, meta["num_classes"], meta["config"]["model"], input_shape, **extra)
     entry, weights = torch_engine(module, config, MAX_BATCH)
-    return {**entry, "file": f"{role}.safetensors", "role": role}, weights
+    return {**entry, "file": file, "role": role}, weights
 
 
 def _logits_parity(module: torch.nn.Module, onnx: bytes, x: np.ndarray, what: str) -> dict:
@@ -82,7 +82,7 @@ def _batch_checked(onnx: bytes, rows: np.ndarray, max_batch: int, what: str, cop
 def _pixel_parts(net: Classifier, meta: dict, x: np.ndarray) -> tuple[dict, list[dict], dict, dict]:
     """(files, engines, parity, sections) of a pixel-space bundle."""
     onnx = export_onnx(net, (torch.from_numpy(x[:2]),), ["input"], ["logits"])
-    entry, weights = _torch_entry(net, "doublemask-classifier", meta, x.shape[1:], "model")
+    entry, weights = _torch_entry(net, "doublemask-classifier", meta, x.shape[1:], "model", "model.safetensors")
     parity = {"torch_vs_onnxruntime-cpu": _logits_parity(net, onnx, x, "classifier graph")}
     sections = {"probe": {"backend": "onnxruntime-cpu", "role": "model",
                           "batch": _batch_checked(onnx, x, MAX_BATCH, "the classifier"),
@@ -110,12 +110,14 @@ def _feature_parts(net: Classifier, meta: dict, x: np.ndarray, split: int, rects
     parity = {"front_torch_vs_onnxruntime-cpu": float_parity(f, session.run(None, {"input": x})[0], "front graph",
                                                              images=len(x)),
               "back_torch_vs_onnxruntime-cpu": _logits_parity(back, back_onnx, f, "back graph")}
-    front_entry, front_w = _torch_entry(front, "doublemask-front", meta, x.shape[1:], "front", split=split)
-    back_entry, back_w = _torch_entry(back, "doublemask-back", meta, f.shape[1:], "back", split=split)
+    # Both torch parts wrap the whole classifier, so they load the same weights file.
+    front_entry, weights = _torch_entry(front, "doublemask-front", meta, x.shape[1:], "front",
+                                        "classifier.safetensors", split=split)
+    back_entry, _ = _torch_entry(back, "doublemask-back", meta, f.shape[1:], "back", "classifier.safetensors",
+                                 split=split)
     engines = [onnx_engine(MAX_BATCH, "front.onnx", "front"), onnx_engine(MAX_BATCH, "back.onnx", "back"),
                front_entry, back_entry]
-    files = {"front.onnx": front_onnx, "back.onnx": back_onnx, "front.safetensors": front_w,
-             "back.safetensors": back_w}
+    files = {"front.onnx": front_onnx, "back.onnx": back_onnx, "classifier.safetensors": weights}
     batch = {"front": _batch_checked(front_onnx, x, MAX_BATCH, "the front part", copies=False),
              "back": _batch_checked(back_onnx, f, MAX_BATCH, "the back part")}
     sections = {"geometry": geo.to_dict(),

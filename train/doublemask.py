@@ -41,6 +41,8 @@ MONITORED = 500  # validation images checked after every epoch (two-mask pairs o
 
 # Five units: RF 5 at 16x16 after the second (split points 2 and 3), then two strided basic blocks.
 _CPU_UNITS = ("c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:192:2")
+# A 4x4 patch embedding and three 1x1 bottlenecks (the front, split 4), then a light back.
+_PATCH4_UNITS = ("p4:48", "r1:192", "r1:192", "r1:192", "c3:96:2", "r3:96")
 
 
 @dataclass
@@ -88,6 +90,19 @@ PRESETS: dict[str, TrainConfig] = {
     "gtsrb-cpu-feature": TrainConfig(background=True, epochs=16, feature_splits=(5,), feature_prob=1.0,
                                      model={"units": ["c3:48:1", "c3:96:2", "r1:128", "r1:128", "r1:128",
                                                       "c3:32:2", "r3:64:2"], "dropout": 0.0}),
+    # Feature space without mask growth (the shipped feature bundle): a 4x4 patch embedding and a per-patch MLP
+    # (RF 4 at stride 4: an 8x8 map) run once per frame; 8x8 masks at stride 4 hide exactly 2x2 cells; the back
+    # (a strided 3x3 unit and a basic block, 3.3 M multiply-adds) runs per masked copy. Split 4 at export.
+    "gtsrb-cpu-patch4b": TrainConfig(background=True, epochs=30, stride=4, feature_splits=(4,), feature_prob=1.0,
+                                     model={"units": list(_PATCH4_UNITS), "dropout": 0.0}),
+    # Fine-tuning a trained gtsrb-cpu-patch4b checkpoint (--init), as gtsrb-cpu-finetune does for gtsrb-cpu.
+    "gtsrb-cpu-patch4b-finetune": TrainConfig(background=True, epochs=10, lr=5e-4, warmup_epochs=0.2, stride=4,
+                                              feature_splits=(4,), feature_prob=1.0,
+                                              model={"units": list(_PATCH4_UNITS), "dropout": 0.0}),
+    # The same on 2x2 patches (a 16x16 map, 4x4 cells per mask) with a depthwise-separable back.
+    "gtsrb-cpu-patch2": TrainConfig(background=True, epochs=20, stride=4, feature_splits=(4,), feature_prob=1.0,
+                                    model={"units": ["p2:32", "r1:128", "r1:128", "r1:128", "d3:96:2", "d3:96", "d3:96",
+                                                     "d3:96", "d3:192:2", "d3:192"], "dropout": 0.0}),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,

@@ -15,7 +15,7 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.runtime.defenses.doublemask import feature_masks, mask_boxes, mask_set
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.loader import load
-from certinfer.train.doublemask import config_for, feature_masks as train_feature_masks, start_from, train
+from certinfer.train.doublemask import PRESETS, config_for, feature_masks as train_feature_masks, start_from, train
 from certinfer.train.loop import save_checkpoint
 from certinfer.train.models.doublemask import Back, Front, classifier, geometry
 
@@ -31,6 +31,58 @@ def test_training_feature_masks_are_the_runtime_masks():
         runtime = feature_masks(mask_boxes(hw, "5x5", 5), Geometry.from_dict(geo))
         assert ours.shape[1:] == runtime.shape[1:]
         assert {m.tobytes() for m in ours} == {m.tobytes() for m in runtime}
+
+
+def _changed_cells(units: list[str], split: int) -> torch.Tensor:
+    """(32, 32, H', W') bool: the front's feature cells that change when one input pixel changes (torch; beyond
+    float noise, as torch CPU kernels are not bit-exact across batch sizes)."""
+    front = Front(classifier(44, {"units": units}).eval(), split)
+    x = torch.randn(1, 3, 32, 32)
+    poked = x.repeat(1024, 1, 1, 1)
+    poked.view(1024, 3, 1024)[torch.arange(1024), :, torch.arange(1024)] += 1.0  # copy k: pixel k changed
+    with torch.no_grad():
+        base, out = front(x), front(poked)
+    return ((out - base).abs() > 1e-4).any(1).view(32, 32, *out.shape[2:])
+
+
+@pytest.mark.parametrize("units,split", [(TINY["units"], 2), (TINY["units"], 4), (["p4:8", "r1:16", "d3:16"], 3),
+                                         (["c3:8", "d3:16:2", "d3:16"], 3)])
+def test_geometry_holds_every_cell_a_pixel_can_change(units, split):
+    """Poking each pixel in turn changes only the cells ``geometry`` says it reaches (the certificate's premise)."""
+    geo = Geometry.from_dict(geometry(units, split, (32, 32)))
+    changed = _changed_cells(units, split)
+    assert tuple(changed.shape[2:]) == geo.output_hw
+    for r, c in np.ndindex(32, 32):
+        (r0, r1), (c0, c1) = geo.affected((1, 1), (r, c))
+        reach = torch.zeros(geo.output_hw, dtype=torch.bool)
+        reach[r0:r1, c0:c1] = True
+        assert not (changed[r, c] & ~reach).any(), (r, c)
+    assert changed.any((2, 3)).float().mean() > 0.5
+
+
+def test_patch_embedding_front_hides_exactly_the_masks_own_cells():
+    """A ``p4`` front: each cell sees exactly one 4x4 block, so 8x8 masks at stride 4 hide exactly 2x2 cells, in
+    the trainer and in the runtime."""
+    units = ["p4:8", "r1:16", "c3:16", "c3:16:2"]
+    geo = geometry(units, 2, (32, 32))
+    assert geo == {"rf": [4, 4], "stride": [4, 4], "padding": [0, 0], "input_hw": [32, 32], "output_hw": [8, 8]}
+    runtime = feature_masks(mask_boxes((32, 32), "5x5", 4), Geometry.from_dict(geo))
+    assert len(runtime) == 49 and all(m.sum() == 4 and np.ptp(np.argwhere(m), 0).tolist() == [1, 1] for m in runtime)
+    ours = train_feature_masks(torch.from_numpy(mask_set((32, 32), "5x5", 4)), geo).numpy()
+    assert {m.tobytes() for m in ours} == {m.tobytes() for m in runtime}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_splits_where_it_trains(preset):
+    cfg = PRESETS[preset]
+    net = classifier(44, cfg.model).eval()
+    x = torch.randn(2, 3, *cfg.input_hw)
+    with torch.no_grad():
+        assert net(x).shape == (2, 44)
+        for split in cfg.feature_splits:
+            geo = geometry(cfg.model["units"], split, cfg.input_hw)
+            assert tuple(net.front(x, split).shape[2:]) == tuple(geo["output_hw"])
+            assert torch.allclose(Back(net, split)(Front(net, split)(x)), net(x), atol=1e-4)
 
 
 def test_split_network_is_the_whole_network():
@@ -108,6 +160,7 @@ def test_checkpoint_exports_to_bundles_that_load(trained, tmp_path):
     feature = export_checkpoint(out / "model.safetensors", tmp_path / "feature", space="feature", split=2, limit=4)
     assert feature["geometry"]["rf"] == [5, 5] and feature["probe"]["bit_exact"]
     assert {e["role"] for e in feature["engines"]} == {"front", "back"}
+    assert {e["file"] for e in feature["engines"] if e["format"] == "torch"} == {"classifier.safetensors"}
     for name in ("pixel", "feature"):
         certifier = load(tmp_path / name, backend="onnxruntime-cpu")
         verdicts = certifier(frames)
