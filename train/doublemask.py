@@ -99,10 +99,6 @@ PRESETS: dict[str, TrainConfig] = {
     "gtsrb-cpu-patch4b-finetune": TrainConfig(background=True, epochs=10, lr=5e-4, warmup_epochs=0.2, stride=4,
                                               feature_splits=(4,), feature_prob=1.0,
                                               model={"units": list(_PATCH4_UNITS), "dropout": 0.0}),
-    # The same on 2x2 patches (a 16x16 map, 4x4 cells per mask) with a depthwise-separable back.
-    "gtsrb-cpu-patch2": TrainConfig(background=True, epochs=20, stride=4, feature_splits=(4,), feature_prob=1.0,
-                                    model={"units": ["p2:32", "r1:128", "r1:128", "r1:128", "d3:96:2", "d3:96", "d3:96",
-                                                     "d3:96", "d3:192:2", "d3:192"], "dropout": 0.0}),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,

@@ -9,9 +9,6 @@ Units are written ``KIND:WIDTH:STRIDE``:
 
 * ``c3`` a 3x3 convolution, batch norm, ReLU;
 * ``r3`` a residual basic block (two 3x3 convolutions, the first strided; 1x1 shortcut when the shape changes);
-* ``d3`` a depthwise-separable unit: a depthwise 3x3 convolution (strided), batch norm, ReLU, then a 1x1
-  convolution to ``WIDTH``, batch norm, ReLU; residual when the shape is kept (a cheap back: about a ninth of a
-  ``c3``'s multiply-adds at the same width);
 * ``r1`` a residual 1x1 bottleneck (``WIDTH`` wide inside; keeps the channels and the receptive field);
 * ``pK`` a patch embedding: a KxK convolution at stride K without padding (``p4:WIDTH``), batch norm, ReLU. Each
   output cell sees exactly one KxK block of pixels, so a mask aligned with the blocks hides exactly its own cells
@@ -36,9 +33,8 @@ def _unit_spec(text: str) -> tuple[str, int, int]:
     kind, width, *stride = text.split(":")
     if re.fullmatch(r"p[1-9]", kind) and not stride:
         return kind, int(width), int(kind[1])
-    if kind not in ("c3", "r3", "d3", "r1") or len(stride) > 1:
-        raise ValueError(f"unit {text!r}: use c3:WIDTH[:STRIDE], r3:WIDTH[:STRIDE], d3:WIDTH[:STRIDE], r1:WIDTH or "
-                         "pK:WIDTH (K 1..9)")
+    if kind not in ("c3", "r3", "r1") or len(stride) > 1:
+        raise ValueError(f"unit {text!r}: use c3:WIDTH[:STRIDE], r3:WIDTH[:STRIDE], r1:WIDTH or pK:WIDTH (K 1..9)")
     s = int(stride[0]) if stride else 1
     if s not in (1, 2) or (kind == "r1" and s != 1):
         raise ValueError(f"unit {text!r}: stride must be 1 or 2 (1 for r1)")
@@ -70,18 +66,6 @@ class BasicBlock(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-class SeparableUnit(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        depthwise = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin))
-        self.body = nn.Sequential(depthwise, nn.ReLU(inplace=True), _conv_bn(cin, cout, 1))
-        self.residual = cin == cout and stride == 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x)
-        return torch.relu(y + x if self.residual else y)
-
-
 class Bottleneck1x1(nn.Module):
     def __init__(self, channels: int, width: int):
         super().__init__()
@@ -96,8 +80,6 @@ def _make_unit(kind: str, cin: int, width: int, stride: int) -> tuple[nn.Module,
         return ConvUnit(cin, width, stride), width
     if kind == "r3":
         return BasicBlock(cin, width, stride), width
-    if kind == "d3":
-        return SeparableUnit(cin, width, stride), width
     if kind.startswith("p"):
         return PatchEmbed(cin, width, stride), width
     return Bottleneck1x1(cin, width), cin
@@ -110,7 +92,7 @@ def geometry(units: list[str] | tuple[str, ...], split: int, input_hw: tuple[int
     rf, jump, pad, out = 1, 1, 0, list(input_hw)
     for text in units[:split]:
         kind, _, s = _unit_spec(text)
-        convs = {"c3": [(3, s, 1)], "d3": [(3, s, 1)], "r3": [(3, s, 1), (3, 1, 1)], "r1": []}.get(kind, [(s, s, 0)])
+        convs = {"c3": [(3, s, 1)], "r3": [(3, s, 1), (3, 1, 1)], "r1": []}.get(kind, [(s, s, 0)])
         for k, stride, p in convs:
             rf += (k - 1) * jump
             pad += p * jump
