@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -76,11 +76,20 @@ class TrainConfig:
         return asdict(self)
 
 
+# 20 epochs: about 50 minutes of training on one shared CPU core (bf16 autocast; resumable).
+_GTSRB_CPU = TrainConfig(background=True)
+# Feature space without mask growth (the shipped feature bundle): a 4x4 patch embedding and a per-patch MLP
+# (RF 4 at stride 4: an 8x8 map) run once per frame; 8x8 masks at stride 4 hide exactly 2x2 cells; the back
+# (a strided 3x3 unit and a basic block, 3.3 M multiply-adds) runs per masked copy. Split 4 at export.
+_GTSRB_CPU_PATCH4 = TrainConfig(background=True, epochs=30, stride=4, feature_splits=(4,), feature_prob=1.0,
+                                model={"units": list(_PATCH4_UNITS), "dropout": 0.0})
+# Fine-tuning a trained checkpoint of the same preset (--init): a lower, short cosine schedule.
+_FINETUNE = {"epochs": 10, "lr": 5e-4, "warmup_epochs": 0.2}
+
 PRESETS: dict[str, TrainConfig] = {
-    # 20 epochs: about 50 minutes of training on one shared CPU core (bf16 autocast; resumable).
-    "gtsrb-cpu": TrainConfig(background=True),
-    # Fine-tuning a trained stride-4 gtsrb-cpu checkpoint (--init): a lower, short cosine schedule.
-    "gtsrb-cpu-finetune": TrainConfig(background=True, stride=4, epochs=10, lr=5e-4, warmup_epochs=0.2),
+    "gtsrb-cpu": _GTSRB_CPU,
+    # Fine-tuning a trained stride-4 gtsrb-cpu checkpoint.
+    "gtsrb-cpu-finetune": replace(_GTSRB_CPU, stride=4, **_FINETUNE),
     # CIFAR-10 (our copy is JPEG-compressed): flips on, wider last block.
     "cifar10-cpu": TrainConfig(dataset="cifar10", epochs=30, flips=True, crop_pad=4, jitter=0.2,
                                model={"units": ["c3:32:1", "c3:64:2", "r1:128", "r3:128:2", "r3:128:1", "r3:256:2"],
@@ -90,15 +99,8 @@ PRESETS: dict[str, TrainConfig] = {
     "gtsrb-cpu-feature": TrainConfig(background=True, epochs=16, feature_splits=(5,), feature_prob=1.0,
                                      model={"units": ["c3:48:1", "c3:96:2", "r1:128", "r1:128", "r1:128",
                                                       "c3:32:2", "r3:64:2"], "dropout": 0.0}),
-    # Feature space without mask growth (the shipped feature bundle): a 4x4 patch embedding and a per-patch MLP
-    # (RF 4 at stride 4: an 8x8 map) run once per frame; 8x8 masks at stride 4 hide exactly 2x2 cells; the back
-    # (a strided 3x3 unit and a basic block, 3.3 M multiply-adds) runs per masked copy. Split 4 at export.
-    "gtsrb-cpu-patch4b": TrainConfig(background=True, epochs=30, stride=4, feature_splits=(4,), feature_prob=1.0,
-                                     model={"units": list(_PATCH4_UNITS), "dropout": 0.0}),
-    # Fine-tuning a trained gtsrb-cpu-patch4b checkpoint (--init), as gtsrb-cpu-finetune does for gtsrb-cpu.
-    "gtsrb-cpu-patch4b-finetune": TrainConfig(background=True, epochs=10, lr=5e-4, warmup_epochs=0.2, stride=4,
-                                              feature_splits=(4,), feature_prob=1.0,
-                                              model={"units": list(_PATCH4_UNITS), "dropout": 0.0}),
+    "gtsrb-cpu-patch4b": _GTSRB_CPU_PATCH4,
+    "gtsrb-cpu-patch4b-finetune": replace(_GTSRB_CPU_PATCH4, **_FINETUNE),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,

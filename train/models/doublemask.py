@@ -92,7 +92,8 @@ def geometry(units: list[str] | tuple[str, ...], split: int, input_hw: tuple[int
     rf, jump, pad, out = 1, 1, 0, list(input_hw)
     for text in units[:split]:
         kind, _, s = _unit_spec(text)
-        convs = {"c3": [(3, s, 1)], "r3": [(3, s, 1), (3, 1, 1)], "r1": []}.get(kind, [(s, s, 0)])
+        # (kernel, stride, padding) of each convolution on the path a pixel's influence takes
+        convs = {"c3": [(3, s, 1)], "r3": [(3, s, 1), (3, 1, 1)], "r1": []}[kind] if kind[0] != "p" else [(s, s, 0)]
         for k, stride, p in convs:
             rf += (k - 1) * jump
             pad += p * jump
