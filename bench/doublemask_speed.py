@@ -14,7 +14,8 @@ Certificates must be identical across modes of one model (the label and the cert
 within ``MARGIN_ATOL``: batched and single-copy engine calls may round differently in the last bits); the
 feature bundle's against its own per-copy loop. A mismatch fails the benchmark. Each lever's share of the total
 speed-up is its share of the log of the ratio (batching x early exit x feature space = total).
-Results: ``<out>/doublemask-speed-<bundle>-<machine>.json`` (``-<N>threads`` added with ``--threads N`` above 1)
+Results: ``<out>/doublemask-speed-<bundle>-<machine>.json`` (``-<backend>`` added for a backend other than
+onnxruntime CPU, ``-<N>threads`` with ``--threads N`` above 1)
 and a ``.png`` plot.
 """
 
@@ -30,10 +31,10 @@ from typing import Optional
 import numpy as np
 import typer
 
+from certinfer.bench.bundles import load_certifier
 from certinfer.bench.doublemask_reference import reference_decisions
 from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.doublemask import DoubleMaskCertifier
-from certinfer.runtime.loader import load
 
 MARGIN_ATOL = 1e-4
 Outcome = tuple[int, bool, float]  # label, certified, margin
@@ -70,8 +71,10 @@ def loop_mode(certifier: DoubleMaskCertifier, frames: np.ndarray,
 
 
 def _certify_one(certifier: DoubleMaskCertifier, frame: np.ndarray):
+    """Features and the certificate math's decision (compared across modes even where the runtime would withdraw
+    the certificate: a backend the bundle's export did not verify, see ``result['verified']``)."""
     features, _ = certifier.timed_features(frame[None])
-    return features, certifier.certify(features)[0]
+    return features, certifier.decide(features, certifier.options)[0]
 
 
 def runtime_mode(certifier: DoubleMaskCertifier, frames: np.ndarray,
@@ -136,7 +139,9 @@ def speed(pixel: DoubleMaskCertifier, frames: np.ndarray, feature: DoubleMaskCer
         modes["feature"]["ms_per_frame_at_batch"] = batch_seconds(feature, frames, batch) * 1e3
         modes["feature-loop"] = _stats(floop_s, floop_rows)
         certified["feature"] = float(np.mean([c for _, c, _ in feat]))
+    verified = {"pixel": pixel.trusted, **({"feature": feature.trusted} if feature is not None else {})}
     return {"modes": modes, "levers": levers(modes), "max_margin_difference": diffs, "certified": certified,
+            "verified": verified,
             "frames": len(frames), "loop_frames": len(few), "batch": batch, "repeats": repeats}
 
 
@@ -210,9 +215,8 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
     """Time the per-copy loop, batching, early exit and feature space on the same frames."""
     from certinfer.bench.machine import machine_info, machine_slug, versions
 
-    options = {"threads": threads} if threads else None
-    pixel = load(bundle, backend=backend, engine_options=options)
-    feat = load(feature, backend=backend, engine_options=options) if feature is not None else None
+    pixel = load_certifier(bundle, backend=backend, threads=threads)
+    feat = load_certifier(feature, backend=backend, threads=threads) if feature is not None else None
     x, source = _frames(data, pixel.input_hw, frames, seed, data_dir)
     result = speed(pixel, x, feat, loop_frames=loop_frames, batch=batch, repeats=repeats)
     info = machine_info()
@@ -221,7 +225,7 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
                   machine=info, versions=versions(), commit=git_commit(),
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"-{threads}threads" if threads and threads > 1 else ""
+    suffix = (f"-{backend}" if backend != "onnxruntime-cpu" else "") + (f"-{threads}threads" if threads and threads > 1 else "")
     stem = out / f"doublemask-speed-{bundle.resolve().name}-{machine_slug(info)}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"))
