@@ -42,6 +42,7 @@ def measure(preset: str = "paper", threat: str = "5x5", device: str = "cuda", fr
             repeats: int = 20) -> dict:
     """Milliseconds per round of the preset's network (one frame's rounds, and ``frames`` frames' first round)."""
     cfg, dev = PRESETS[preset], torch.device(device)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as the runtime runs it
     net = classifier(10, cfg.model).to(dev).eval()
     masks = torch.from_numpy(mask_set(cfg.input_hw, parse(threat, input_hw=cfg.input_hw), cfg.stride)).to(dev)
     k = len(masks)
@@ -57,7 +58,7 @@ def measure(preset: str = "paper", threat: str = "5x5", device: str = "cuda", fr
         one, two = _ms(lambda: run(frame, masks), dev, repeats), _ms(lambda: run(frame, pairs), dev, repeats)
         many = _ms(lambda: run(batch.repeat_interleave(k, 0), masks.repeat(frames, 1, 1)), dev, repeats)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "preset": preset,
+    return {"device": name, "torch": torch.__version__, "precision": "fp32 (TF32 off)", "preset": preset,
             "model": cfg.model, "threat": threat, "stride": cfg.stride, "masks": k, "pairs": len(pairs),
             "ms_one_mask_round_1_frame": one, "ms_two_mask_round_1_frame": two,
             "ms_certified_frame": one + two, "frames": frames, "ms_one_mask_round_frames": many}

@@ -57,6 +57,11 @@ class TorchEngine(ChunkedEngine):
             module.load_state_dict(load_safetensors(bundle.read(entry)), strict=True)  # bytes hashed as read
         except RuntimeError as err:
             raise EngineError(f"{entry['file']} does not fit the model built from its config: {err}") from None
+        if self._device.type == "cuda" and not fp16:
+            # fp32 means fp32: cuDNN's default TF32 convolutions round to 10-bit mantissas, far outside what the
+            # certificates' margins and the parity checks assume (process-wide: torch has no per-module switch)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self._dtype = torch.float16 if fp16 else torch.float32
         self.precision = "fp16" if fp16 else "fp32"
         self._module = module.eval().to(device=self._device, dtype=self._dtype)

@@ -17,6 +17,8 @@ Architectures (paper Appendix A.1, as in its code's CROWN-IBP model definitions)
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,9 +75,11 @@ def propagate(layers, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor,
     return lo, hi
 
 
-def _pair_index(k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=16)
+def _pair_index(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs i < j of k classes, and for every (i, j) the column of its pair (the diagonal: the last, zero).
-    Built in numpy, so ONNX export records them as constants."""
+    Built in numpy, so ONNX export records them as constants; cached per device, so a CUDA graph captured after
+    a warm-up run copies nothing from the host."""
     i, j = np.triu_indices(k, 1)
     index = np.full((k, k), len(i), dtype=np.int64)
     index[i, j] = index[j, i] = np.arange(len(i))
