@@ -92,19 +92,20 @@ class SINNet(nn.Module):
         self.sparse = True  # False: plain dense network (the trainer's warm-up before SIN fine-tuning)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Superficial features of the occluded frame (N, C', H, W) and the affected positions (N, H, W) bool."""
+        """Superficial features of the occluded frame (N, C', H, W) and the affected positions (N, H, W) bool.
+        Constants are made on the input's device: a CUDA graph captures no host copy."""
         frame, occluded = x[:, :-1], x[:, -1:] > 0.5
-        f = self.superficial(torch.where(occluded, torch.zeros((), dtype=x.dtype), frame))
+        f = self.superficial(torch.where(occluded, x.new_zeros(()), frame))
         k = self.cfg.kernel
         affected = F.max_pool2d(occluded.to(x.dtype), k, 1, k // 2)[:, 0] > 0
         return f, affected
 
     def prune(self, f: torch.Tensor, affected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SIN layer: (pruned features, winners bool (N, H, W))."""
-        score = torch.where(affected, torch.full((), LOWEST, dtype=f.dtype), f.sum(dim=1))
+        score = torch.where(affected, f.new_full((), LOWEST), f.sum(dim=1))
         kth = torch.topk(score.flatten(1), self.cfg.winners, dim=1).values[:, -1]
         keep = (score >= kth[:, None, None]) & ~affected
-        return torch.where(keep[:, None], f, torch.zeros((), dtype=f.dtype)), keep
+        return torch.where(keep[:, None], f, f.new_zeros(())), keep
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f, affected = self.features(x)
