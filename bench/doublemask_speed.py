@@ -225,7 +225,8 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
                   machine=info, versions=versions(), commit=git_commit(),
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     out.mkdir(parents=True, exist_ok=True)
-    suffix = (f"-{backend}" if backend != "onnxruntime-cpu" else "") + (f"-{threads}threads" if threads and threads > 1 else "")
+    suffix = f"-{backend}" if backend != "onnxruntime-cpu" else ""
+    suffix += f"-{threads}threads" if threads and threads > 1 else ""
     stem = out / f"doublemask-speed-{bundle.resolve().name}-{machine_slug(info)}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"))

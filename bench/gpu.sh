@@ -35,15 +35,16 @@ stage() {
 export PYTHONSAFEPATH=1  # import the installed package, not the checkout's partial certinfer/ folder
 certinfer=(python3 -c "from certinfer.cli import main; main()")
 
-python3 -m pip install -q --no-deps --no-build-isolation . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation . >"$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 gpu="$(head -1 "$out/device.txt")"
 data=(); [ -n "${CERTINFER_DATA:-}" ] && data=(--data gtsrb:test)
 bundles=(certinfer/data/default_bundle certinfer/data/bundles/*)
 
-stage "double-masking speed levers" 150 "${certinfer[@]}" bench doublemask-speed certinfer/data/bundles/doublemask-gtsrb \
-  --feature certinfer/data/bundles/doublemask-gtsrb-feature "${data[@]}" --backend torch-cuda \
-  --frames 128 --loop-frames 4 --batch 64 --out "$out"
+stage "double-masking speed levers" 150 "${certinfer[@]}" bench doublemask-speed \
+  certinfer/data/bundles/doublemask-gtsrb --feature certinfer/data/bundles/doublemask-gtsrb-feature "${data[@]}" \
+  --backend torch-cuda --frames 128 --loop-frames 4 --batch 64 --out "$out"
 stage "paper network" 90 python3 -m certinfer.bench.gpu_paper "$out/doublemask-paper-gpu.json"
 for bundle in "${bundles[@]}"; do
   name="$(basename "$bundle")"

@@ -155,6 +155,7 @@ def test_speed_bench_runs_every_mode_with_identical_certificates(untrained, tmp_
     assert set(result["modes"]) == {"loop", "batched", "early-exit", "feature", "feature-loop"}
     assert set(result["levers"]) == {"total", "batching", "early exit", "feature space"}
     assert result["modes"]["loop"]["engine_rows_per_frame"] == 25 * 26 / 2
+    assert result["verified"] == {"pixel": True, "feature": True}  # onnxruntime CPU: the export verified it
     assert result["modes"]["early-exit"]["engine_rows_per_frame"] <= result["modes"]["batched"]["engine_rows_per_frame"]
     result.update(machine={"cpu": "test cpu"}, backend=BACKEND)
     assert plot(result, tmp_path / "speed.png").stat().st_size > 0
