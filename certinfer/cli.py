@@ -363,7 +363,9 @@ def _probe_line(backend: str, r: dict) -> str:
     local = "outside affected() bit-identical, " if any("trials" in c for c in r["checks"].values()) else ""
     # the pre-activation view is the sensitive one: where it could not run, the probe is only partial
     state = "partial" if "skipped" in r["checks"].get("preactivation", {}) else "passed"
-    return f"probe       {backend}: {state} ({checks}): {local}batch-invariant{note}"
+    atol = max((b.get("atol", 0.0) for b in r.get("batch", {}).values()), default=0.0)
+    within = f" within {atol:g}" if atol else ""
+    return f"probe       {backend}: {state} ({checks}): {local}batch-invariant{within}{note}"
 
 
 def _inspect_probe(loaded, trials: int) -> None:

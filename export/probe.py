@@ -104,30 +104,37 @@ def _row(outputs, i: int) -> list[np.ndarray]:
     return [bits(o[i]) for o in _as_tuple(outputs)]
 
 
-def _rows_equal(a, i: int, b, j: int) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(_row(a, i), _row(b, j)))
+def _rows_equal(a, i: int, b, j: int, atol: float = 0.0) -> bool:
+    """Row ``i`` of outputs ``a`` against row ``j`` of ``b``: the same bits, or (``atol`` > 0) every value within
+    ``atol`` (NaN never is)."""
+    if atol == 0.0:
+        return all(np.array_equal(x, y) for x, y in zip(_row(a, i), _row(b, j)))
+    return all(np.allclose(x[i], y[j], rtol=0.0, atol=atol) for x, y in zip(_as_tuple(a), _as_tuple(b)))
 
 
 def batch_probe(run: Callable[[np.ndarray], np.ndarray | tuple], rows: np.ndarray, max_batch: int,
-                alone: int = 8, sizes: Iterable[int] = ()) -> dict:
+                alone: int = 8, sizes: Iterable[int] = (), atol: float = 0.0) -> dict:
     """Batch independence at the sizes the runtime uses: ``rows`` (engine inputs, repeated up to ``max_batch``)
     run in batches of 7, 64, every one of ``sizes`` and ``max_batch`` (those that fit) must give every row the
-    same output bits, and ``alone`` rows spread over the batch must get them run alone too. Raises
-    :class:`ProbeError` otherwise."""
+    same output bits (within ``atol``, for a defense whose certificates absorb that much rounding), and ``alone``
+    rows spread over the batch must get them run alone too. Raises :class:`ProbeError` otherwise."""
     rows = np.resize(rows, (max_batch, *rows.shape[1:]))  # the rows repeated in order
     sizes = sorted({s for s in (7, 64, *sizes) if 1 < s < max_batch} | {max_batch})
+    within = f" by more than {atol:g}" if atol else ""
     full = run(rows)
     for s in sizes[:-1]:
         part = run(rows[:s])
-        if not all(_rows_equal(part, i, full, i) for i in range(s)):
-            raise ProbeError(f"engine outputs differ between batches of {s} and {max_batch}: not batch-independent")
+        if not all(_rows_equal(part, i, full, i, atol) for i in range(s)):
+            raise ProbeError(f"engine outputs differ{within} between batches of {s} and {max_batch}: "
+                             "not batch-independent")
     picks = np.unique(np.linspace(0, max_batch - 1, min(alone, max_batch)).astype(int))
     for i in picks:
-        if not _rows_equal(run(rows[i:i + 1]), 0, full, i):
-            raise ProbeError(f"engine outputs of row {i} differ between a batch of 1 and a batch of {max_batch}: "
-                             "not batch-independent")
-    return {"rows": int(max_batch), "batch_sizes": _ranges([1, *sizes]), "rows_alone": int(len(picks)),
-            "batch_invariant": True}
+        if not _rows_equal(run(rows[i:i + 1]), 0, full, i, atol):
+            raise ProbeError(f"engine outputs of row {i} differ{within} between a batch of 1 and a batch of "
+                             f"{max_batch}: not batch-independent")
+    report = {"rows": int(max_batch), "batch_sizes": _ranges([1, *sizes]), "rows_alone": int(len(picks)),
+              "batch_invariant": True}
+    return {**report, "atol": atol} if atol else report
 
 
 def _ranges(sizes: list[int]) -> list[int | str]:
@@ -210,7 +217,7 @@ def _batches(certifier, recordings: dict[str, Recording], frames: np.ndarray) ->
     sizes of the calls it made too."""
     certifier.timed_features(frames)
     return {role: batch_probe(rec.engine.run, np.concatenate([x for x, _ in rec.calls]), rec.engine.max_batch,
-                              sizes={len(x) for x, _ in rec.calls})
+                              sizes={len(x) for x, _ in rec.calls}, atol=certifier.batch_atol())
             for role, rec in recordings.items()}
 
 

@@ -161,6 +161,11 @@ class Certifier(RegionCalls):
         probe = self.manifest.get("probe", {})
         return list(probe.get("exact_backends", self.params.get("verified_backends", [])))
 
+    def batch_atol(self) -> float:
+        """How far an engine output may differ between batch sizes without voiding a certificate (what the
+        batch-independence probe allows); 0: bit for bit."""
+        return 0.0
+
     def _trust(self) -> tuple[bool, str]:
         exact = self.exact_backends()
         for role, engine in self.engines.items():

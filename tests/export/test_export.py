@@ -105,6 +105,21 @@ def test_batch_probe_catches_outputs_that_depend_on_the_batch_size(size):
         assert batch_probe(kernel, rows, max_batch=1024, sizes=(5, 6, 9))["batch_sizes"] == [1, 5, 6, 7, 9, 64, 1024]
 
 
+def test_batch_probe_within_a_tolerance_takes_rounding_and_catches_more():
+    rows = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+
+    def kernel(scale: float):  # other rounding at one batch size
+        return lambda b: b * np.float32(1 + scale) if len(b) == 7 else b
+
+    with pytest.raises(ProbeError, match="not batch-independent"):
+        batch_probe(kernel(1e-6), rows, max_batch=64)
+    assert batch_probe(kernel(1e-6), rows, max_batch=64, atol=1e-4)["atol"] == 1e-4
+    with pytest.raises(ProbeError, match="by more than 0.0001 between batches of 7"):
+        batch_probe(kernel(1e-2), rows, max_batch=64, atol=1e-4)
+    with pytest.raises(ProbeError, match="not batch-independent"):  # NaN is never within a tolerance
+        batch_probe(lambda b: np.where(len(b) == 1, np.nan, b), rows, max_batch=64, atol=1.0)
+
+
 def test_batch_probe_reports_runs_of_sizes_as_ranges():
     report = batch_probe(lambda b: b * 2, np.ones((2, 3), np.float32), max_batch=300, sizes=range(1, 257))
     assert report["batch_sizes"] == ["1-256", 300]
