@@ -133,6 +133,14 @@ def plot_accuracy_vs_latency(results: list[dict], certify: list[dict], path: Pat
     return path
 
 
+def _by_machine(results: list[dict]) -> dict[str, list[dict]]:
+    """Latency results grouped by :func:`machine_slug`, in order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(machine_slug(r["machine"]), []).append(r)
+    return groups
+
+
 def _machine_line(results: list[dict]) -> str:
     return "; ".join(sorted({machine_line(r["machine"]) for r in results}))
 
@@ -158,9 +166,10 @@ def summary_command(
         return
     out = Path(out_dir or results)
     out.mkdir(parents=True, exist_ok=True)
-    tag = machine_slug(latency[0]["machine"])
-    paths = [plot_latency(latency, out / f"summary-latency-{tag}.png"),
-             plot_accuracy_vs_latency(latency, certify, out / f"summary-accuracy-vs-latency-{tag}.png")]
+    paths = []
+    for tag, runs in _by_machine(latency).items():  # times from different machines do not share an axis
+        paths += [plot_latency(runs, out / f"summary-latency-{tag}.png"),
+                  plot_accuracy_vs_latency(runs, certify, out / f"summary-accuracy-vs-latency-{tag}.png")]
     typer.echo(markdown_table(latency))
     for r in latency:
         acc = certified_accuracy(r, certify)

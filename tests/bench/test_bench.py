@@ -196,13 +196,16 @@ def test_latency_cli_writes_results(bagcert_bundle: Path, tmp_path: Path, capsys
     certify = {"bundle": str(bagcert_bundle), "data": "folder:x", "n": 5, "threat": "3x3,2x2",
                "certified_accuracy": {"3.2": 0.4, "3.3": 0.2}}
     (out / "bagcert-tiny.json").write_text(json.dumps(certify))
+    elsewhere = dict(r, machine={**r["machine"], "gpus": [{"name": "Test GPU"}]})  # the same run, another machine
+    (out / "latency-elsewhere.json").write_text(json.dumps(elsewhere))
     with pytest.raises(SystemExit) as e:
         main(["bench", "summary", "--results", str(out)])
     captured = capsys.readouterr()
     assert e.value.code == 0, captured.err
     assert "tinybag: certified accuracy 0.400 (3.2, folder:x, bagcert-tiny.json)" in captured.out
-    for png in json.loads(captured.out.strip().splitlines()[-1]):
-        assert Path(png).stat().st_size > 1000
+    pngs = [Path(p) for p in json.loads(captured.out.strip().splitlines()[-1])]
+    assert len(pngs) == 4 and sum(p.name.endswith("-test-gpu.png") for p in pngs) == 2  # one pair per machine
+    assert all(p.stat().st_size > 1000 for p in pngs)
 
 
 def test_latency_of_a_cropping_bundle_on_onnxruntime_and_torch(tmp_path: Path):
