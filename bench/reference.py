@@ -89,11 +89,11 @@ def math_vs_reference(certifier: Certifier, frames: np.ndarray, reference: Refer
     stream pays); the reference on the first ``reference_frames`` (fewer once it has run ``reference_seconds``;
     at least one), one frame per call, extrapolated per frame. Frame i's inference draws from seed i (randomized
     defenses), for the runtime and the reference alike. Raises AssertionError unless every certificate agrees
-    (margins within the reference's ``margin_rtol``, at least :data:`UNVERIFIED_RTOL` on a backend outside the
-    bundle's ``probe.exact_backends``).
+    (margins within the reference's ``margin_rtol``, at least :data:`UNVERIFIED_RTOL` where the certifier does not
+    trust its backends: outside the bundle's ``probe.exact_backends``, or not fp32).
     """
     rtol, engine_is_math = getattr(reference, "margin_rtol", 0.0), getattr(reference, "engine_is_math", False)
-    if certifier.engine.name not in certifier.exact_backends():  # may round a row differently in another batch
+    if not certifier.trusted:  # an unverified backend may round a row differently in another batch
         rtol = max(rtol, UNVERIFIED_RTOL)
     n = len(frames)
     t_batched, batched = _timed_math([(certifier.seeded(n), frames)], engine_is_math, repeats)
