@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from certinfer.runtime.defenses.doublemask import mask_set
+from certinfer.runtime.engines.torch_engine import strict_fp32
 from certinfer.threat import parse
 from certinfer.train.doublemask import PRESETS
 from certinfer.train.models.doublemask import classifier
@@ -42,7 +43,7 @@ def measure(preset: str = "paper", threat: str = "5x5", device: str = "cuda", fr
             repeats: int = 20) -> dict:
     """Milliseconds per round of the preset's network (one frame's rounds, and ``frames`` frames' first round)."""
     cfg, dev = PRESETS[preset], torch.device(device)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as the runtime runs it
+    strict_fp32()  # as the runtime runs it
     net = classifier(10, cfg.model).to(dev).eval()
     masks = torch.from_numpy(mask_set(cfg.input_hw, parse(threat, input_hw=cfg.input_hw), cfg.stride)).to(dev)
     k = len(masks)

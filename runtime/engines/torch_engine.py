@@ -16,6 +16,16 @@ import numpy as np
 from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
 
 
+def strict_fp32() -> None:
+    """Make CUDA convolutions and matrix products compute in fp32: cuDNN's default TF32 rounds to 10-bit mantissas,
+    far outside what the certificates' margins and the parity checks assume (process-wide: torch has no
+    per-module switch)."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def _to_numpy(out) -> Outputs:
     if isinstance(out, (tuple, list)):
         return tuple(_to_numpy(o) for o in out)
@@ -58,10 +68,7 @@ class TorchEngine(ChunkedEngine):
         except RuntimeError as err:
             raise EngineError(f"{entry['file']} does not fit the model built from its config: {err}") from None
         if self._device.type == "cuda" and not fp16:
-            # fp32 means fp32: cuDNN's default TF32 convolutions round to 10-bit mantissas, far outside what the
-            # certificates' margins and the parity checks assume (process-wide: torch has no per-module switch)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            strict_fp32()
         self._dtype = torch.float16 if fp16 else torch.float32
         self.precision = "fp16" if fp16 else "fp32"
         self._module = module.eval().to(device=self._device, dtype=self._dtype)
