@@ -214,7 +214,8 @@ class FromExhaustive:
         flat = self.variant.draw(len(features.votes))  # every location is column i of the exhaustive pass
         predictions = np.take_along_axis(features.predictions, flat, axis=1)
         votes = count_votes(predictions, len(self.variant.classes))
-        return self.variant.certify(CropVotes(votes, flat, predictions, o.replace, exhaustive=False))
+        near = None if features.near is None else np.take_along_axis(features.near, flat, axis=1)
+        return self.variant.certify(CropVotes(votes, flat, predictions, o.replace, False, near))
 
 
 def cropping_variants(source: Certifier, shapes: Threat | str, seed: int) -> dict[str, FromExhaustive]:

@@ -58,16 +58,31 @@ def overlap_bound_reference(n: int, adv: int, total: int, replace: bool, thresho
     return n
 
 
+def near_ties_reference(logits: np.ndarray, tolerance: float) -> int:
+    """How many crops of one frame (n, C) have their top two logits within ``tolerance``."""
+    count = 0
+    for row in logits:
+        first = second = -math.inf
+        for v in row:
+            if v > first:
+                first, second = v, first
+            elif v > second:
+                second = v
+        count += int(first - second <= tolerance)
+    return count
+
+
 def certify_votes_reference(votes: list[int], input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
-                            replace: bool, threshold: float, exhaustive: bool) -> Certificate:
-    """One frame's certificate from its votes per class (``sum(votes)`` crops)."""
+                            replace: bool, threshold: float, exhaustive: bool, uncertain: int = 0) -> Certificate:
+    """One frame's certificate from its votes per class (``sum(votes)`` crops), ``uncertain`` of which count as
+    changed whatever the patch (near ties on an unverified backend)."""
     n1 = n2 = -1
     for v in votes:
         if v > n1:
             n1, n2 = v, n1
         elif v > n2:
             n2 = v
-    gap = n1 - max(n2, 0)
+    gap = n1 - max(n2, 0) - 2 * uncertain
     total = (input_hw[0] - crop_hw[0] + 1) * (input_hw[1] - crop_hw[1] + 1)
     per_rect = {}
     for rect in threat.rects:
@@ -78,17 +93,23 @@ def certify_votes_reference(votes: list[int], input_hw: tuple[int, int], crop_hw
 
 
 def certify_reference(logits: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
-                      replace: bool, threshold: float, exhaustive: bool) -> Certificate:
-    """One frame's certificate from its crop logits (n, C)."""
+                      replace: bool, threshold: float, exhaustive: bool, tolerance: float | None = None) -> Certificate:
+    """One frame's certificate from its crop logits (n, C); with a ``tolerance`` (an unverified backend), its
+    near ties count as changed crops."""
+    uncertain = 0 if tolerance is None else near_ties_reference(logits, tolerance)
     return certify_votes_reference(votes_reference(logits), input_hw, crop_hw, threat, replace, threshold,
-                                   exhaustive)
+                                   exhaustive, uncertain)
 
 
 @plain_reference()
 def reference(certifier: CroppingCertifier, frames: np.ndarray) -> list[Certificate]:
-    """Randomized cropping's certificates from the votes of the certifier's crops, looping over classes, patch and
-    crop positions, and the terms of the overlap tail in exact fractions."""
-    votes = certifier.infer(certifier.prepare(frames)).votes
+    """Randomized cropping's certificates from the votes (and near ties) of the certifier's crops, looping over
+    classes, patch and crop positions, and the terms of the overlap tail in exact fractions."""
+    features = certifier.infer(certifier.prepare(frames))
     o = certifier.options
-    return [certify_votes_reference([int(v) for v in row], certifier.input_hw, certifier.crop_hw, certifier.threat,
-                                    o.replace, o.threshold, o.exhaustive) for row in votes]
+    out = []
+    for i, row in enumerate(features.votes):
+        uncertain = 0 if features.near is None else sum(int(v) for v in features.near[i])
+        out.append(certify_votes_reference([int(v) for v in row], certifier.input_hw, certifier.crop_hw,
+                                           certifier.threat, o.replace, o.threshold, o.exhaustive, uncertain))
+    return out

@@ -380,9 +380,9 @@ def _inspect_probe(loaded, trials: int) -> None:
         typer.echo(_probe_line(backend, r))
     failed = {b: r["error"] for b, r in reports.items() if r["status"] == "failed" and r["listed_exact"]}
     if failed:
-        raise CLIError("receptive-field probe failed on " + "; ".join(f"{b}: {e}" for b, e in failed.items()))
+        raise CLIError("probe failed on " + "; ".join(f"{b}: {e}" for b, e in failed.items()))
     if not any(r["status"] == "passed" for r in reports.values()):
-        raise CLIError("receptive-field probe could not run on any backend here: "
+        raise CLIError("probe could not run on any backend here: "
                        + "; ".join(f"{b}: {r.get('reason') or r['error']}" for b, r in reports.items()))
 
 

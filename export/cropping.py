@@ -4,7 +4,10 @@ The graph is the crop classifier: (N, 5, ch, cw) float32, the normalized crop pl
 (``certinfer.runtime.defenses.cropping.cut``) -> (N, C) logits. Parity with torch is checked on crops of real
 test images; then the bundle's accuracy is measured through the runtime itself (its Certifier, crops drawn from
 a fixed seed so the number is reproducible) and stored in the manifest's provenance. No receptive-field probe
-is needed: the runtime cuts the crops, so a crop's prediction cannot see pixels outside it on any backend.
+is needed: the runtime cuts the crops, so a crop's prediction cannot see pixels outside it on any backend. What
+the certificate does rely on, a crop's logits computed from that crop alone whatever batch it runs in, is
+checked bit for bit on onnxruntime CPU at the batch sizes the runtime uses (``probe.exact_backends``); other
+backends count near-tie crops as changed (``defense.params.tolerance``, see the runtime's cropping module).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import onnxruntime as ort
 import torch
 import typer
 
+from certinfer.export import ExportError
 from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
                                        manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
+from certinfer.export.probe import ProbeError, batch_probe
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, crop_locations
+from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, TIE_TOLERANCE, crop_locations
 from certinfer.threat import parse
 from certinfer.train import models
 from certinfer.train.cropping import TrainConfig, random_crops
@@ -59,7 +64,7 @@ def defense_params(crop_hw: tuple[int, int], input_hw: tuple[int, int], crops: i
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must lie in (0, 1]")
     return {"crop": list(crop_hw), "crops": total if mode == "exhaustive" else int(crops), "replace": bool(replace),
-            "mode": mode, "threshold": float(threshold)}
+            "mode": mode, "threshold": float(threshold), "tolerance": TIE_TOLERANCE}
 
 
 def parity(model: torch.nn.Module, session: ort.InferenceSession, x: np.ndarray) -> dict:
@@ -68,6 +73,18 @@ def parity(model: torch.nn.Module, session: ort.InferenceSession, x: np.ndarray)
         ref = model(torch.from_numpy(x)).numpy()
     got = session.run(["logits"], {"input": x})[0]
     return float_parity(ref, got, inputs=len(x), argmax_disagreements=argmax_disagreements(ref, got))
+
+
+def batch_checked(session: ort.InferenceSession, rows: np.ndarray, max_batch: int, per_frame: int) -> dict:
+    """The manifest's ``probe``: every crop's logits the same bits on onnxruntime CPU in a batch of any size the
+    runtime sends (``per_frame`` crops per frame, chunked to ``max_batch``), else the export fails."""
+    sizes = {per_frame * k for k in (1, 2, 3) if per_frame * k < max_batch}
+    try:
+        report = batch_probe(lambda b: session.run(["logits"], {"input": b})[0], rows, max_batch, sizes=sizes)
+    except ProbeError as e:
+        raise ExportError(f"the crop classifier on onnxruntime CPU: {e}; randomized cropping needs each crop's "
+                          "logits computed from that crop alone (no batch statistics)") from None
+    return {"backend": "onnxruntime-cpu", "role": "model", "batch": report, "exact_backends": ["onnxruntime-cpu"]}
 
 
 def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: int = 128, replace: bool = True,
@@ -84,9 +101,10 @@ def export_cropping(checkpoint: Path, out: Path, threat: str = "2.4%", crops: in
                         per_image=8)
     onnx_model = export_onnx(model, (torch.from_numpy(rows[:2]),), ["input"], ["logits"])
     torch_entry, weights = torch_engine(model, _torch_config(meta, cfg), max_batch)
+    session = cpu_session(onnx_model)
     m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat,
-                 [onnx_engine(max_batch), torch_entry],
-                 {"torch_vs_onnxruntime-cpu": parity(model, cpu_session(onnx_model), rows)}, meta)
+                 [onnx_engine(max_batch), torch_entry], {"torch_vs_onnxruntime-cpu": parity(model, session, rows)},
+                 meta, probe=batch_checked(session, rows, max_batch, params["crops"]))
     return publish(out, m, {"model.onnx": onnx_model, "model.safetensors": weights}, test, metrics_batch=32)
 
 

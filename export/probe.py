@@ -223,8 +223,9 @@ def _batches(certifier, recordings: dict[str, Recording], frames: np.ndarray) ->
 
 def _relied_on(certifier) -> bool:
     """Whether the runtime relies on the certifier's backend computing exactly what the probe checks: the manifest
-    lists it in ``probe.exact_backends``, or the defense reads no local outputs and needs no verified backend (it
-    trusts every backend to compute each row of a batch from that row alone)."""
+    lists it in ``probe.exact_backends``, or the defense reads no local outputs and needs no verified backend
+    (cropping: on any backend its certificates hold only if each row moves by at most ``batch_atol`` between
+    batches)."""
     listed = certifier.engine.name in certifier.exact_backends()
     return listed or not (certifier.needs_exact or certifier.local_outputs)
 

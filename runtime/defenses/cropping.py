@@ -21,6 +21,14 @@ replacement, the exact hypergeometric tail without (Appendix C, summed exactly r
 Exhaustive mode classifies every crop location once: no randomness, and a deterministic ``recovery``
 certificate: the vote gap must exceed twice the most crop locations one patch overlaps (ties as flips).
 
+Backends. A crop's prediction must not depend on the rest of its batch: the frame is certified in one batch and
+a patched frame's crops run in another. The export checks this bit for bit on onnxruntime CPU and lists the
+backend in ``probe.exact_backends``. On any other backend or precision (torch's kernels round differently at
+other batch sizes), a crop whose top two logits lie within ``tolerance`` (``defense.params.tolerance``, logit
+units) of each other could vote differently in another batch, so it counts as a crop the patch changes: a frame
+with ``u`` such crops is certified when the vote gap exceeds ``2 (t + u)``. That holds where the backend's
+outputs move by less than half the tolerance between batch sizes, which ``certinfer inspect --probe`` checks.
+
 The probabilistic statement holds only against an attacker who cannot predict the crops: locations come from
 numpy's default generator seeded from the OS's entropy. A fixed seed (:meth:`Certifier.seeded`) is for tests and
 reproducible benchmarks only.
@@ -43,6 +51,7 @@ from certinfer.runtime.verdict import Certificate, RectCert
 
 MODES = ("sample", "exhaustive")
 DEFAULT_THRESHOLD = 0.95
+TIE_TOLERANCE = 1e-3  # logit units: the near-tie band on backends not verified batch-independent
 
 
 class WithoutReplacement(float):
@@ -133,7 +142,7 @@ def _cdf(n: int, p_overlap: float) -> np.ndarray:
     return _binomial_cdf(n, float(p_overlap))
 
 
-def certificate(votes: np.ndarray, n: int, p_overlap: float) -> np.ndarray:
+def certificate(votes: np.ndarray, n: int, p_overlap: float, uncertain: np.ndarray | int = 0) -> np.ndarray:
     """p_c (Eq. 6, ties as flips): the probability that the patch overlaps fewer than ceil((n1 - n2) / 2) crops.
 
     Why ties are flips: a patch that changes m crop predictions leaves n1 - m for the label and gives a rival up
@@ -141,12 +150,14 @@ def certificate(votes: np.ndarray, n: int, p_overlap: float) -> np.ndarray:
     paper's floor((n1 - n2) / 2) + 1 asks for one crop more when n1 - n2 is even, i.e. treats a tie as safe.
 
     ``votes``: counts per class (C,) or (N, C) summing to ``n``; ``p_overlap`` from :func:`overlap_probability`
-    (a :class:`WithoutReplacement` for the exact hypergeometric tail). Returns a float or an (N,) array.
+    (a :class:`WithoutReplacement` for the exact hypergeometric tail); ``uncertain``: crops per frame that may
+    vote differently whatever the patch (near ties on an unverified backend), which the patch needs no longer
+    overlap. Returns a float or an (N,) array.
     """
     v = np.asarray(votes)
     if v.ndim not in (1, 2) or np.any(v.sum(axis=-1) != n):
         raise ValueError(f"votes must be (C,) or (N, C) counts summing to n={n}")
-    need = needed_overlaps(v)
+    need = np.maximum(needed_overlaps(v) - np.asarray(uncertain), 0)
     cdf = np.concatenate([[0.0], _cdf(int(n), p_overlap)])  # cdf[need] = P(X <= need - 1)
     p = cdf[np.minimum(need, n + 1)]
     return float(p) if v.ndim == 1 else p
@@ -172,22 +183,24 @@ def _certs(gap: np.ndarray, bound: dict[str, int], p: dict[str, np.ndarray] | No
 
 
 def vote_certificates(votes: np.ndarray, input_hw: tuple[int, int], crop_hw: tuple[int, int], threat: Threat,
-                      replace: bool = True, threshold: float = DEFAULT_THRESHOLD,
-                      exhaustive: bool = False) -> list[Certificate]:
+                      replace: bool = True, threshold: float = DEFAULT_THRESHOLD, exhaustive: bool = False,
+                      uncertain: np.ndarray | None = None) -> list[Certificate]:
     """Certificates for vote counts (N, C): ``probabilistic`` with p = min over rectangles of p_c, or (exhaustive)
     ``recovery``. Per rectangle, ``margin`` is the vote gap minus twice the overlap bound (> 0 exactly when
-    certified: p_c >= threshold via :func:`overlap_bound`, or the exhaustive gap > 2 n_adv)."""
+    certified: p_c >= threshold via :func:`overlap_bound`, or the exhaustive gap > 2 n_adv), and minus twice the
+    ``uncertain`` crops (N,) of each frame, which count as changed whatever the patch."""
     votes = np.asarray(votes)
     n = int(votes[0].sum())
+    u = np.zeros(len(votes), np.int64) if uncertain is None else np.asarray(uncertain, np.int64)
     top2 = -np.sort(-votes, axis=-1)[:, :2]
-    gap = top2[:, 0] - top2[:, 1]
+    gap = top2[:, 0] - top2[:, 1] - 2 * u
     rects = {rect_key(r): r for r in threat.rects}
     if exhaustive:
         bound = {k: max_overlapped(input_hw, crop_hw, r) for k, r in rects.items()}
         return _certs(gap, bound, None, str(threat), "recovery")
     probs = {k: overlap_probability(input_hw, crop_hw, r, replace) for k, r in rects.items()}
     bound = {k: overlap_bound(n, pa, threshold) for k, pa in probs.items()}
-    p = {k: certificate(votes, n, pa) for k, pa in probs.items()}
+    p = {k: certificate(votes, n, pa, u) for k, pa in probs.items()}
     return _certs(gap, bound, p, str(threat), "probabilistic")
 
 
@@ -215,6 +228,12 @@ def cut(x: np.ndarray, crop_hw: tuple[int, int], flat: np.ndarray) -> np.ndarray
     out[:, :, 3] = top[..., None, None]
     out[:, :, 4] = left[..., None, None]
     return out.reshape(n_frames * n, 5, *crop_hw)
+
+
+def near_ties(logits: np.ndarray, tolerance: float) -> np.ndarray:
+    """(..., C) logits -> (...) bool: the top two within ``tolerance`` (exact ties included)."""
+    top2 = -np.partition(-logits, 1, axis=-1)[..., :2]
+    return top2[..., 0] - top2[..., 1] <= tolerance
 
 
 def count_votes(predictions: np.ndarray, classes: int) -> np.ndarray:
@@ -259,13 +278,15 @@ class CroppingOptions(Options):
 @dataclass(frozen=True)
 class CropVotes:
     """A batch's inference: per-frame vote counts (N, C), the crop locations drawn (N, n), each crop's label (N, n),
-    and how they were drawn (the certificate must be the one for that draw)."""
+    how they were drawn (the certificate must be the one for that draw) and, on a backend not verified
+    batch-independent, which crops are near ties (N, n) (else None)."""
 
     votes: np.ndarray
     locations: np.ndarray
     predictions: np.ndarray
     replace: bool
     exhaustive: bool
+    near: np.ndarray | None = None
 
 
 class CroppingCertifier(Certifier):
@@ -286,6 +307,9 @@ class CroppingCertifier(Certifier):
             raise ValueError("cropping bundle: defense.params.crop (the crop's [height, width]) is missing")
         self.crop_hw = tuple(int(v) for v in self.params["crop"])
         self.locations = crop_locations(self.input_hw, self.crop_hw)
+        self.tolerance = float(self.params.get("tolerance", TIE_TOLERANCE))
+        if not self.tolerance > 0:
+            raise ValueError(f"cropping bundle: defense.params.tolerance must be positive, got {self.tolerance}")
         self._validate()
 
     @property
@@ -305,6 +329,10 @@ class CroppingCertifier(Certifier):
     def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return ((len(self.classes),),)
 
+    def batch_atol(self) -> float:
+        """Bit for bit on a verified backend; elsewhere half the near-tie band (a gap moves by twice that)."""
+        return 0.0 if self.trusted else self.tolerance / 2
+
     def draw(self, frames: int) -> np.ndarray:
         """(frames, n) flat crop locations for one call (every location once, in order, when exhaustive)."""
         o = self.options
@@ -319,7 +347,8 @@ class CroppingCertifier(Certifier):
         logits = out[0] if isinstance(out, tuple) else out
         predictions = logits.argmax(axis=-1).reshape(flat.shape)
         votes = count_votes(predictions, len(self.classes))
-        return CropVotes(votes, flat, predictions, self.options.replace, self.options.exhaustive)
+        near = None if self.trusted else near_ties(logits, self.tolerance).reshape(flat.shape)
+        return CropVotes(votes, flat, predictions, self.options.replace, self.options.exhaustive, near)
 
     def decide(self, features: CropVotes, options: CroppingOptions) -> list[Decision]:
         """Majority vote (argmax: the lowest class index wins a tie) and its certificate."""
@@ -327,8 +356,9 @@ class CroppingCertifier(Certifier):
             raise ValueError(f"votes drawn with replace={features.replace}, exhaustive={features.exhaustive} cannot "
                              f"be certified as replace={options.replace}, exhaustive={options.exhaustive}")
         votes = features.votes
+        uncertain = None if features.near is None else features.near.sum(axis=1)
         certs = vote_certificates(votes, self.input_hw, self.crop_hw, self.threat, options.replace,
-                                  options.threshold, options.exhaustive)
+                                  options.threshold, options.exhaustive, uncertain)
         labels = votes.argmax(axis=-1)
         return [Decision(label=int(labels[i]), certificate=certs[i], scores=votes[i].astype(float).tolist())
                 for i in range(len(votes))]

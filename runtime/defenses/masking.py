@@ -282,13 +282,15 @@ class MaskingCertifier(Certifier):
     engine is a base classifier on (N, 4, H, W) ablated inputs; all ablations of a batch of frames go to the
     engine as one batched call (chunked to its max batch) and come back as an (N, H', W', C) feature map.
     Features are that map; :meth:`decide` clips and masks it under any options.
-    Local-logit certificates rely on exact locality, so they hold only on backends whose receptive-field
-    probe was bit-exact (``needs_exact``); ablation locality is exact on every backend (ablated pixels are
-    multiplied by 0 in the graph), so an ablation bundle does not need an exact backend.
+    Local-logit certificates rely on exact locality; ablation locality holds on every backend (ablated pixels
+    are multiplied by 0 in the graph), but an ablation's output must not depend on the rest of its batch (a
+    patched frame's ablations run in another batch, and a margin or a one-hot vote can turn on the last bit).
+    Both hold only on backends the export verified (``needs_exact``).
     """
 
     name = "masking"
     Options = MaskingOptions
+    needs_exact = True
     local_outputs = True
     threat_in_features = False  # the threat enters only in decide
 
@@ -297,7 +299,6 @@ class MaskingCertifier(Certifier):
         self.source = self.params.get("source", "local-logits")
         if self.source not in SOURCES:
             raise ValueError(f"masking bundle: source must be one of {SOURCES}, got {self.source!r}")
-        self.needs_exact = self.source == "local-logits"
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         if self.source == "ablation":
             ab = self.params["ablation"]

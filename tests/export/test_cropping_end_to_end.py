@@ -133,3 +133,8 @@ def test_torch_cpu_backend_matches_onnxruntime_cpu(model, bundles):
         assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
         got_verdicts = got.seeded(3)(split.x[:16])
         assert [(v.label, v.scores) for v in ref.seeded(3)(split.x[:16])] == [(v.label, v.scores) for v in got_verdicts]
+        # the export verified onnxruntime CPU batch-independent; torch counts its near-tie crops as changed
+        assert ref.manifest["probe"]["exact_backends"] == ["onnxruntime-cpu"]
+        assert ref.manifest["probe"]["batch"]["batch_invariant"] and ref.trusted and not got.trusted
+        assert ref.infer(x).near is None and got.infer(x).near.shape == flat_a.shape
+        assert (got.batch_atol(), ref.batch_atol()) == (cropping.TIE_TOLERANCE / 2, 0.0)

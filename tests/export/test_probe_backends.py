@@ -87,7 +87,7 @@ def test_a_listed_backend_that_fails_fails_inspect_probe(capsys, monkeypatch, wi
     code, out, err = inspect_probe(capsys, certinfer.default_bundle())
     assert code == 1
     assert "probe       leaky-listed: FAILED: output cell" in out
-    assert err.count("\n") == 1 and err.startswith("certinfer: error: receptive-field probe failed on leaky-listed: ")
+    assert err.count("\n") == 1 and err.startswith("certinfer: error: probe failed on leaky-listed: ")
 
 
 def test_inspect_probe_fails_when_no_backend_could_run(capsys, monkeypatch, with_leaky_backend):

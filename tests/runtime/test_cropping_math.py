@@ -3,6 +3,7 @@ the vectorized crop gather against a loop, and the exhaustive certificate."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -239,3 +240,113 @@ def test_only_sampled_crops_are_random_draws():
     Cascade([("exhaustive", exhaustive)])
     with pytest.raises(ValueError, match="randomized"):
         Cascade([("sampled", sampled)])
+
+
+def test_near_ties_and_uncertain_crops_against_loops():
+    from certinfer.bench.cropping_reference import near_ties_reference
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, 30, 5)).astype(np.float32)
+    logits[:, ::3, 1] = logits[:, ::3, 0] + rng.uniform(-2e-3, 2e-3, size=(4, 10)).astype(np.float32)
+    logits[0, 0, :2] = 7.0  # an exact tie
+    near = cropping.near_ties(logits, 1e-3)
+    assert near.sum(axis=1).tolist() == [near_ties_reference(row, 1e-3) for row in logits] and near[0, 0]
+    # each uncertain crop takes one overlapped crop off what the patch needs
+    n, p = 10, 0.2
+    assert cropping.certificate(np.array([8, 2]), n, p, 1) == cropping.certificate(np.array([7, 3]), n, p)
+    assert cropping.certificate(np.array([[8, 2], [6, 4]]), n, p, np.array([3, 5])).tolist() == [
+        cropping.certificate(np.array([5, 5]), n, p)] * 2 == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("replace,exhaustive", [(True, False), (True, True)])
+def test_plain_reference_counts_near_ties_identically(replace, exhaustive):
+    from certinfer.bench.cropping_reference import certify_reference
+
+    rng = np.random.default_rng(7)
+    hw, crop = (16, 16), (6, 6)
+    threat = parse("1x1,2x2", input_hw=hw)
+    n = cropping.crop_locations(hw, crop) if exhaustive else 60
+    logits = rng.normal(size=(8, n, 3)).astype(np.float32)
+    logits[:, :, 0] += np.linspace(1, 6, 8, dtype=np.float32)[:, None]
+    ties = rng.random((8, n)) < 0.05
+    logits[:, :, 1] = np.where(ties, logits[:, :, 0] - 5e-4, logits[:, :, 1])
+    votes = cropping.count_votes(logits.argmax(-1), 3)
+    near = cropping.near_ties(logits, 1e-3)
+    fast = cropping.vote_certificates(votes, hw, crop, threat, replace, 0.9, exhaustive, near.sum(axis=1))
+    plain = cropping.vote_certificates(votes, hw, crop, threat, replace, 0.9, exhaustive)
+    for i in range(len(logits)):
+        slow = certify_reference(logits[i], hw, crop, threat, replace, 0.9, exhaustive, tolerance=1e-3)
+        assert slow.per_rect == fast[i].per_rect and slow.certified == fast[i].certified
+    assert sum(c.certified for c in fast) < sum(c.certified for c in plain)  # the near ties cost something here
+
+
+class _BatchDependentEngine:
+    """A crop classifier on a backend that rounds differently by batch: class 0 scores the crop's brightest
+    channel-0 pixel, class 1 a constant that moves by ``EPS`` (well under half the tie tolerance) with the number
+    of frames in the call, as a kernel chosen by batch size would."""
+
+    name, precision, max_batch = "batch-dependent", "fp32", 1 << 20
+    EPS = 2e-4
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        frames = len(batch) // 100  # 12x12 input, 3x3 crops: 100 crops per frame
+        logits = np.empty((len(batch), 2), np.float32)
+        logits[:, 0] = batch[:, 0].max(axis=(1, 2))
+        logits[:, 1] = 0.5 + (self.EPS if frames % 2 else -self.EPS)
+        return logits
+
+
+def _batch_dependent_certifier() -> cropping.CroppingCertifier:
+    from types import SimpleNamespace
+
+    manifest = {"defense": {"kind": "cropping", "params": {"crop": [3, 3], "mode": "exhaustive"}},
+                "input": {"hw": [12, 12], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["rival", "label"]}}
+    return cropping.CroppingCertifier(SimpleNamespace(manifest=manifest), {"model": _BatchDependentEngine()},
+                                      parse("1x1", input_hw=(12, 12)))
+
+
+def _near_tie_frames(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Frames whose rival pixels fill two columns (40 of the 100 crops vote for the rival: a vote gap of 20, 2
+    more than one patch pixel's 9 crops can take) plus a few pixels a hair above the class-1 score (near ties)."""
+    x = np.zeros((count, 3, 12, 12), np.float32)
+    x[:, 0, :, [8, 11]] = 1.0
+    for frame in x:
+        for _ in range(rng.integers(0, 3)):
+            i, j = rng.integers(0, 12), rng.integers(0, 6)
+            frame[0, i, j] = 0.5 + 1e-4
+    return x
+
+
+def test_near_tie_crops_keep_cropping_sound_on_a_batch_dependent_backend():
+    """The attack: certify each frame alone, then patch one pixel (to the rival's brightest value) at every
+    location and classify the patched frame alongside another frame, where the backend rounds the other way.
+    Certified frames never flip; counting near ties as safe (the rule switched off) certifies a frame the attack
+    flips, so the test can tell."""
+    cert = _batch_dependent_certifier()
+    assert not cert.trusted and cert.batch_atol() == cert.tolerance / 2 > _BatchDependentEngine.EPS
+    frames = _near_tie_frames(np.random.default_rng(0), 12)
+    unsafe_certified = certified = 0
+    for x in frames:
+        features = cert.infer(x[None])
+        verdict = cert.certify(features)[0]
+        unsafe = cert.certify(dataclasses.replace(features, near=None))[0]
+        flipped = False
+        for i in range(12):
+            for j in range(12):
+                patched = x.copy()
+                patched[0, i, j] = 1.0
+                flipped |= cert.certify(cert.infer(np.stack([patched, x])))[0].label != verdict.label
+        certified += verdict.certificate.certified
+        assert not (verdict.certificate.certified and flipped)
+        unsafe_certified += unsafe.certificate.certified and flipped
+    assert certified > 0 and unsafe_certified > 0
+
+
+def test_a_verified_backend_counts_no_near_ties():
+    from types import SimpleNamespace
+
+    cert = _batch_dependent_certifier()
+    manifest = {**cert.manifest, "probe": {"exact_backends": ["batch-dependent"]}}
+    trusted = cropping.CroppingCertifier(SimpleNamespace(manifest=manifest), cert.engines, cert.threat)
+    assert trusted.trusted and trusted.batch_atol() == 0.0
+    assert trusted.infer(_near_tie_frames(np.random.default_rng(1), 2)).near is None

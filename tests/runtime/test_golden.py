@@ -1,7 +1,9 @@
 """Golden certificates: every defense must give the verdicts the code gave before the Certifier refactor.
 
 ``make_golden.py`` (run once, on the pre-refactor code) wrote the tiny bundles in ``bundles/``, the frames in
-``frames.npz`` and the verdicts in ``expected.json``. Each case here loads a bundle with the public API
+``frames.npz`` and the verdicts in ``expected.json``. The cropping bundles' manifests have since gained the
+``probe`` section (onnxruntime CPU checked batch-independent) and ``tolerance`` the cropping export writes now;
+without it the runtime counts near-tie crops as changed on every backend. Each case here loads a bundle with the public API
 ``certinfer.load(path, backend="onnxruntime-cpu")``, calls it on each frame batch (in ``frame_groups`` order) and
 compares label, status, certificate kind, certified, every rectangle's [certified, margin], p, and whether a
 reason was given. Needs onnxruntime only (no torch).

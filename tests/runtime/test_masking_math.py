@@ -326,11 +326,13 @@ def test_certifier_variants_share_features_and_local_logits_need_an_exact_fp32_b
         cert.with_options(clip=TANH)  # masking (T = 0) on tanh features
 
 
-def test_ablation_certificates_hold_on_any_backend():
+def test_ablation_certificates_need_a_verified_fp32_backend():
+    """Ablated pixels are multiplied by 0 (locality holds anywhere), but a patched frame's ablations run in
+    another batch, so an ablation's output must not depend on its batch: only verified backends certify."""
     from types import SimpleNamespace
 
     class Base:  # a base classifier voting class 0 for every ablation
-        name, precision, max_batch = "onnxruntime-cuda", "fp16", 1 << 20
+        name, precision, max_batch = "onnxruntime-cuda", "fp32", 1 << 20
 
         def run(self, batch: np.ndarray) -> np.ndarray:
             return np.tile(np.array([[3.0, 0.0, 0.0]], np.float32), (len(batch), 1))
@@ -339,8 +341,13 @@ def test_ablation_certificates_hold_on_any_backend():
     manifest = {"defense": {"kind": "masking", "params": {**masking.VARIANTS["drs"], "source": "ablation",
                                                           "ablation": {"mode": "column", "size": 2}}},
                 "input": {"hw": [8, 8], "mean": [0.0] * 3, "std": [1.0] * 3, "classes": ["a", "b", "c"]},
-                "geometry": g.to_dict(), "probe": {"exact_backends": []}}
+                "geometry": g.to_dict(), "probe": {"exact_backends": ["onnxruntime-cuda"]}}
+    frame = np.zeros((1, 8, 8, 3), np.uint8)
     cert = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": Base()}, parse("1x1"))
-    assert not cert.trusted and not cert.needs_exact  # ablated pixels are multiplied by 0: locality is exact anyway
-    (v,) = cert(np.zeros((1, 8, 8, 3), np.uint8))
+    assert cert.trusted and cert.needs_exact
+    (v,) = cert(frame)
     assert v.status == "certified" and v.reason == "" and v.scores == [9.0, 0.0, 0.0]
+    manifest["probe"]["exact_backends"] = []
+    unlisted = masking.MaskingCertifier(SimpleNamespace(manifest=manifest), {"model": Base()}, parse("1x1"))
+    (v,) = unlisted(frame)
+    assert v.status == "uncertified" and "is not verified for this bundle" in v.reason and v.label == 0
