@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = 0
     input_hw: tuple[int, int] = (32, 32)
     init: str = ""  # a double-masking checkpoint to start from (fine-tuning; its weights only)
+    teacher: str = ""  # a pixel-space double-masking checkpoint to distil from, under the same masks
+    distill_weight: float = 0.7  # share of the loss that matches the teacher (the rest: the labels)
+    distill_temp: float = 2.0  # softmax temperature of the distillation loss
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +104,8 @@ PRESETS: dict[str, TrainConfig] = {
                                                       "c3:32:2", "r3:64:2"], "dropout": 0.0}),
     "gtsrb-cpu-patch4b": _GTSRB_CPU_PATCH4,
     "gtsrb-cpu-patch4b-finetune": replace(_GTSRB_CPU_PATCH4, **_FINETUNE),
+    # Distilling a trained stride-4 pixel-space model (--teacher) into a patch4b checkpoint (--init).
+    "gtsrb-cpu-patch4b-distill": replace(_GTSRB_CPU_PATCH4, epochs=20, lr=1e-3, warmup_epochs=0.5),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,
@@ -222,7 +227,7 @@ def monitor(model: Classifier, x: np.ndarray, y: np.ndarray, mean, std, masks: t
 
 
 def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor,
-          geos: dict[int, dict], cfg: TrainConfig, rng: np.random.Generator) -> float:
+          geos: dict[int, dict], cfg: TrainConfig, rng: np.random.Generator, teacher: Classifier | None) -> float:
     """One optimizer step on a normalized batch, masked in pixels or (a ``feature_prob`` share) on features."""
     use_feature = bool(cfg.feature_splits) and rng.random() < cfg.feature_prob
     split = int(rng.choice(cfg.feature_splits)) if use_feature else len(model.units)
@@ -231,14 +236,41 @@ def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: tor
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         z = masked_forward(model, x, m, split, geo, cfg.mask_value)
     loss = F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
+    if teacher is not None:
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * _distill_loss(teacher, x, m, z, cfg)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.item()
 
 
+def _distill_loss(teacher: Classifier, x: torch.Tensor, m: torch.Tensor, z: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """KL divergence from the teacher's softened prediction on the same images under the same masks, in pixels
+    (with a patch-embedding front the student's feature masks hide exactly these pixels)."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        zt = masked_forward(teacher, x, m, len(teacher.units), None, cfg.mask_value)
+    t = cfg.distill_temp
+    return F.kl_div(F.log_softmax(z.float() / t, 1), F.log_softmax(zt.float() / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def load_teacher(path: Path, cfg: TrainConfig, mean: list, std: list, device: str) -> Classifier:
+    """A trained pixel-space double-masking classifier for distillation: same mask set, classes and inputs."""
+    state, meta = load_checkpoint(path)
+    tc = meta["config"]
+    if (tc["threat"], tc["stride"], tc["mask_value"]) != (cfg.threat, cfg.stride, cfg.mask_value):
+        raise ValueError(f"--teacher {path}: trained for masks of {tc['threat']} at stride {tc['stride']} "
+                         f"(value {tc['mask_value']}), not {cfg.threat} at stride {cfg.stride} ({cfg.mask_value})")
+    if meta["mean"] != list(mean) or meta["std"] != list(std) or tc["background"] != cfg.background:
+        raise ValueError(f"--teacher {path}: trained on other inputs or classes than this run")
+    teacher = classifier(meta["num_classes"], tc["model"])
+    teacher.load_state_dict(state)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def _epoch(run: trainer.Run, model: Classifier, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
-           masks: torch.Tensor, geos: dict[int, dict], meta: dict, schedule: tuple[int, int]) -> float:
+           masks: torch.Tensor, geos: dict[int, dict], meta: dict, schedule: tuple[int, int],
+           teacher: Classifier | None) -> float:
     """One epoch over the fit images; ``meta["step"]`` counts optimizer steps (the learning-rate schedule's
     position, ``schedule`` = (total, warmup) steps); returns the mean loss."""
     cfg, rng, (xs, ys) = run.cfg, run.rng, data
@@ -251,7 +283,7 @@ def _epoch(run: trainer.Run, model: Classifier, opt: torch.optim.Optimizer, data
             g["lr"] = cosine_lr(meta["step"], *schedule, cfg.lr)
         x = photometric(augment(xs[idx], rng, cfg.crop_pad, cfg.flips), rng, cfg.jitter)
         x = normalize(x, run.mean, run.std).to(run.device)
-        losses.append(_step(model, opt, x, ys[idx].to(run.device), masks, geos, cfg, rng))
+        losses.append(_step(model, opt, x, ys[idx].to(run.device), masks, geos, cfg, rng, teacher))
         meta["step"] += 1
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
     return float(np.mean(losses))
@@ -289,6 +321,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     elif cfg.init:  # resuming a fine-tuning run: the weights are in the resume state, the inputs as it began
         run.mean, run.std = run.previous["mean"], run.previous["std"]
     model = model.to(run.device)
+    teacher = load_teacher(Path(cfg.teacher), cfg, run.mean, run.std, run.device) if cfg.teacher else None
     geos = {s: geometry(model.unit_specs, s, hw) for s in cfg.feature_splits}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = trainer.steps_per_epoch(run, cfg.batch_size)
@@ -306,7 +339,7 @@ def train(cfg: TrainConfig, out: Path, data_dir: str | None = None, device: str 
     data = run.fit_tensors()
     while meta["epoch"] < cfg.epochs:
         t0 = time.time()
-        loss = _epoch(run, model, opt, data, masks, geos, meta, schedule)
+        loss = _epoch(run, model, opt, data, masks, geos, meta, schedule, teacher)
         meta["epoch"] += 1
         meta["minutes"] += (time.time() - t0) / 60
         pairs = meta["epoch"] % monitor_every == 0 or meta["epoch"] == cfg.epochs
@@ -332,6 +365,8 @@ def train_command(
     stride: Optional[int] = typer.Option(None, help="Override the preset's mask stride"),
     worst_of: Optional[int] = typer.Option(None, help="Override the preset's greedy-cutout candidates (1 = random)"),
     init: Optional[str] = typer.Option(None, help="Start from this double-masking checkpoint (fine-tuning presets)"),
+    teacher: Optional[str] = typer.Option(None, help="Distil from this pixel-space double-masking checkpoint "
+                                                     "(same masks, classes and inputs)"),
     resume: bool = typer.Option(False, help="Carry on from OUT/last.safetensors (same preset and options; --epochs "
                                             "may be raised)"),
     limit: Optional[int] = typer.Option(None, help="Train on this many images only (a quick check)"),
@@ -343,7 +378,7 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     command = command_line("doublemask", preset, out, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of,
-                           init=init, limit=limit, threads=threads, resume=resume)
-    cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of, init=init)
+                           init=init, teacher=teacher, limit=limit, threads=threads, resume=resume)
+    cfg = config_for(preset, epochs=epochs, seed=seed, stride=stride, worst_of=worst_of, init=init, teacher=teacher)
     meta = train(cfg, out, data_dir, device, preset, command, resume, limit)
     typer.echo(json.dumps(meta["history"][-1] if meta["history"] else {}))

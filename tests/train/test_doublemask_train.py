@@ -15,7 +15,8 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.runtime.defenses.doublemask import feature_masks, mask_boxes, mask_set
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.loader import load
-from certinfer.train.doublemask import PRESETS, config_for, feature_masks as train_feature_masks, start_from, train
+from certinfer.train.doublemask import (PRESETS, _distill_loss, config_for, feature_masks as train_feature_masks,
+                                        load_teacher, masked_forward, start_from, train)
 from certinfer.train.loop import save_checkpoint
 from certinfer.train.models.doublemask import Back, Front, classifier, geometry
 
@@ -148,6 +149,28 @@ def test_fine_tuning_records_the_checkpoint_it_started_from(trained, gtsrb_root,
     resumed = train(dataclasses.replace(cfg, epochs=2), tmp_path / "ft", str(gtsrb_root), limit=256,
                     monitor_every=2, resume=True)
     assert resumed["init"] == tuned["init"] and [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_distillation_matches_a_teacher_under_the_same_masks(trained, gtsrb_root, tmp_path):
+    """``--teacher``: the loss adds the KL divergence from the teacher's prediction on the same masked images
+    (0 for a student that is the teacher); a teacher trained for another mask set or other inputs is refused."""
+    out, source = trained
+    cfg = dataclasses.replace(config_for("gtsrb-cpu"), model=TINY, epochs=1, batch_size=32, worst_of=2,
+                              feature_splits=(2,), feature_prob=0.5, teacher=str(out / "model.safetensors"))
+    teacher = load_teacher(out / "model.safetensors", cfg, source["mean"], source["std"], "cpu")
+    x, m = torch.randn(6, 3, 32, 32), torch.from_numpy(mask_set((32, 32), "5x5", 5)[:6])
+    with torch.no_grad():
+        z = masked_forward(teacher, x, m, len(teacher.units), None, 0.0)
+    assert float(_distill_loss(teacher, x, m, z, cfg)) == pytest.approx(0.0, abs=1e-2)  # bf16 autocast
+    assert float(_distill_loss(teacher, x, m, torch.zeros_like(z), cfg)) > 0.01  # a flat student
+    student = train(cfg, tmp_path / "kd", str(gtsrb_root), limit=256, monitor_every=2)
+    assert student["config"]["teacher"] == cfg.teacher and np.isfinite(student["history"][-1]["loss"])
+    with pytest.raises(ValueError, match="stride"):
+        load_teacher(out / "model.safetensors", dataclasses.replace(cfg, stride=4), source["mean"], source["std"],
+                     "cpu")
+    with pytest.raises(ValueError, match="other inputs"):
+        load_teacher(out / "model.safetensors", cfg, [0.5, 0.5, 0.5], source["std"], "cpu")
 
 
 @pytest.mark.slow
