@@ -23,11 +23,12 @@ certificate: the vote gap must exceed twice the most crop locations one patch ov
 
 Backends. A crop's prediction must not depend on the rest of its batch: the frame is certified in one batch and
 a patched frame's crops run in another. The export checks this bit for bit on onnxruntime CPU and lists the
-backend in ``probe.exact_backends``. On any other backend or precision (torch's kernels round differently at
-other batch sizes), a crop whose top two logits lie within ``tolerance`` (``defense.params.tolerance``, logit
+backend in ``probe.exact_backends``. On any other fp32 backend (torch's kernels round differently at other
+batch sizes), a crop whose top two logits lie within ``tolerance`` (``defense.params.tolerance``, logit
 units) of each other could vote differently in another batch, so it counts as a crop the patch changes: a frame
 with ``u`` such crops is certified when the vote gap exceeds ``2 (t + u)``. That holds where the backend's
 outputs move by less than half the tolerance between batch sizes, which ``certinfer inspect --probe`` checks.
+Engines below fp32 round far more than the band allows: their certificates are withdrawn.
 
 The probabilistic statement holds only against an attacker who cannot predict the crops: locations come from
 numpy's default generator seeded from the OS's entropy. A fixed seed (:meth:`Certifier.seeded`) is for tests and
@@ -46,7 +47,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from certinfer.threat import Rect, Threat, rect_key
-from certinfer.runtime.certifier import Certifier, Decision, Options
+from certinfer.runtime.certifier import EXACT_PRECISION, Certifier, Decision, Options
 from certinfer.runtime.verdict import Certificate, RectCert
 
 MODES = ("sample", "exhaustive")
@@ -328,6 +329,11 @@ class CroppingCertifier(Certifier):
 
     def output_shapes(self, role: str = "model") -> tuple[tuple[int, ...], ...]:
         return ((len(self.classes),),)
+
+    @property
+    def needs_exact(self) -> bool:
+        """An engine below fp32 gives no certificates: the near-tie band is sized for fp32 rounding."""
+        return any(getattr(e, "precision", EXACT_PRECISION) != EXACT_PRECISION for e in self.engines.values())
 
     def batch_atol(self) -> float:
         """Bit for bit on a verified backend; elsewhere half the near-tie band (a gap moves by twice that)."""

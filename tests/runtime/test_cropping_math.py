@@ -350,3 +350,20 @@ def test_a_verified_backend_counts_no_near_ties():
     trusted = cropping.CroppingCertifier(SimpleNamespace(manifest=manifest), cert.engines, cert.threat)
     assert trusted.trusted and trusted.batch_atol() == 0.0
     assert trusted.infer(_near_tie_frames(np.random.default_rng(1), 2)).near is None
+
+
+def test_an_engine_below_fp32_gives_no_certificates():
+    """The near-tie band is sized for fp32 rounding; an fp16 engine rounds far more, so it certifies nothing."""
+    from types import SimpleNamespace
+
+    class Half(_BatchDependentEngine):
+        precision = "fp16"
+
+    cert = _batch_dependent_certifier()
+    half = cropping.CroppingCertifier(SimpleNamespace(manifest=cert.manifest), {"model": Half()}, cert.threat)
+    assert half.needs_exact and not cert.needs_exact
+    x = np.zeros((2, 3, 12, 12), np.float32)  # every crop votes "label": a gap of 100, certified at fp32
+    assert all(d.certificate.certified for d in cert.certify(cert.infer(x)))
+    decisions = half.certify(half.infer(x))
+    assert [d.label for d in decisions] == [1, 1] and not any(d.certificate.certified for d in decisions)
+    assert all("not certified" in d.reason for d in decisions)
