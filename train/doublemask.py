@@ -104,8 +104,6 @@ PRESETS: dict[str, TrainConfig] = {
                                                       "c3:32:2", "r3:64:2"], "dropout": 0.0}),
     "gtsrb-cpu-patch4b": _GTSRB_CPU_PATCH4,
     "gtsrb-cpu-patch4b-finetune": replace(_GTSRB_CPU_PATCH4, **_FINETUNE),
-    # Distilling a trained stride-4 pixel-space model (--teacher) into a patch4b checkpoint (--init).
-    "gtsrb-cpu-patch4b-distill": replace(_GTSRB_CPU_PATCH4, epochs=20, lr=1e-3, warmup_epochs=0.5),
     # A GPU run in the paper's spirit: wider, longer, greedy over 8 candidate pairs.
     "paper": TrainConfig(dataset="cifar10", epochs=200, batch_size=256, lr=3e-3, flips=True, crop_pad=4, jitter=0.2,
                          worst_of=8, bf16=False,
