@@ -127,10 +127,10 @@ def test_double_masking_cut_short_and_resumed_ends_bit_identical(small_gtsrb, tm
     doublemask.train(cfg, tmp_path / "straight", small_gtsrb, monitor_every=100)
     real = doublemask._epoch
 
-    def epoch(run, model, opt, data, masks, geos, meta, schedule):
+    def epoch(run, model, opt, data, masks, geos, meta, schedule, teacher):
         if meta["epoch"] == 2:
             raise _Killed
-        return real(run, model, opt, data, masks, geos, meta, schedule)
+        return real(run, model, opt, data, masks, geos, meta, schedule, teacher)
 
     with monkeypatch.context() as m:
         m.setattr(doublemask, "_epoch", epoch)
