@@ -10,6 +10,9 @@ Feature-space masking (PatchCURE, Xiang et al. 2024): with ``feature_splits`` a 
 batches is masked after the network's first ``split`` units instead, zeroing every feature cell whose receptive
 field meets the pixel mask, so the back part learns what the runtime will show it.
 
+Distillation (``--teacher``): a trained pixel-space model of the same mask set sees the same images under the
+same masks, and ``distill_weight`` of the loss is the KL divergence from its softened prediction.
+
 Training runs in resumable pieces, as every trainer's does (:mod:`certinfer.train.trainer`): every epoch writes
 ``last.safetensors`` (+ .json: epoch, step, history), ``optimizer.safetensors`` and ``rng.json`` under ``--out``;
 ``--resume`` carries on from there (same preset, options and ``--limit``; ``--epochs`` may be raised). The finished
