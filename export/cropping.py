@@ -20,11 +20,10 @@ import onnxruntime as ort
 import torch
 import typer
 
-from certinfer.export import ExportError
 from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_split, float_parity, load_trained,
                                        manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import ProbeError, batch_probe
+from certinfer.export.probe import export_batch_probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, TIE_TOLERANCE, crop_locations
 from certinfer.threat import parse
@@ -79,11 +78,8 @@ def batch_checked(session: ort.InferenceSession, rows: np.ndarray, max_batch: in
     """The manifest's ``probe``: every crop's logits the same bits on onnxruntime CPU in a batch of any size the
     runtime sends (``per_frame`` crops per frame, chunked to ``max_batch``), else the export fails."""
     sizes = {per_frame * k for k in (1, 2, 3) if per_frame * k < max_batch}
-    try:
-        report = batch_probe(lambda b: session.run(["logits"], {"input": b})[0], rows, max_batch, sizes=sizes)
-    except ProbeError as e:
-        raise ExportError(f"the crop classifier on onnxruntime CPU: {e}; randomized cropping needs each crop's "
-                          "logits computed from that crop alone (no batch statistics)") from None
+    report = export_batch_probe(session, rows, max_batch, sizes, "the crop classifier", "randomized cropping needs "
+                                "each crop's logits computed from that crop alone (no batch statistics)")
     return {"backend": "onnxruntime-cpu", "role": "model", "batch": report, "exact_backends": ["onnxruntime-cpu"]}
 
 

@@ -28,7 +28,7 @@ from certinfer.export import ExportError
 from certinfer.export.exporter import (CHECK_IMAGES, SHORT_CHECK_IMAGES, cpu_session, eval_split, float_parity,
                                        load_trained, manifest, onnx_engine, prepare, publish, summary)
 from certinfer.export.onnx_export import export_onnx
-from certinfer.export.probe import ProbeError, batch_probe, probe
+from certinfer.export.probe import export_batch_probe, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.doublemask import rows_per_call
@@ -69,14 +69,9 @@ def _batch_checked(onnx: bytes, rows: np.ndarray, max_batch: int, what: str, cop
     """The batch probe of one graph on onnxruntime CPU: a masked copy is certified from its own row alone, so every
     row must get the same output bits whatever batch it runs in (the runtime's batches go up to ``max_batch``).
     A graph that runs masked ``copies`` is checked at every size a CPU engine call of them can have."""
-    session = cpu_session(onnx)
-    name = session.get_inputs()[0].name
     sizes = range(1, rows_per_call(rows[0].nbytes, cpu=True) + 1) if copies else ()
-    try:
-        return batch_probe(lambda b: session.run(None, {name: b})[0], rows, max_batch, sizes=sizes)
-    except ProbeError as e:
-        raise ExportError(f"{what} on onnxruntime CPU: {e}; double masking needs each row computed from its own "
-                          "input alone (no batch statistics or batch-coupled operations)") from None
+    return export_batch_probe(cpu_session(onnx), rows, max_batch, sizes, what, "double masking needs each row "
+                              "computed from its own input alone (no batch statistics or batch-coupled operations)")
 
 
 def _pixel_parts(net: Classifier, meta: dict, x: np.ndarray) -> tuple[dict, list[dict], dict, dict]:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from certinfer.export import ExportError
 from certinfer.export.parity import Recording, certifier_with, engine_options, roles
 from certinfer.runtime.bundle import Bundle, load_bundle
 from certinfer.runtime.engines import EngineError, engine_entry, load_engine
@@ -135,6 +136,17 @@ def batch_probe(run: Callable[[np.ndarray], np.ndarray | tuple], rows: np.ndarra
     report = {"rows": int(max_batch), "batch_sizes": _ranges([1, *sizes]), "rows_alone": int(len(picks)),
               "batch_invariant": True}
     return {**report, "atol": atol} if atol else report
+
+
+def export_batch_probe(session, rows: np.ndarray, max_batch: int, sizes: Iterable[int], what: str,
+                       needs: str) -> dict:
+    """:func:`batch_probe` of an onnxruntime CPU session's first output at export: a graph that fails is refused
+    (:class:`ExportError` naming ``what`` and what the defense ``needs``)."""
+    name = session.get_inputs()[0].name
+    try:
+        return batch_probe(lambda b: session.run(None, {name: b})[0], rows, max_batch, sizes=sizes)
+    except ProbeError as e:
+        raise ExportError(f"{what} on onnxruntime CPU: {e}; {needs}") from None
 
 
 def _ranges(sizes: list[int]) -> list[int | str]:
