@@ -8,12 +8,14 @@ Modes, each timed frame by frame (batch 1, a camera's latency) and, for the batc
   engine as one call per round, every pair of every frame (``early_exit=False``);
 * ``early-exit``: the same, a frame whose first round disagrees getting only the pairs inference reads;
 * ``feature``: a feature-space bundle (PatchCURE: the front part once per frame, masks on its feature map, the
-  back part per copy), batched with early exit, when one is given.
+  back part per copy), batched with early exit, when one is given;
+* ``device-copies``: the last of those with the masked copies built on the engine's device from the frame and
+  the mask indices (``device_copies``), where the engine can (torch); the modes before it build them on the host.
 
 Certificates must be identical across modes of one model (the label and the certified flag exactly, margins
 within ``MARGIN_ATOL``: batched and single-copy engine calls may round differently in the last bits); the
 feature bundle's against its own per-copy loop. A mismatch fails the benchmark. Each lever's share of the total
-speed-up is its share of the log of the ratio (batching x early exit x feature space = total).
+speed-up is its share of the log of the ratio (batching x early exit x feature space x device copies = total).
 Results: ``<out>/doublemask-speed-<bundle>-<machine>.json`` (``-<backend>`` added for a backend other than
 onnxruntime CPU, ``-<N>threads`` with ``--threads N`` above 1)
 and a ``.png`` plot.
@@ -35,6 +37,7 @@ from certinfer.bench.bundles import load_certifier
 from certinfer.bench.doublemask_reference import reference_decisions
 from certinfer.provenance import git_commit
 from certinfer.runtime.defenses.doublemask import DoubleMaskCertifier
+from certinfer.runtime.engines import DeviceMasking
 
 MARGIN_ATOL = 1e-4
 Outcome = tuple[int, bool, float]  # label, certified, margin
@@ -122,23 +125,33 @@ def speed(pixel: DoubleMaskCertifier, frames: np.ndarray, feature: DoubleMaskCer
     Per-frame times are the fastest of ``repeats`` runs of that frame (the per-copy loop runs once)."""
     few = frames[:loop_frames]
     loop, loop_s, loop_rows = loop_mode(pixel, few)
-    batched, batched_s, batched_rows = runtime_mode(pixel.with_options(early_exit=False), frames, repeats)
-    early, early_s, early_rows = runtime_mode(pixel.with_options(early_exit=True), frames, repeats)
+    batched_pixel = pixel.with_options(early_exit=False, device_copies=False)
+    last = pixel.with_options(early_exit=True, device_copies=False)
+    batched, batched_s, batched_rows = runtime_mode(batched_pixel, frames, repeats)
+    early, early_s, early_rows = runtime_mode(last, frames, repeats)
     modes = {"loop": _stats(loop_s, loop_rows), "batched": _stats(batched_s, batched_rows),
              "early-exit": _stats(early_s, early_rows)}
     diffs = {"loop/batched": check_same("loop vs batched", loop, batched[:loop_frames]),
              "batched/early-exit": check_same("batched vs early exit", batched, early)}
-    modes["batched"]["ms_per_frame_at_batch"] = batch_seconds(pixel.with_options(early_exit=False), frames, batch) * 1e3
-    modes["early-exit"]["ms_per_frame_at_batch"] = batch_seconds(pixel, frames, batch) * 1e3
+    modes["batched"]["ms_per_frame_at_batch"] = batch_seconds(batched_pixel, frames, batch) * 1e3
+    modes["early-exit"]["ms_per_frame_at_batch"] = batch_seconds(last, frames, batch) * 1e3
     certified = {"pixel": float(np.mean([c for _, c, _ in early]))}
+    outcomes = early
     if feature is not None:
-        feat, feat_s, feat_rows = runtime_mode(feature.with_options(early_exit=True), frames, repeats)
+        last = feature.with_options(early_exit=True, device_copies=False)
+        outcomes, feat_s, feat_rows = runtime_mode(last, frames, repeats)
         floop, floop_s, floop_rows = loop_mode(feature, few)
-        diffs["feature-loop/feature"] = check_same("feature loop vs feature", floop, feat[:loop_frames])
+        diffs["feature-loop/feature"] = check_same("feature loop vs feature", floop, outcomes[:loop_frames])
         modes["feature"] = _stats(feat_s, feat_rows)
-        modes["feature"]["ms_per_frame_at_batch"] = batch_seconds(feature, frames, batch) * 1e3
+        modes["feature"]["ms_per_frame_at_batch"] = batch_seconds(last, frames, batch) * 1e3
         modes["feature-loop"] = _stats(floop_s, floop_rows)
-        certified["feature"] = float(np.mean([c for _, c, _ in feat]))
+        certified["feature"] = float(np.mean([c for _, c, _ in outcomes]))
+    if isinstance(last.engines[last.roles[-1]], DeviceMasking):
+        on_device = last.with_options(device_copies=True)
+        dev, dev_s, dev_rows = runtime_mode(on_device, frames, repeats)
+        diffs["host/device copies"] = check_same("host vs device copies", outcomes, dev)
+        modes["device-copies"] = _stats(dev_s, dev_rows)
+        modes["device-copies"]["ms_per_frame_at_batch"] = batch_seconds(on_device, frames, batch) * 1e3
     verified = {"pixel": pixel.trusted, **({"feature": feature.trusted} if feature is not None else {})}
     return {"modes": modes, "levers": levers(modes), "max_margin_difference": diffs, "certified": certified,
             "verified": verified,
@@ -147,8 +160,9 @@ def speed(pixel: DoubleMaskCertifier, frames: np.ndarray, feature: DoubleMaskCer
 
 def levers(modes: dict) -> dict:
     """Speed-up of each lever (per-frame latency ratio) and its share of the total (share of the log)."""
-    chain = [m for m in ("loop", "batched", "early-exit", "feature") if m in modes]
-    names = {"batched": "batching", "early-exit": "early exit", "feature": "feature space"}
+    chain = [m for m in ("loop", "batched", "early-exit", "feature", "device-copies") if m in modes]
+    names = {"batched": "batching", "early-exit": "early exit", "feature": "feature space",
+             "device-copies": "device copies"}
     ms = {m: modes[m]["ms_per_frame"] for m in chain}
     total = ms[chain[0]] / ms[chain[-1]]
     out = {"total": total}
@@ -212,7 +226,7 @@ def main(bundle: Path = typer.Argument(..., help="a pixel-space doublemask bundl
          threads: Optional[int] = typer.Option(None, help="engine CPU threads"),
          seed: int = typer.Option(0),
          out: Path = typer.Option(Path("bench/results"), help="folder for the JSON and the plot")) -> None:
-    """Time the per-copy loop, batching, early exit and feature space on the same frames."""
+    """Time the per-copy loop, batching, early exit, feature space and device-built copies on the same frames."""
     from certinfer.bench.machine import machine_info, machine_slug, versions
 
     pixel = load_certifier(bundle, backend=backend, threads=threads)

@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -248,16 +248,21 @@ class Certifier(RegionCalls):
         Returns the outputs as the engine gives them (an array, or a tuple for several outputs). Any failure or
         misshapen output raises :class:`EngineRunError`.
         """
+        return self.call_engine(role, len(batch), lambda engine: engine.run(batch))
+
+    def call_engine(self, role: str, rows: int, call: Callable[[Any], Any]):
+        """``call(engine)`` for one of the engine's methods giving ``rows`` outputs, timed and checked like
+        :meth:`run_engine` (for capabilities beyond ``run``, such as building masked copies on the device)."""
         engine = self.engines[role]
         t0 = time.perf_counter()
         try:
             with self._lock:
-                outputs = engine.run(batch)
+                outputs = call(engine)
         except Exception as e:
             raise EngineRunError(f"{role} engine failed: {type(e).__name__}: {e}") from e
         finally:
             self._clock.seconds += time.perf_counter() - t0
-        self._check_outputs(role, len(batch), outputs)
+        self._check_outputs(role, rows, outputs)
         return outputs
 
     def _check_outputs(self, role: str, n: int, outputs) -> None:

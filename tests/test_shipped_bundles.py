@@ -55,3 +55,22 @@ def test_cropping_bundle_passes_its_probe_on_torch_within_half_its_tie_tolerance
     report = probe_bundle(resolve("cropping-gtsrb"), backends=["torch-cpu"])["torch-cpu"]
     assert report["status"] == "passed" and report["listed_exact"], report
     assert report["batch"]["model"]["atol"] == TIE_TOLERANCE / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,frames", [("doublemask-gtsrb", 1), ("doublemask-gtsrb-feature", 4)])
+def test_double_masking_on_torch_builds_the_masked_copies_on_the_device(name: str, frames: int, gtsrb_root,
+                                                                        monkeypatch) -> None:
+    """The torch engine builds the copies from the frames and mask indices; no host-built copy reaches it, and
+    every logit, pair prediction and margin is what host-built copies give."""
+    from certinfer.train import data
+
+    x = data.load("gtsrb:test", gtsrb_root).x[:frames]
+    certifier = certinfer.load(name, backend="torch-cpu")
+    role = certifier.roles[-1]
+    host = certifier.with_options(device_copies=False).timed_features(x)[0]
+    monkeypatch.setattr(certifier.engines[role], "run", lambda batch: pytest.fail("host-built copies were run"))
+    device = certifier.timed_features(x)[0]
+    for field in ("one", "two", "two_gap", "rows"):
+        np.testing.assert_array_equal(getattr(device, field), getattr(host, field), err_msg=field)
+    assert (host.two >= 0).any()  # the frames reach the pair round

@@ -42,6 +42,7 @@ import numpy as np
 
 from certinfer.threat import Threat, parse
 from certinfer.runtime.certifier import Certifier, Decision, EngineRunError, Options
+from certinfer.runtime.engines import DeviceMasking
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
 
@@ -206,14 +207,20 @@ class DoubleMaskOptions(Options):
     its inference reads (the pairs of its disagreeing masks) are run; a frame whose one-mask predictions agree has
     its label (case 1) and runs its pairs in :func:`pair_order`, a block per engine call, until one fails. False
     runs every pair of every frame. Decisions are identical either way (the margin reads only the pairs up to the
-    first that fails)."""
+    first that fails).
+
+    ``device_copies``: where the engine builds masked copies itself (``run_masked``: the torch backend, on its
+    device), send it the frames and mask indices instead of host-built copies. Same copies, same decisions; False
+    builds them on the host (to measure what it saves)."""
 
     INFER: ClassVar[tuple[str, ...]] = ("early_exit",)
     early_exit: bool = True
+    device_copies: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.early_exit, bool):
-            raise ValueError(f"early_exit must be true or false, got {self.early_exit!r}")
+        for name in ("early_exit", "device_copies"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -401,13 +408,17 @@ class DoubleMaskCertifier(Certifier):
     def _masked_logits(self, base: np.ndarray, masks: np.ndarray, role: str, frames: np.ndarray, a: np.ndarray,
                        b: np.ndarray) -> np.ndarray:
         """Logits of ``base[frames[r]]`` under masks ``a[r]`` and ``b[r]`` (a == b: one mask), row by row; the
-        copies are built by one vectorized operation per engine call (:meth:`_rows_per_call` rows)."""
+        copies are built by one vectorized operation per engine call (:meth:`_rows_per_call` rows), on the engine's
+        device where it can (``device_copies``)."""
         step = self._rows_per_call(role, base)
+        on_device = self.options.device_copies and isinstance(self.engines[role], DeviceMasking)
         parts = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for s in range(0, len(frames), step):
-            sl = slice(s, s + step)
-            copies = masked_copies(base, masks[a[sl]] | masks[b[sl]], frames[sl], self.mask_value)
-            out = self.run_engine(copies, role=role)
+            f, ma, mb = frames[s:s + step], a[s:s + step], b[s:s + step]
+            if on_device:
+                out = self.call_engine(role, len(f), lambda e: e.run_masked(base, masks, f, ma, mb, self.mask_value))
+            else:
+                out = self.run_engine(masked_copies(base, masks[ma] | masks[mb], f, self.mask_value), role=role)
             parts.append(np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float32))
         return np.concatenate(parts)
 

@@ -3,6 +3,8 @@
 Every backend takes one input array with a fixed dtype and per-sample shape and a dynamic batch axis, and
 returns one array (one graph output) or a tuple (several), each with the batch axis first. Batches outside the
 engine's batch range are chunked (and a short last chunk padded) by :class:`ChunkedEngine`, for all backends.
+A backend may also build masked copies of its input where it runs (``run_masked``, the torch backend on its
+device; see :class:`DeviceMasking`), which double masking uses where offered.
 Backend modules are imported only when chosen: tensorrt, cuda-python and torch are optional, and the runtime
 itself never imports torch.
 """
@@ -50,6 +52,16 @@ class Engine(Protocol):
     precision: str  # what it computes in: "fp32", "fp16", "int8" (certificates needing exactness ask for fp32)
 
     def run(self, batch: np.ndarray) -> Outputs: ...
+
+
+@runtime_checkable
+class DeviceMasking(Protocol):
+    """An engine that builds masked copies itself: ``run_masked`` returns what ``run`` gives on the copies
+    ``base[frames[r]]`` with the positions ``masks[a[r]] | masks[b[r]]`` (bool (K, H, W)) set to ``value`` (a
+    scalar or one per channel), bit for bit and in the same chunks, so only the frames and indices travel."""
+
+    def run_masked(self, base: np.ndarray, masks: np.ndarray, frames: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   value: np.ndarray) -> Outputs: ...
 
 
 def _head(out: Outputs, n: int) -> Outputs:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs
+from certinfer.runtime.engines import ChunkedEngine, EngineError, Outputs, run_chunked
 
 
 def strict_fp32() -> None:
@@ -73,6 +73,7 @@ class TorchEngine(ChunkedEngine):
         self.precision = "fp16" if fp16 else "fp32"
         self._module = module.eval().to(device=self._device, dtype=self._dtype)
         self._graphs: dict[int, tuple] = {}
+        self._masks: tuple | None = None
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.name = "torch-cuda-graphs" if cuda_graphs else f"torch-{self._device.type}"
         self.min_batch, self.max_batch = 1, entry["batch"][1]
@@ -100,14 +101,40 @@ class TorchEngine(ChunkedEngine):
         return static, out, graph
 
     def _run(self, batch: np.ndarray) -> Outputs:
+        with self._torch.inference_mode():
+            return self._forward(self._torch.from_numpy(batch).to(self._device, self._dtype))
+
+    def _forward(self, x) -> Outputs:
+        """The module on one chunk already on the device (a CUDA graph per chunk size with ``cuda_graphs``)."""
+        if self._pool is None:
+            return _to_numpy(self._module(x))
+        if len(x) not in self._graphs:
+            self._graphs[len(x)] = self._capture(x)
+        static, out, graph = self._graphs[len(x)]
+        static.copy_(x)
+        graph.replay()
+        return _to_numpy(out)  # copies to the host, so the next replay cannot overwrite it
+
+    def run_masked(self, base: np.ndarray, masks: np.ndarray, frames: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   value: np.ndarray) -> Outputs:
+        """``run(masked_copies(base, masks[a] | masks[b], frames, value))`` with the copies built on the device:
+        only the frames and the mask indices travel (a GPU spends most of a certified frame moving host-built
+        copies otherwise). The copies hold the same bits and run in the same chunks as through :meth:`run`."""
         torch = self._torch
+        base = self._check(base)
+        if masks.shape[1:] != base.shape[2:]:
+            raise EngineError(f"{self.name}: masks {masks.shape} do not fit frames {base.shape}")
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self._device, self._dtype)
-            if self._pool is None:
-                return _to_numpy(self._module(x))
-            if len(x) not in self._graphs:
-                self._graphs[len(x)] = self._capture(x)
-            static, out, graph = self._graphs[len(x)]
-            static.copy_(x)
-            graph.replay()
-            return _to_numpy(out)  # copies to the host, so the next replay cannot overwrite it
+            index = [torch.from_numpy(np.asarray(v, dtype=np.int64)).to(self._device) for v in (frames, a, b)]
+            on_device = self._device_masks(masks)
+            masked = (on_device[index[1]] | on_device[index[2]])[:, None]
+            fill = torch.as_tensor(np.asarray(value, dtype=np.float32).reshape(-1, 1, 1), device=self._device)
+            x = torch.where(masked, fill, torch.from_numpy(base).to(self._device)[index[0]]).to(self._dtype)
+            return run_chunked(self._forward, x, self.max_batch, self.min_batch)
+
+    def _device_masks(self, masks: np.ndarray):
+        """The mask set on the device, uploaded once per set (kept with the array it came from)."""
+        key = (masks.shape, masks.tobytes())
+        if self._masks is None or self._masks[0] != key:
+            self._masks = key, self._torch.from_numpy(np.array(masks, dtype=bool)).to(self._device)  # a writable copy
+        return self._masks[1]

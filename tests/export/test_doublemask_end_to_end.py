@@ -164,6 +164,31 @@ def test_speed_bench_runs_every_mode_with_identical_certificates(untrained, tmp_
     assert shares["total"] == pytest.approx(100) and shares["batching"]["share"] == pytest.approx(0.5)
 
 
+class _DeviceMasking:
+    """An engine that builds masked copies itself (as the torch backend does on its device)."""
+
+    def __init__(self, engine):
+        self.engine, self.name, self.max_batch, self.precision = engine, engine.name, engine.max_batch, "fp32"
+        self.calls = 0
+
+    def run(self, batch):
+        return self.engine.run(batch)
+
+    def run_masked(self, base, masks, frames, a, b, value):
+        self.calls += 1
+        return self.engine.run(dm.masked_copies(base, masks[a] | masks[b], frames, value))
+
+
+def test_speed_bench_times_device_built_copies_where_the_engine_builds_them(untrained):
+    feature = load(untrained[1], backend=BACKEND)
+    feature.engines["back"] = device = _DeviceMasking(feature.engines["back"])
+    result = speed(load(untrained[0], backend=BACKEND), _random_frames(3, seed=5), feature, loop_frames=1, batch=3,
+                   repeats=1)
+    assert list(result["modes"])[-1] == "device-copies" and device.calls > 0
+    assert result["max_margin_difference"]["host/device copies"] == 0.0
+    assert set(result["levers"]) == {"total", "batching", "early exit", "feature space", "device copies"}
+
+
 def test_multiply_adds_are_counted_on_the_graphs(untrained, tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8),
                         nn.Flatten(), nn.Linear(8 * 8 * 8, 10))

@@ -273,6 +273,34 @@ def test_torch_engine_matches_torch_and_onnxruntime(single):
     np.testing.assert_allclose(got, load_engine(bundle, "onnxruntime-cpu").run(x), atol=1e-5, rtol=0)
 
 
+def _masked_inputs(seed: int = 5):
+    """Three frames, a mask set with a bit pattern per mask, and 20 rows (frame, mask a, mask b) over them."""
+    rng = np.random.default_rng(seed)
+    base = frames(3, seed=seed)
+    base[0, 1, 2, 3], base[1, 0, 0, 0] = -0.0, np.nan  # kept bit for bit where not masked
+    masks = rng.random((6, *HW)) < 0.2
+    rows = np.sort(rng.integers(0, 3, 20)), rng.integers(0, 6, 20), rng.integers(0, 6, 20)
+    return base, masks, rows
+
+
+@pytest.mark.parametrize("value", [0.0, [0.5, -1.0, 2.0]])
+def test_torch_engine_builds_masked_copies_that_run_like_host_built_ones(chunked, value):
+    """Same copies in the same chunks (20 rows at most 3 a call): the outputs equal run() on host-built copies
+    bit for bit, with a scalar or a per-channel fill, and a second mask set replaces the first on the device."""
+    from certinfer.runtime.defenses.doublemask import masked_copies
+
+    engine = load_engine(chunked[0], "torch", builder=build)
+    base, masks, (f, a, b) = _masked_inputs()
+    value = np.asarray(value, dtype=np.float32)
+    for m in (masks, ~masks):
+        expected = engine.run(masked_copies(base, m[a] | m[b], f, value))
+        np.testing.assert_array_equal(engine.run_masked(base, m, f, a, b, value), expected)
+    with pytest.raises(EngineError, match="do not fit"):
+        engine.run_masked(base, masks[:, :4], f, a, b, value)
+    with pytest.raises(EngineError, match="float32"):
+        engine.run_masked(base.astype(np.float64), masks, f, a, b, value)
+
+
 def test_torch_engine_refuses_weights_that_do_not_fit(single):
     with pytest.raises(EngineError, match="does not fit the model"):
         load_engine(single[0], "torch", builder=lambda config: TinyNet(width=5))
@@ -289,6 +317,18 @@ def test_torch_engine_needs_a_builder_and_engines_report_their_precision(single)
 
 
 # --- GPU backends: run wherever they exist ----------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_TORCH_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch-cuda", "torch-cuda-graphs"])
+def test_torch_cuda_masked_copies_built_on_the_gpu_run_like_host_built_ones(chunked, backend):
+    from certinfer.runtime.defenses.doublemask import masked_copies
+
+    engine = load_engine(chunked[0], backend, builder=build)
+    base, masks, (f, a, b) = _masked_inputs()
+    value = np.float32(0.5)
+    np.testing.assert_array_equal(engine.run_masked(base, masks, f, a, b, value),
+                                  engine.run(masked_copies(base, masks[a] | masks[b], f, value)))
+
 
 @pytest.mark.skipif(not HAS_TORCH_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch-cuda", "torch-cuda-graphs"])
