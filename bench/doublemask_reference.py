@@ -9,7 +9,8 @@ is computed (mask i and mask j for every i <= j; i == j is the one-mask predicti
   as in the authors' released code (``np.unique`` counts, argsort, last taken), with a stable sort: a tie goes
   to the largest label;
 * certification: certified for the inferred label y when every prediction of the map is y, each with a strict
-  margin: ``logit[y] - max_{c != y} logit[c] > 0`` (a tie is a flip). The margin is the smallest such gap over
+  margin: ``logit[y] - max_{c != y} logit[c] > 0`` (a tie is a flip), or above the bundle's tolerance on a
+  backend its export did not verify batch-independent. The margin is the smallest such gap over
   the copies the certificate reads: the one-mask copies, and when they all agree with a strict margin the pairs
   in check order (nearest the centre first: by the sum of both masks' squared centre offsets in half cells, ties
   in row-major order) up to the first that fails, or all of them.
@@ -93,8 +94,10 @@ def check_order(masks: np.ndarray) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: offset[p[0]] + offset[p[1]])
 
 
-def decide(logits: np.ndarray, order: list[tuple[int, int]]) -> tuple[int, int, bool, float]:
-    """``(label, case, certified, margin)`` from a (K, K, classes) logit map and the pairs' check order."""
+def decide(logits: np.ndarray, order: list[tuple[int, int]],
+           required: float = 0.0) -> tuple[int, int, bool, float]:
+    """``(label, case, certified, margin)`` from a (K, K, classes) logit map and the pairs' check order; certified
+    needs a margin above ``required``."""
     k = len(logits)
     preds = logits.argmax(axis=-1)
     label, case = double_masking(preds)
@@ -104,7 +107,7 @@ def decide(logits: np.ndarray, order: list[tuple[int, int]]) -> tuple[int, int, 
             margin = min(margin, gap(logits[i, j], label))
             if margin <= 0:
                 break
-    certified = all(int(preds[i, j]) == label for i in range(k) for j in range(k)) and margin > 0
+    certified = all(int(preds[i, j]) == label for i in range(k) for j in range(k)) and margin > required
     return label, case, certified, margin
 
 
@@ -125,7 +128,7 @@ def reference_decisions(certifier: DoubleMaskCertifier, frames: np.ndarray) -> l
             out = certifier.run_engine(frame[None], role="front")
             base = (out[0] if isinstance(out, tuple) else out)[0]
         logits = prediction_map(run, base, certifier.masks, value)
-        label, case, certified, margin = decide(logits, check_order(certifier.masks))
+        label, case, certified, margin = decide(logits, check_order(certifier.masks), certifier.required_margin)
         rects = {key: RectCert(certified, margin + 0.0) for key in certifier.threat.keys}
         results.append((label, case, Certificate.from_rects(str(certifier.threat), rects)))
     return results

@@ -25,7 +25,8 @@ from certinfer.export.exporter import (argmax_disagreements, cpu_session, eval_s
 from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import export_batch_probe
 from certinfer.export.torch_weights import torch_engine
-from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, TIE_TOLERANCE, crop_locations
+from certinfer.runtime.certifier import TIE_TOLERANCE
+from certinfer.runtime.defenses.cropping import DEFAULT_THRESHOLD, MODES, crop_locations
 from certinfer.threat import parse
 from certinfer.train import models
 from certinfer.train.cropping import TrainConfig, random_crops

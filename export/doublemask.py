@@ -31,6 +31,7 @@ from certinfer.export.onnx_export import export_onnx
 from certinfer.export.probe import export_batch_probe, probe
 from certinfer.export.torch_weights import torch_engine
 from certinfer.provenance import git_commit
+from certinfer.runtime.certifier import TIE_TOLERANCE
 from certinfer.runtime.defenses.doublemask import rows_per_call
 from certinfer.runtime.geometry import Geometry
 from certinfer.threat import parse
@@ -141,7 +142,7 @@ def export_checkpoint(checkpoint: Path, out: Path, space: str = "pixel", split: 
     else:
         raise ExportError(f"space must be pixel or feature, got {space!r}")
     params = {"space": space, "stride": int(stride or mask["stride"]), "mask_value": float(mask["value"]),
-              **({"split": split} if space == "feature" else {})}
+              "tolerance": TIE_TOLERANCE, **({"split": split} if space == "feature" else {})}
     m = manifest(DEFENSE, params, hw, meta["mean"], meta["std"], meta["classes"], threat, engines, parity, meta,
                  {"trained_mask": mask, "epochs": meta.get("epoch"), "train_minutes": meta.get("minutes"),
                   "train_history": meta.get("history", [])[-1:]}, **sections)
@@ -209,7 +210,7 @@ def export_classifier(classifier_onnx: Path, out: Path, input_hw: tuple[int, int
     max_batch, rows = _check_classifier(onnx, input_hw, len(classes), x[:16])
     meta = {"command": command, "dataset": {"test": test.name, "note": test.note}, "commit": git_commit()}
     source = {"classifier": Path(classifier_onnx).name, "classifier_sha256": hashlib.sha256(raw).hexdigest()}
-    params = {"space": "pixel", "stride": int(stride), "mask_value": float(mask_value)}
+    params = {"space": "pixel", "stride": int(stride), "mask_value": float(mask_value), "tolerance": TIE_TOLERANCE}
     m = manifest(DEFENSE, params, input_hw, mean, std, classes, threat, [onnx_engine(max_batch)], {}, meta, source,
                  probe={"backend": "onnxruntime-cpu", "role": "model", "batch": rows,
                         "exact_backends": ["onnxruntime-cpu"]})

@@ -68,6 +68,7 @@ class Options:
 
 
 EXACT_PRECISION = "fp32"  # the precision the export's locality and rounding checks verify
+TIE_TOLERANCE = 1e-3  # logit units: the near-tie band on fp32 backends not verified batch-independent
 
 
 class _EngineClock(threading.local):

@@ -47,12 +47,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from certinfer.threat import Rect, Threat, rect_key
-from certinfer.runtime.certifier import EXACT_PRECISION, Certifier, Decision, Options
+from certinfer.runtime.certifier import EXACT_PRECISION, TIE_TOLERANCE, Certifier, Decision, Options
 from certinfer.runtime.verdict import Certificate, RectCert
 
 MODES = ("sample", "exhaustive")
 DEFAULT_THRESHOLD = 0.95
-TIE_TOLERANCE = 1e-3  # logit units: the near-tie band on backends not verified batch-independent
 
 
 class WithoutReplacement(float):

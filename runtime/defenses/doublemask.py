@@ -19,6 +19,15 @@ becomes the feature cells whose receptive field meets it (:func:`feature_masks`)
 per masked copy. The argument above holds on the feature map as long as a patch changes only the cells its
 receptive field reaches, which the export's locality probe verifies per backend.
 
+Backends. Certification and a later inference run the same masked copy in different batches. On a backend the
+export verified batch-independent (``probe.exact_backends``) the copy's output is the same bits, so a strict margin
+suffices. Pixel space on any other fp32 backend (torch's and GPU kernels round differently by batch size):
+the copies the argument above reads are bit-identical inputs whose logits move by less than half
+``tolerance`` (``defense.params.tolerance``, logit units; ``certinfer inspect --probe`` checks it), so their
+label's gap moves by less than the tolerance: certified when every gap exceeds it. Feature space also needs the
+front part's locality bit for bit, which only a verified backend has: elsewhere certificates are withdrawn, as
+they are for engines below fp32 in both spaces.
+
 Occlusion batching. The K one-mask copies of every frame of a batch go to the engine as one call. Then the
 second round: for frames whose first round disagrees (never certifiable) only the pairs inference reads (the rows
 of their disagreeing masks); for frames whose first round agrees (case 1: the label is decided, only the
@@ -41,7 +50,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from certinfer.threat import Threat, parse
-from certinfer.runtime.certifier import Certifier, Decision, EngineRunError, Options
+from certinfer.runtime.certifier import (EXACT_PRECISION, TIE_TOLERANCE, Certifier, Decision, EngineRunError,
+                                         Options)
 from certinfer.runtime.engines import DeviceMasking
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.verdict import Certificate, RectCert
@@ -277,15 +287,16 @@ class DoubleMaskCertifier(Certifier):
     logits; ``feature``: role ``front`` maps frames to an NCHW feature map with the manifest's ``geometry``, role
     ``back`` maps (masked) feature maps to logits).
 
-    Certified for label y when every one- and two-mask prediction is y with a strict margin (ties are flips);
+    Certified for label y when every one- and two-mask prediction is y with a margin above :attr:`required_margin`
+    (0 on a verified backend: ties are flips; ``defense.params.tolerance`` elsewhere, see the module docstring);
     the margin is the smallest gap of y's logit over the best other class among the copies (on a frame that is
     not certified, among the copies read until the certificate failed: the one-mask copies, then the pairs in
     check order up to the first that fails). :meth:`decide` then
     returns y by case 1, and the inference returns y on any patched frame. Both variants rely on the engine
     giving a masked copy the same output bits in whatever batch it runs (certification and a later inference batch
     the copies differently), and the feature variant also on the front part's locality (a patch changes only the
-    cells ``geometry.affected`` names, its map is ``local_features``). Both hold bit-exact only on the backends the
-    export probed: ``needs_exact`` in both spaces.
+    cells ``geometry.affected`` names, its map is ``local_features``), which holds bit-exact only on the
+    backends the export probed.
     """
 
     name = "doublemask"
@@ -309,8 +320,26 @@ class DoubleMaskCertifier(Certifier):
         if self.geometry is not None and self.geometry.input_hw != self.input_hw:
             raise ValueError(f"doublemask bundle: geometry input {self.geometry.input_hw} is not the input "
                              f"{self.input_hw}")
-        self.needs_exact = True
+        self.tolerance = float(self.params.get("tolerance", TIE_TOLERANCE))
+        if not self.tolerance > 0:
+            raise ValueError(f"doublemask bundle: defense.params.tolerance must be positive, got {self.tolerance}")
         self.local_outputs = self.space == "feature"
+
+    @property
+    def needs_exact(self) -> bool:
+        """Feature space: the front part's locality holds only on a verified backend. Both spaces: an engine below
+        fp32 rounds past the tolerance band."""
+        return self.space == "feature" or any(getattr(e, "precision", EXACT_PRECISION) != EXACT_PRECISION
+                                              for e in self.engines.values())
+
+    @property
+    def required_margin(self) -> float:
+        """The margin every copy's gap must exceed: 0 on a verified backend, ``tolerance`` on any other."""
+        return 0.0 if self.trusted else self.tolerance
+
+    def batch_atol(self) -> float:
+        """Pixel space on an unverified backend: half the tolerance (a gap moves by twice that); else bit for bit."""
+        return self.tolerance / 2 if self.space == "pixel" and not self.trusted else 0.0
 
     @property
     def masks(self) -> np.ndarray:
@@ -436,7 +465,7 @@ class DoubleMaskCertifier(Certifier):
             margin = float(gaps(one[f], label).min())
             if case == 1 and margin > 0:
                 margin = min(margin, _pair_margin(features.two[f], features.two_gap[f]))
-            rect = RectCert(margin > 0, margin + 0.0)  # no -0.0
+            rect = RectCert(margin > self.required_margin, margin + 0.0)  # no -0.0
             cert = Certificate.from_rects(str(self.threat), {key: rect for key in self.threat.keys})
             decisions.append(Decision(label=label, certificate=cert,
                                       scores=np.bincount(p1[f], minlength=one.shape[-1]).astype(float).tolist()))

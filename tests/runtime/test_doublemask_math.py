@@ -111,13 +111,15 @@ FRONT_GEOMETRY = {"rf": [3, 3], "stride": [2, 2], "padding": [1, 1], "input_hw":
 
 
 def _certifier(space: str = "pixel", threat: str = "3x3", stride=3, scale: float = 0.05, seed: int = 0,
-               mask_value=0.0):
+               mask_value=0.0, verified: bool = True, unit: float = 1.0):
+    """A stand-in bundle; ``unit`` scales the integer logits (gaps are multiples of it)."""
     params = {"stride": stride, "mask_value": mask_value, "space": space}
     manifest = {"defense": {"kind": "doublemask", "params": params}, "threat": threat,
                 "input": {"hw": list(HW), "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": CLASSES},
-                "probe": {"exact_backends": ["stand-in"]}}
+                "probe": {"exact_backends": ["stand-in"] if verified else []}}
     if space == "pixel":
-        engines = {"model": RowEngine(_linear((3, *HW), scale, seed))}
+        linear = _linear((3, *HW), scale, seed)
+        engines = {"model": RowEngine(lambda row: linear(row) * unit)}
     else:
         manifest["geometry"] = FRONT_GEOMETRY
         engines = {"front": RowEngine(_front), "back": RowEngine(_linear((2, 8, 8), scale, seed))}
@@ -313,9 +315,13 @@ def test_feature_masks_match_the_receptive_field_by_brute_force():
 
 
 def test_roles_and_exactness_follow_the_space():
+    """Feature space relies on the front part's locality bit for bit (a verified backend); pixel space needs only
+    fp32 (elsewhere its margins must clear the tolerance)."""
     pixel, feature = _certifier("pixel"), _certifier("feature")
-    assert pixel.roles == ("model",) and pixel.needs_exact and not pixel.local_outputs
+    assert pixel.roles == ("model",) and not pixel.needs_exact and not pixel.local_outputs
     assert feature.roles == ("front", "back") and feature.needs_exact and feature.local_outputs
+    pixel.engines["model"].precision = "fp16"
+    assert pixel.needs_exact
     assert dm.DoubleMaskCertifier.roles_for(feature.manifest) == ("front", "back")
     x = feature.prepare(_frames(2, seed=7))
     assert np.array_equal(feature.local_features(x), np.stack([_front(r) for r in x]).transpose(0, 2, 3, 1))
@@ -336,3 +342,71 @@ def test_gaps_per_row_labels_and_ties():
     logits = np.array([[3.0, 1.0, 3.0], [0.0, 2.0, -1.0]], dtype=np.float32)
     assert dm.gaps(logits, 0).tolist() == [0.0, -2.0]  # a tie is no win
     assert dm.gaps(logits, np.array([1, 1])).tolist() == [-2.0, 2.0]
+
+
+def test_an_unverified_backend_needs_margins_above_the_tolerance_as_the_reference_does():
+    """Logits in steps of 1/2048 (under the 1e-3 tolerance): gaps of one or two steps certify on a verified
+    backend, not on an unverified one, and both runtimes equal the plain reference."""
+    verified, unverified = (_certifier(scale=0.05, unit=1 / 2048, verified=v) for v in (True, False))
+    assert (verified.required_margin, unverified.required_margin) == (0.0, unverified.tolerance) == (0.0, 1e-3)
+    assert (verified.batch_atol(), unverified.batch_atol()) == (0.0, 5e-4)
+    frames = _frames(48, seed=11)
+    for certifier in (verified, unverified):
+        _check_against_reference(certifier, frames)
+    strict, tolerant = (c.certify(c.timed_features(frames)[0]) for c in (verified, unverified))
+    thin = [a.certificate.per_rect["3x3"].margin for a in strict
+            if a.certificate.certified and a.certificate.per_rect["3x3"].margin <= 1e-3]
+    assert thin  # the frames the tolerance decides
+    assert sum(d.certificate.certified for d in tolerant) == sum(d.certificate.certified for d in strict) - len(thin)
+
+
+class _BatchDependentEngine:
+    """Two classes on a backend that rounds differently by batch: the rival scores the copy's brightest channel-0
+    value, the label a constant that moves by ``EPS`` (the batch moves a logit by 2 ``EPS``, under half the
+    tolerance) with the number of frames in the call (``k`` rows each in the first round)."""
+
+    name, precision, max_batch = "batch-dependent", "fp32", 1 << 20
+    EPS = 2e-4
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = np.empty((len(batch), 2), np.float32)
+        logits[:, 0] = batch[:, 0].max(axis=(1, 2))
+        logits[:, 1] = 0.5 + (self.EPS if (len(batch) // self.k) % 2 else -self.EPS)
+        return logits
+
+
+def _batch_dependent_certifier(verified: bool) -> dm.DoubleMaskCertifier:
+    manifest = {"defense": {"kind": "doublemask", "params": {"stride": 1}}, "threat": "1x1",
+                "input": {"hw": [6, 6], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
+                          "classes": ["rival", "label"]},
+                "probe": {"exact_backends": ["batch-dependent"] if verified else []}}
+    return dm.DoubleMaskCertifier(SimpleNamespace(manifest=manifest), {"model": _BatchDependentEngine(36)},
+                                  parse("1x1", input_hw=(6, 6)))
+
+
+def test_double_masking_stays_sound_on_a_batch_dependent_backend():
+    """The attack: certify each frame alone, then patch one pixel (to the brightest value) at every location and
+    run inference on the patched frame beside the clean one, a batch the backend rounds the other way. Frames
+    certified above the tolerance never flip; a strict margin alone (the backend taken as verified) certifies
+    frames with a pixel a hair under the label's score, which the other batch flips, so the test can tell."""
+    cert, strict = _batch_dependent_certifier(verified=False), _batch_dependent_certifier(verified=True)
+    assert not cert.trusted and not cert.needs_exact and cert.batch_atol() > 2 * _BatchDependentEngine.EPS
+    rng = np.random.default_rng(0)
+    frames = rng.uniform(0.0, 0.4, size=(12, 3, 6, 6)).astype(np.float32)
+    frames[::2, 0, 2, 3] = 0.5 + 1e-4  # a near tie in every other frame
+    certified = unsafe = 0
+    for x in frames:
+        verdict = cert.certify(cert.infer(x[None]))[0]
+        flipped = False
+        for i in range(6):
+            for j in range(6):
+                patched = x.copy()
+                patched[0, i, j] = 1.0
+                flipped |= cert.certify(cert.infer(np.stack([patched, x])))[0].label != verdict.label
+        assert not (verdict.certificate.certified and flipped)
+        certified += verdict.certificate.certified
+        unsafe += strict.certify(strict.infer(x[None]))[0].certificate.certified and flipped
+    assert certified == 6 and unsafe == 6
