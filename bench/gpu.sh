@@ -3,8 +3,8 @@
 #   bash bench/gpu.sh [RESULTS_DIR]        (default bench/results/gpu)
 # Stages, most wanted first, each skipped once the time budget ($GPU_BUDGET_S seconds, default 420) runs out:
 # 1. install this checkout (no dependencies: the GPU image has torch, onnxruntime, numpy, typer);
-# 2. double masking's speed levers on torch CUDA (per-copy loop, batching, early exit, feature space) on real
-#    GTSRB test frames from $CERTINFER_DATA (random frames without it);
+# 2. double masking's speed levers on torch CUDA (per-copy loop, batching, early exit, feature space, copies built on
+#    the GPU) on real GTSRB test frames from $CERTINFER_DATA (random frames without it);
 # 3. the paper-style double-masking network's certified-frame latency (bench/gpu_paper.py);
 # 4. torch CUDA latency (plain and CUDA graphs) of every packaged bundle at batch 1 and 64;
 # 5. the receptive-field and batch-independence probe of every packaged bundle on the CUDA backends;
