@@ -293,10 +293,11 @@ class DoubleMaskCertifier(Certifier):
     not certified, among the copies read until the certificate failed: the one-mask copies, then the pairs in
     check order up to the first that fails). :meth:`decide` then
     returns y by case 1, and the inference returns y on any patched frame. Both variants rely on the engine
-    giving a masked copy the same output bits in whatever batch it runs (certification and a later inference batch
-    the copies differently), and the feature variant also on the front part's locality (a patch changes only the
-    cells ``geometry.affected`` names, its map is ``local_features``), which holds bit-exact only on the
-    backends the export probed.
+    giving a masked copy the same output in whatever batch it runs (certification and a later inference batch the
+    copies differently): the same bits on a verified backend, within half the tolerance per logit elsewhere (pixel
+    space); the feature variant also on the front part's locality (a patch changes only the cells
+    ``geometry.affected`` names, its map is ``local_features``), which holds bit-exact only on the backends the
+    export probed.
     """
 
     name = "doublemask"
