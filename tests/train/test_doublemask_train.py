@@ -12,6 +12,7 @@ import torch
 from certinfer.export import ExportError
 from certinfer.export.doublemask import export_checkpoint, export_classifier
 from certinfer.export.onnx_export import export_onnx
+from certinfer.runtime.certifier import TIE_TOLERANCE
 from certinfer.runtime.defenses.doublemask import feature_masks, mask_boxes, mask_set
 from certinfer.runtime.geometry import Geometry
 from certinfer.runtime.loader import load
@@ -178,7 +179,7 @@ def test_checkpoint_exports_to_bundles_that_load(trained, tmp_path):
     out, _ = trained
     frames = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     pixel = export_checkpoint(out / "model.safetensors", tmp_path / "pixel", limit=4)
-    assert pixel["defense"]["params"] == {"space": "pixel", "stride": 5, "mask_value": 0.0}
+    assert pixel["defense"]["params"] == {"space": "pixel", "stride": 5, "mask_value": 0.0, "tolerance": TIE_TOLERANCE}
     assert pixel["provenance"]["seed"] == 0 and pixel["provenance"]["commit"] and pixel["provenance"]["epochs"] >= 4
     feature = export_checkpoint(out / "model.safetensors", tmp_path / "feature", space="feature", split=2, limit=4)
     assert feature["geometry"]["rf"] == [5, 5] and feature["probe"]["bit_exact"]
